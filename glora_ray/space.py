@@ -1,0 +1,234 @@
+"""The GLoRA search space: which form each support tensor A..E may take (SPEC §1).
+
+A choice is a typed ``Choice`` (kind plus rank); its user-facing name ("lora8", "vector", ...)
+is generated from it and looked up in a table, never parsed.  A subnet is encoded as a
+fixed-length integer array (one gene per layer and tensor, layer-major), which is both the
+hashable canonical form (as a short string) and the Parquet form.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+TENSORS: tuple[str, ...] = ("A", "B", "C", "D", "E")
+
+# Characters for the compact string form: one per gene.
+_GENE_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+LayerChoice = Mapping[str, str]  # tensor name -> choice name, e.g. {"A": "lora8", ...}
+Subnet = Mapping[str, LayerChoice]  # layer name -> LayerChoice
+
+
+class SearchSpaceError(ValueError):
+    """A choice, encoding or subnet that the space does not contain."""
+
+
+class Kind(enum.Enum):
+    LORA = "lora"
+    VECTOR = "vector"
+    SCALAR = "scalar"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Choice:
+    kind: Kind
+    rank: int = 0  # only for Kind.LORA
+
+    @property
+    def name(self) -> str:
+        return f"lora{self.rank}" if self.kind is Kind.LORA else self.kind.value
+
+
+# Which kinds each tensor allows (SPEC §1 table); LoRA expands to one choice per rank.
+_ALLOWED_KINDS: dict[str, tuple[Kind, ...]] = {
+    "A": (Kind.LORA, Kind.VECTOR, Kind.SCALAR, Kind.NONE),
+    "B": (Kind.LORA, Kind.VECTOR, Kind.SCALAR, Kind.NONE),
+    "C": (Kind.LORA, Kind.VECTOR, Kind.NONE),
+    "D": (Kind.VECTOR, Kind.SCALAR, Kind.NONE),
+    "E": (Kind.VECTOR, Kind.SCALAR, Kind.NONE),
+}
+
+
+class SearchSpace:
+    """The choices of every support tensor for a set of LoRA ranks, e.g. ``SearchSpace((8, 4))``."""
+
+    def __init__(self, ranks: Sequence[int] = (8, 4)):
+        ranks = tuple(int(r) for r in ranks)
+        if not ranks or any(r <= 0 for r in ranks) or len(set(ranks)) != len(ranks):
+            raise SearchSpaceError(f"ranks must be distinct positive integers, got {ranks!r}")
+        # Largest first, so gene 0 of A, B, C is always the largest LoRA.
+        self.ranks: tuple[int, ...] = tuple(sorted(ranks, reverse=True))
+        self.max_rank: int = self.ranks[0]
+        self._choices: dict[str, tuple[Choice, ...]] = {}
+        for tensor, kinds in _ALLOWED_KINDS.items():
+            expanded: list[Choice] = []
+            for kind in kinds:
+                if kind is Kind.LORA:
+                    expanded.extend(Choice(Kind.LORA, r) for r in self.ranks)
+                else:
+                    expanded.append(Choice(kind))
+            self._choices[tensor] = tuple(expanded)
+        self._index: dict[str, dict[str, int]] = {
+            t: {c.name: i for i, c in enumerate(cs)} for t, cs in self._choices.items()
+        }
+        if max(len(cs) for cs in self._choices.values()) > len(_GENE_ALPHABET):
+            raise SearchSpaceError(f"too many ranks for the string encoding: {ranks!r}")
+
+    # -- one layer ---------------------------------------------------------------------
+    def choices(self, tensor: str) -> tuple[str, ...]:
+        """Names of the choices of one tensor, largest LoRA first, ``none`` last."""
+        return tuple(c.name for c in self._tensor_choices(tensor))
+
+    def choice_objects(self, tensor: str) -> tuple[Choice, ...]:
+        return self._tensor_choices(tensor)
+
+    def num_choices(self, tensor: str) -> int:
+        return len(self._tensor_choices(tensor))
+
+    @property
+    def genes_per_layer(self) -> int:
+        return len(TENSORS)
+
+    @property
+    def layer_space_size(self) -> int:
+        size = 1
+        for t in TENSORS:
+            size *= self.num_choices(t)
+        return size
+
+    def largest_layer_choice(self) -> dict[str, str]:
+        return {t: self.choices(t)[0] for t in TENSORS}
+
+    def empty_layer_choice(self) -> dict[str, str]:
+        return {t: Kind.NONE.value for t in TENSORS}
+
+    def iter_layer_choices(self) -> Iterator[dict[str, str]]:
+        """Every choice of one layer (the product over tensors), in gene order."""
+        for genes in np.ndindex(*(self.num_choices(t) for t in TENSORS)):
+            yield self.decode_layer(genes)
+
+    def sample_layer_choice(self, rng: np.random.Generator) -> dict[str, str]:
+        return self.decode_layer(self.sample_layer_genes(rng))
+
+    def sample_layer_genes(self, rng: np.random.Generator) -> np.ndarray:
+        return np.array([rng.integers(self.num_choices(t)) for t in TENSORS], dtype=np.int8)
+
+    def encode_layer(self, choice: LayerChoice, layer: str = "<layer>") -> np.ndarray:
+        """The genes of one layer's choice; any unknown tensor or value is an error naming it."""
+        if not isinstance(choice, Mapping):
+            raise SearchSpaceError(f"layer {layer!r}: a choice is a mapping tensor -> choice name, got {choice!r}")
+        unknown = set(choice) - set(TENSORS)
+        if unknown:
+            raise SearchSpaceError(f"layer {layer!r}: unknown tensor(s) {sorted(unknown)}; tensors are {list(TENSORS)}")
+        genes = np.empty(len(TENSORS), dtype=np.int8)
+        for i, t in enumerate(TENSORS):
+            if t not in choice:
+                raise SearchSpaceError(f"layer {layer!r}: no choice for tensor {t!r}; allowed: {list(self.choices(t))}")
+            value = choice[t]
+            index = self._index[t].get(value) if isinstance(value, str) else None
+            if index is None:
+                raise SearchSpaceError(
+                    f"layer {layer!r}, tensor {t!r}: {value!r} is not in the space; allowed: {list(self.choices(t))}"
+                )
+            genes[i] = index
+        return genes
+
+    def decode_layer(self, genes: Sequence[int], layer: str = "<layer>") -> dict[str, str]:
+        if len(genes) != len(TENSORS):
+            raise SearchSpaceError(f"layer {layer!r}: expected {len(TENSORS)} genes, got {len(genes)}")
+        out = {}
+        for t, g in zip(TENSORS, genes):
+            cs = self._tensor_choices(t)
+            if not 0 <= int(g) < len(cs):
+                raise SearchSpaceError(
+                    f"layer {layer!r}, tensor {t!r}: gene {int(g)} out of range 0..{len(cs) - 1}"
+                )
+            out[t] = cs[int(g)].name
+        return out
+
+    def layer_choice_objects(self, genes: Sequence[int]) -> tuple[Choice, ...]:
+        return tuple(self._tensor_choices(t)[int(g)] for t, g in zip(TENSORS, genes))
+
+    # -- whole subnets -----------------------------------------------------------------
+    def num_genes(self, num_layers: int) -> int:
+        return num_layers * len(TENSORS)
+
+    def gene_cardinalities(self, num_layers: int) -> np.ndarray:
+        """How many values each gene of a subnet over ``num_layers`` layers can take."""
+        per_layer = [self.num_choices(t) for t in TENSORS]
+        return np.tile(np.array(per_layer, dtype=np.int64), num_layers)
+
+    def sample_genes(self, rng: np.random.Generator, num_layers: int) -> np.ndarray:
+        return rng.integers(self.gene_cardinalities(num_layers)).astype(np.int8)
+
+    def encode(self, subnet: Subnet, layer_names: Sequence[str]) -> np.ndarray:
+        """A subnet mapping as a fixed-length int8 gene array in ``layer_names`` order."""
+        missing = [n for n in layer_names if n not in subnet]
+        extra = [n for n in subnet if n not in set(layer_names)]
+        if missing or extra:
+            raise SearchSpaceError(
+                f"subnet layers do not match the model: missing {missing[:5]}, unknown {extra[:5]}"
+            )
+        return np.concatenate([self.encode_layer(subnet[n], n) for n in layer_names]).astype(np.int8)
+
+    def decode(self, genes: Sequence[int], layer_names: Sequence[str]) -> dict[str, dict[str, str]]:
+        genes = self.validate_genes(genes, len(layer_names))
+        k = len(TENSORS)
+        return {n: self.decode_layer(genes[i * k:(i + 1) * k], n) for i, n in enumerate(layer_names)}
+
+    def validate_genes(self, genes: Sequence[int], num_layers: int) -> np.ndarray:
+        arr = np.asarray(genes)
+        if arr.shape != (self.num_genes(num_layers),):
+            raise SearchSpaceError(
+                f"expected {self.num_genes(num_layers)} genes ({num_layers} layers x {len(TENSORS)}), got shape {arr.shape}"
+            )
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise SearchSpaceError(f"genes must be integers, got dtype {arr.dtype}")
+        card = self.gene_cardinalities(num_layers)
+        bad = np.flatnonzero((arr < 0) | (arr >= card))
+        if bad.size:
+            i = int(bad[0])
+            layer, tensor = divmod(i, len(TENSORS))
+            raise SearchSpaceError(
+                f"gene {i} (layer {layer}, tensor {TENSORS[tensor]!r}) = {int(arr[i])} out of range 0..{int(card[i]) - 1}"
+            )
+        return arr.astype(np.int8)
+
+    def genes_to_string(self, genes: Sequence[int]) -> str:
+        """Canonical compact key: one character per gene."""
+        return "".join(_GENE_ALPHABET[int(g)] for g in genes)
+
+    def genes_from_string(self, key: str, num_layers: int) -> np.ndarray:
+        lookup = {c: i for i, c in enumerate(_GENE_ALPHABET)}
+        try:
+            genes = [lookup[c] for c in key]
+        except KeyError as err:
+            raise SearchSpaceError(f"subnet key {key!r} has character {err.args[0]!r} outside {_GENE_ALPHABET!r}") from None
+        return self.validate_genes(np.array(genes, dtype=np.int64), num_layers)
+
+    # -- misc --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"ranks": list(self.ranks)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "SearchSpace":
+        return cls(tuple(data["ranks"]))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SearchSpace) and other.ranks == self.ranks
+
+    def __hash__(self) -> int:
+        return hash(self.ranks)
+
+    def __repr__(self) -> str:
+        return f"SearchSpace(ranks={self.ranks})"
+
+    def _tensor_choices(self, tensor: str) -> tuple[Choice, ...]:
+        try:
+            return self._choices[tensor]
+        except KeyError:
+            raise SearchSpaceError(f"unknown tensor {tensor!r}; tensors are {list(TENSORS)}") from None

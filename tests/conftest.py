@@ -1,0 +1,26 @@
+import os
+
+# Set before Ray or timm import: no hub retries, no token auth on local test clusters.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+import logging
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (start and stop cost ~6 s each)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20,
+                 include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,27 @@
+"""Small shared builders for the tests."""
+import timm
+import torch
+
+from glora_ray import SearchSpace, Supernet
+
+
+def tiny_vit(num_classes: int = 5, img_size: int = 16, depth: int = 2, embed_dim: int = 32, seed: int = 0):
+    """A reduced-depth ViT small enough for 2 CPU cores."""
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, img_size=img_size,
+        patch_size=8, depth=depth, embed_dim=embed_dim, num_heads=2,
+    )
+
+
+def randomize_adapters(supernet_or_layer, seed: int = 0) -> None:
+    """Give every support tensor non-zero values, so no term of the formula hides behind a zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in supernet_or_layer.named_parameters():
+            if ".glora." in f".{name}" or name.startswith("glora."):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def tiny_supernet(ranks=(4, 2), seed: int = 0, **vit_kw) -> Supernet:
+    return Supernet(tiny_vit(seed=seed, **vit_kw), SearchSpace(ranks))

@@ -1,0 +1,132 @@
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from glora_ray import GLoRALinear, SearchSpace, SearchSpaceError, Supernet
+from helpers import randomize_adapters, tiny_supernet, tiny_vit
+
+
+def test_vit_base_has_48_layers_and_spec_count():
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+    net = Supernet(model, SearchSpace((4,)))
+    assert net.num_layers == 48
+    assert net.head_name == "head"
+    assert net.num_params(net.largest_subnet()) == 1_603_776
+    assert net.counter.max_params == 1_603_776
+    assert net.head_num_params == 768 * 100 + 100
+    suffixes = {n.split(".", 2)[2] for n in net.layer_names}
+    assert suffixes == {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"}
+
+
+def test_targets_select_layers_like_peft():
+    net = Supernet(tiny_vit(), SearchSpace((2,)), targets=["qkv", "fc2"])
+    assert all(n.endswith((".qkv", ".fc2")) for n in net.layer_names) and net.num_layers == 4
+    net = Supernet(tiny_vit(), SearchSpace((2,)), targets=r"blocks\.0\..*")
+    assert net.num_layers == 4 and all(n.startswith("blocks.0.") for n in net.layer_names)
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        Supernet(tiny_vit(), SearchSpace((2,)), targets=["nothing_here"])
+
+
+def test_only_adapters_and_head_train():
+    net = tiny_supernet()
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable
+    assert all(".glora." in n or n.startswith("model.head.") for n in trainable)
+    assert "model.head.weight" in trainable
+    n_adapter = sum(p.numel() for n, p in net.named_parameters() if ".glora." in n)
+    assert sum(p.numel() for p in net.trainable_parameters()) == n_adapter + net.head_num_params
+
+
+def test_supernet_count_matches_gradients_of_a_sampled_subnet():
+    # An MLP with non-zero biases: in a fresh ViT zero biases leave D nothing to scale.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 9), nn.GELU(), nn.Linear(9, 4))
+    net = Supernet(model, SearchSpace((4, 2)))
+    randomize_adapters(net)
+    rng = np.random.default_rng(0)
+    x = torch.randn(7, 6)
+    for _ in range(20):
+        genes = net.sample_genes(rng)
+        net.set_subnet(genes)
+        net.zero_grad(set_to_none=True)
+        out = net(x)
+        out.square().sum().backward()
+        touched = sum(int((p.grad != 0).sum()) for n, p in net.named_parameters() if ".glora." in n and p.grad is not None)
+        assert touched == net.num_params(genes) == net.num_params()
+
+
+def test_set_subnet_accepts_every_encoding():
+    net = tiny_supernet()
+    rng = np.random.default_rng(1)
+    subnet = net.sample_subnet(rng)
+    genes = net.to_genes(subnet)
+    key = net.subnet_key(subnet)
+    for form in (subnet, genes, list(genes), key):
+        net.set_subnet(form)
+        assert net.current_subnet() == subnet
+    with pytest.raises(SearchSpaceError):
+        net.set_subnet(genes[:-1])
+
+
+def test_vit_end_to_end_merged_equals_unmerged_and_loads_in_timm():
+    net = tiny_supernet(ranks=(4, 2))
+    randomize_adapters(net, seed=3)
+    net.eval()
+    x = torch.randn(3, 3, 16, 16)
+    rng = np.random.default_rng(7)
+    for _ in range(4):
+        subnet = net.sample_genes(rng)
+        net.set_subnet(subnet)
+        with torch.no_grad():
+            want = net(x)
+            plain = net.merged(subnet).eval()
+            got = plain(x)
+            fresh = tiny_vit()
+            fresh.load_state_dict(net.merged_state_dict(subnet), strict=True)
+            again = fresh.eval()(x)
+        assert not any(isinstance(m, GLoRALinear) for m in plain.modules())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
+    # Merging did not touch the supernet's frozen weights.
+    assert all(isinstance(net.layer(n), GLoRALinear) for n in net.layer_names)
+
+
+def test_fresh_supernet_equals_backbone():
+    backbone = tiny_vit(seed=4).eval()
+    net = Supernet(tiny_vit(seed=4), SearchSpace((4, 2))).eval()
+    x = torch.randn(2, 3, 16, 16)
+    net.set_subnet(net.sample_genes(np.random.default_rng(0)))
+    torch.testing.assert_close(net(x), backbone(x))
+
+
+def test_adapter_state_saves_without_backbone_and_reloads(tmp_path):
+    net = tiny_supernet(seed=1)
+    randomize_adapters(net, seed=9)
+    path = tmp_path / "adapters.safetensors"
+    net.save_adapters(path, metadata={"model": "tiny"})
+    state = net.adapter_state_dict()
+    assert all(".glora." in k or k.startswith("head.") for k in state)
+    assert not any(k.endswith("base.weight") for k in state)
+    other = tiny_supernet(seed=1)
+    meta = other.load_adapters(path)
+    assert meta["model"] == "tiny"
+    x = torch.randn(2, 3, 16, 16)
+    subnet = net.sample_genes(np.random.default_rng(2))
+    net.set_subnet(subnet), other.set_subnet(subnet)
+    torch.testing.assert_close(other.eval()(x), net.eval()(x))
+    with pytest.raises(SearchSpaceError, match="space"):
+        Supernet(tiny_vit(seed=1), SearchSpace((8,))).load_adapters(path)
+
+
+def test_arbitrary_model_without_timm_head_api():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    net = Supernet(model, SearchSpace((2,)))
+    assert net.head_name == "4" and net.layer_names == ("0", "2")
+    randomize_adapters(net)
+    genes = net.sample_genes(np.random.default_rng(0))
+    net.set_subnet(genes)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(net.merged(genes)(x), net(x), rtol=1e-5, atol=1e-6)
