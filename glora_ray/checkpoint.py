@@ -1,0 +1,130 @@
+"""The supernet checkpoint that stage 1 writes and stages 2 and 3 load.
+
+A directory with ``supernet.json`` (a ``SupernetSpec``: backbone, classes, space, targets,
+dataset) and ``adapters.safetensors`` (support tensors and head only). The frozen backbone is
+rebuilt from its recorded source, so a checkpoint stays small.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backbone import BackboneConfig, create_backbone, empty_backbone
+from .space import SearchSpace
+from .supernet import Supernet
+
+SPEC_FILE = "supernet.json"
+ADAPTERS_FILE = "adapters.safetensors"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint trained for another model, space, dataset or class count."""
+
+
+@dataclass
+class SupernetSpec:
+    """Everything needed to rebuild a supernet's structure and frozen weights."""
+
+    backbone: BackboneConfig
+    num_classes: int
+    ranks: tuple[int, ...] = (8, 4)
+    targets: list[str] | str | None = None
+    dataset: str = ""
+    init: str = "kaiming"
+    adapter_seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def space(self) -> SearchSpace:
+        return SearchSpace(self.ranks)
+
+    def build(self) -> Supernet:
+        """Backbone with its real weights, plus freshly initialised adapters (seeded)."""
+        model = create_backbone(self.backbone, self.num_classes)
+        generator = torch.Generator().manual_seed(self.adapter_seed)
+        return Supernet(model, self.space, targets=self.targets, init=self.init, generator=generator)
+
+    def build_empty(self) -> Supernet:
+        """The structure on the meta device, for ``load_state_dict(..., assign=True)``."""
+        model = empty_backbone(self.backbone, self.num_classes)
+        return Supernet(model, self.space, targets=self.targets, init=self.init)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ranks"] = list(self.ranks)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SupernetSpec":
+        data = dict(data)
+        data["backbone"] = BackboneConfig.from_dict(data["backbone"])
+        data["ranks"] = tuple(data["ranks"])
+        return cls(**data)
+
+    def check_matches(self, expected: "SupernetSpec", where: str) -> None:
+        """Refuse a checkpoint whose model, space, dataset or classes differ from ``expected``."""
+        fields = {
+            "model": (self.backbone.name, expected.backbone.name),
+            "ranks": (tuple(self.ranks), tuple(expected.ranks)),
+            "num_classes": (self.num_classes, expected.num_classes),
+            "dataset": (self.dataset, expected.dataset),
+            "targets": (self.targets, expected.targets),
+            "img_size": (self.backbone.img_size, expected.backbone.img_size),
+        }
+        for name, (have, want) in fields.items():
+            if have != want:
+                raise CheckpointMismatchError(f"{where}: checkpoint has {name}={have!r}, expected {want!r}")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_supernet(directory: str | os.PathLike, supernet: Supernet, spec: SupernetSpec) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    supernet.save_adapters(directory / ADAPTERS_FILE, metadata={"model": spec.backbone.name, "dataset": spec.dataset})
+    _atomic_write_text(directory / SPEC_FILE, json.dumps(spec.to_dict(), indent=2))
+    return directory
+
+
+def read_spec(directory: str | os.PathLike) -> SupernetSpec:
+    path = Path(directory) / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no supernet checkpoint here (expected {SPEC_FILE} and {ADAPTERS_FILE})")
+    return SupernetSpec.from_dict(json.loads(path.read_text()))
+
+
+def load_supernet(directory: str | os.PathLike, expected: SupernetSpec | None = None) -> tuple[Supernet, SupernetSpec]:
+    """Rebuild a trained supernet; with ``expected``, refuse a mismatched checkpoint first."""
+    spec = read_spec(directory)
+    if expected is not None:
+        spec.check_matches(expected, str(directory))
+    supernet = spec.build()
+    supernet.load_adapters(Path(directory) / ADAPTERS_FILE)
+    return supernet, spec
+
+
+def numpy_state(supernet: Supernet) -> dict[str, np.ndarray]:
+    """The whole supernet state as numpy arrays: what ``ray.put`` shares zero-copy."""
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in supernet.state_dict().items()}
+
+
+def supernet_from_numpy(spec: SupernetSpec, state: dict[str, np.ndarray]) -> Supernet:
+    """A supernet whose tensors are views of ``state`` (no copy). Never write into it in place."""
+    supernet = spec.build_empty()
+    with warnings.catch_warnings():
+        # Shared object-store arrays are read-only by design; torch warns about exactly that.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+    supernet.load_state_dict(tensors, strict=True, assign=True)
+    return supernet.requires_grad_(False)
