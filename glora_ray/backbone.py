@@ -69,17 +69,27 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _timm_model(cfg: BackboneConfig, num_classes: int, pretrained: bool) -> nn.Module:
+def plain_model_kwargs(cfg: BackboneConfig, num_classes: int) -> dict[str, Any]:
+    """The ``timm.create_model`` keyword arguments that rebuild this architecture (no training-only ones)."""
     import timm
 
-    kwargs = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, **cfg.model_kwargs)
     try:
-        return timm.create_model(cfg.name, pretrained=pretrained, img_size=cfg.img_size, **kwargs)
+        with torch.device("meta"):
+            timm.create_model(cfg.name, pretrained=False, img_size=cfg.img_size, **kwargs)
     except TypeError as err:
         # Convolutional models take any input size and have no img_size argument.
         if "img_size" not in str(err):
             raise
-        return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+        return kwargs
+    return {**kwargs, "img_size": cfg.img_size}
+
+
+def _timm_model(cfg: BackboneConfig, num_classes: int, pretrained: bool) -> nn.Module:
+    import timm
+
+    kwargs = plain_model_kwargs(cfg, num_classes)
+    return timm.create_model(cfg.name, pretrained=pretrained, drop_path_rate=cfg.drop_path_rate, **kwargs)
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:

@@ -160,15 +160,22 @@ class Supernet(nn.Module):
                 raise ValueError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
         self.model.load_state_dict(dict(state), strict=False)
 
+    def adapter_metadata(self) -> dict[str, str]:
+        """What ``load_adapters`` checks: the space and the adapted layers."""
+        return {"space": json.dumps(self.space.to_dict()), "layers": json.dumps(list(self.layer_names))}
+
+    def adapter_bytes(self, metadata: Mapping[str, str] | None = None) -> bytes:
+        """The adapter state as safetensors bytes (for any storage backend)."""
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
+        return save(tensors, metadata={**self.adapter_metadata(), **(metadata or {})})
+
     def save_adapters(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
         """Write the adapter state as safetensors, atomically (temporary name, then rename)."""
-        from safetensors.torch import save_file
-
-        meta = {"space": json.dumps(self.space.to_dict()), "layers": json.dumps(list(self.layer_names))}
-        meta.update(metadata or {})
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
         tmp = f"{os.fspath(path)}.tmp"
-        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "wb") as handle:
+            handle.write(self.adapter_bytes(metadata))
         os.replace(tmp, path)
 
     def load_adapters(self, path: str | os.PathLike) -> dict[str, str]:
