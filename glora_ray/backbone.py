@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -67,6 +68,31 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def _hub_offline_already() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Only the local cache, no retries: huggingface_hub reads HF_HUB_OFFLINE once, at import,
+    so setting the environment variable later is not enough; set its module flag too."""
+    from huggingface_hub import constants
+
+    saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved_flag
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 def plain_model_kwargs(cfg: BackboneConfig, num_classes: int) -> dict[str, Any]:
@@ -144,14 +170,14 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
 def create_backbone(cfg: BackboneConfig, num_classes: int) -> nn.Module:
     """Build the backbone with a fresh ``num_classes`` head; fails fast when weights are unreachable."""
     cfg.validate()
-    if cfg.pretrained and cfg.checkpoint_path is None and not hub_reachable():
-        # Offline: allow only what is already cached, so timm does not retry for a minute.
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    from_hub = cfg.pretrained and cfg.checkpoint_path is None
+    # Offline: allow only what is already cached, so the hub client does not retry for a minute.
+    offline = from_hub and not _hub_offline_already() and not hub_reachable()
     # Random parts (head, adapters' neighbours, or the whole model in tests) come from init_seed.
-    with torch.random.fork_rng(devices=[]):
+    with _hub_offline() if offline else nullcontext(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         try:
-            model = _timm_model(cfg, num_classes, pretrained=cfg.pretrained and cfg.checkpoint_path is None)
+            model = _timm_model(cfg, num_classes, pretrained=from_hub)
         except BackboneError:
             raise
         except Exception as err:

@@ -1,0 +1,151 @@
+"""The embedded default dataset: scikit-learn's bundled handwritten digits in VTAB-1k layout.
+
+scikit-learn ships 1,797 real 8x8 grey-scale digit scans (UCI optdigits test set) inside its
+wheel, so this dataset needs no network.  ``write_digits_dataset(root)`` writes
+
+    <root>/digits/images/<label>/<index>.png
+    <root>/digits/train800.txt  val200.txt  train800val200.txt  test.txt (the other 797)
+
+split by a seeded numpy Generator and stratified by class.  Run it as a command too:
+
+    python -m glora_ray.data.digits <root>
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .vtab import LIST_SUFFIX, DataError, validate_dataset
+
+DIGITS = "digits"
+TRAIN_SIZE, VAL_SIZE = 800, 200
+IMAGES_DIR = "images"
+_PIXEL_MAX = 16  # sklearn's digits count 0..16 ink pixels per 4x4 cell
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images, bunch.target.astype(np.int64)
+
+
+def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A permutation in which every prefix holds each class in (about) its overall share.
+
+    Each class's members are shuffled and spread evenly over [0, 1) with a random phase;
+    sorting by that position interleaves the classes.
+    """
+    position = np.empty(len(labels), dtype=np.float64)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        position[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    return np.argsort(position, kind="stable")
+
+
+def digits_splits(labels: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Indices of train800, val200, train800val200 and test (the rest), each stratified."""
+    if len(labels) < TRAIN_SIZE + VAL_SIZE + 1:
+        raise DataError(f"need more than {TRAIN_SIZE + VAL_SIZE} digits, got {len(labels)}")
+    rng = np.random.default_rng(seed)
+    order = stratified_order(labels, rng)
+    trainval, test = order[: TRAIN_SIZE + VAL_SIZE], order[TRAIN_SIZE + VAL_SIZE:]
+    # The same once more inside train+val: its first 200 are a stratified val200.
+    trainval = trainval[stratified_order(labels[trainval], rng)]
+    train, val = np.sort(trainval[VAL_SIZE:]), np.sort(trainval[:VAL_SIZE])
+    return {
+        "train800": train,
+        "val200": val,
+        "train800val200": np.concatenate([train, val]),
+        "test": np.sort(test),
+    }
+
+
+def _image_path(index: int, label: int) -> str:
+    return f"{IMAGES_DIR}/{label}/{index:04d}.png"
+
+
+def _list_texts(labels: np.ndarray, seed: int) -> dict[str, str]:
+    return {
+        split: "".join(f"{_image_path(int(i), int(labels[i]))} {int(labels[i])}\n" for i in indices)
+        for split, indices in digits_splits(labels, seed).items()
+    }
+
+
+def _matches(folder: Path, texts: dict[str, str]) -> bool:
+    """Whether ``folder`` already holds exactly this dataset (same lists, every image present)."""
+    for split, text in texts.items():
+        path = folder / f"{split}{LIST_SUFFIX}"
+        if not path.is_file() or path.read_text() != text:
+            return False
+    try:
+        validate_dataset(folder.parent, DIGITS)
+    except DataError:
+        return False
+    return True
+
+
+def write_digits_dataset(root: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the digits dataset under ``<root>/digits`` and return that folder.
+
+    Idempotent: an existing identical folder is kept.  The folder is built under a temporary
+    name and renamed into place, so a reader never sees half of it (and concurrent writers
+    agree on one copy).
+    """
+    root = Path(root)
+    target = root / DIGITS
+    images, labels = _load_digits()
+    texts = _list_texts(labels, seed)
+    if target.exists():
+        if _matches(target, texts):
+            return target
+        raise DataError(
+            f"{target} exists but is not the digits dataset for seed {seed}; remove it or choose another root"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DIGITS}.", dir=root))
+    try:
+        for label in np.unique(labels):
+            (staging / IMAGES_DIR / str(int(label))).mkdir(parents=True)
+        pixels = np.rint(images * (255.0 / _PIXEL_MAX)).clip(0, 255).astype(np.uint8)
+        for index, (image, label) in enumerate(zip(pixels, labels)):
+            Image.fromarray(image).save(staging / _image_path(index, int(label)))
+        for split, text in texts.items():
+            (staging / f"{split}{LIST_SUFFIX}").write_text(text)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another writer won the rename; keep its copy if it is the same dataset.
+            if not _matches(target, texts):
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m glora_ray.data.digits",
+        description="Write scikit-learn's bundled digits as a VTAB-1k style dataset under <root>/digits.",
+    )
+    parser.add_argument("root", help="data root; the dataset goes to <root>/digits")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
+    args = parser.parse_args(argv)
+    folder = write_digits_dataset(args.root, seed=args.seed)
+    counts = validate_dataset(folder.parent, DIGITS)
+    print(folder)
+    for split, count in counts.items():
+        print(f"  {split}{LIST_SUFFIX}: {count}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,352 @@
+"""VTAB-1k as the field stores it (SPEC §4): registry, list-file parsing, validation, datasets.
+
+    <root>/<dataset>/images/...
+    <root>/<dataset>/train800.txt  val200.txt  train800val200.txt  test.txt
+
+Each list line is ``<path relative to <root>/<dataset>> <integer label>``.  Preprocessing is
+SPEC's: resize straight to ``img_size`` x ``img_size`` (bicubic, no crop), RGB, ImageNet
+mean/std, no augmentation.  Every problem with the input is a ``DataError`` naming the file
+(and line) at fault, raised by ``validate_dataset`` before any training starts.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+NATURAL, SPECIALIZED, STRUCTURED = "natural", "specialized", "structured"
+GROUPS: tuple[str, ...] = (NATURAL, SPECIALIZED, STRUCTURED)
+SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
+LIST_SUFFIX = ".txt"
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# "<path> <label>": the label is the last whitespace-separated token, so a path may hold spaces.
+_LINE = re.compile(r"(?P<path>\S(?:.*\S)?)\s+(?P<label>[+-]?\d+)")
+_MAX_REPORTED_PROBLEMS = 5
+
+
+class DataError(ValueError):
+    """Bad input data: a missing folder or file, an unparsable line, a bad path or label."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    group: str | None  # VTAB group; None for datasets outside VTAB-1k
+    aliases: tuple[str, ...] = ()
+
+
+def _registry(*infos: DatasetInfo) -> Mapping[str, DatasetInfo]:
+    return MappingProxyType({info.name: info for info in infos})
+
+
+VTAB_DATASETS: Mapping[str, DatasetInfo] = _registry(
+    DatasetInfo("cifar", 100, NATURAL, aliases=("cifar100",)),
+    DatasetInfo("caltech101", 102, NATURAL),
+    DatasetInfo("dtd", 47, NATURAL),
+    DatasetInfo("oxford_flowers102", 102, NATURAL),
+    DatasetInfo("oxford_iiit_pet", 37, NATURAL, aliases=("oxford_pet",)),
+    DatasetInfo("svhn", 10, NATURAL),
+    DatasetInfo("sun397", 397, NATURAL),
+    DatasetInfo("patch_camelyon", 2, SPECIALIZED),
+    DatasetInfo("eurosat", 10, SPECIALIZED),
+    DatasetInfo("resisc45", 45, SPECIALIZED),
+    DatasetInfo("diabetic_retinopathy", 5, SPECIALIZED),
+    DatasetInfo("clevr_count", 8, STRUCTURED),
+    DatasetInfo("clevr_dist", 6, STRUCTURED),
+    DatasetInfo("dmlab", 6, STRUCTURED),
+    DatasetInfo("kitti", 4, STRUCTURED),
+    DatasetInfo("dsprites_loc", 16, STRUCTURED),
+    DatasetInfo("dsprites_ori", 16, STRUCTURED),
+    DatasetInfo("smallnorb_azi", 18, STRUCTURED),
+    DatasetInfo("smallnorb_ele", 9, STRUCTURED),
+)
+# Datasets in the same layout that ship with the package (see glora_ray.data.digits).
+EMBEDDED_DATASETS: Mapping[str, DatasetInfo] = _registry(DatasetInfo("digits", 10, None))
+DATASETS: Mapping[str, DatasetInfo] = MappingProxyType({**VTAB_DATASETS, **EMBEDDED_DATASETS})
+_ALIASES: Mapping[str, str] = MappingProxyType(
+    {alias: info.name for info in DATASETS.values() for alias in info.aliases}
+)
+
+
+def canonical_dataset_name(name: str) -> str:
+    """The registry name of ``name``, accepting the other spellings (``cifar100``, ``oxford_pet``)."""
+    if name in DATASETS:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    valid = sorted(DATASETS) + sorted(f"{a} (= {c})" for a, c in _ALIASES.items())
+    raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(valid)}")
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    return DATASETS[canonical_dataset_name(name)]
+
+
+def dataset_dir(root: str | Path, dataset: str) -> Path:
+    """``<root>/<dataset>``, under whichever accepted spelling exists on disk."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {str(root)!r} does not exist or is not a directory")
+    info = dataset_info(dataset)
+    spellings = dict.fromkeys((dataset, info.name, *info.aliases))  # ordered, unique
+    for spelling in spellings:
+        candidate = root / spelling
+        if candidate.is_dir():
+            return candidate
+    tried = ", ".join(str(root / s) for s in spellings)
+    raise DataError(f"dataset folder for {info.name!r} not found; tried {tried}")
+
+
+def list_file(root: str | Path, dataset: str, split: str) -> Path:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; VTAB-1k splits are {list(SPLITS)}")
+    path = dataset_dir(root, dataset) / f"{split}{LIST_SUFFIX}"
+    if not path.is_file():
+        raise DataError(f"list file {str(path)!r} is missing (split {split!r} of {canonical_dataset_name(dataset)!r})")
+    return path
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+    source: str  # "<list file>:<line>", for error messages
+
+
+def _raise_problems(path: Path, problems: list[str]) -> None:
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:_MAX_REPORTED_PROBLEMS])
+    more = len(problems) - _MAX_REPORTED_PROBLEMS
+    tail = f"\n  ... and {more} more" if more > 0 else ""
+    raise DataError(f"{path}: {len(problems)} bad line(s):\n  {shown}{tail}")
+
+
+def parse_list_file(path: str | Path, num_classes: int, check_exists: bool = True) -> list[Sample]:
+    """Parse one list file; every bad line is reported as ``<file>:<line>: <problem>``.
+
+    Paths are relative to the list file's folder (``<root>/<dataset>``); blank lines are skipped.
+    """
+    path = Path(path)
+    base = path.parent
+    samples: list[Sample] = []
+    problems: list[str] = []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read list file {str(path)!r}: {err}") from err
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        where = f"{path}:{number}"
+        match = _LINE.fullmatch(line)
+        if match is None:
+            problems.append(f"{where}: cannot parse {raw!r}; expected '<relative image path> <integer label>'")
+            continue
+        label = int(match.group("label"))
+        image = base / match.group("path")
+        if not 0 <= label < num_classes:
+            problems.append(f"{where}: label {label} out of range 0..{num_classes - 1}")
+            continue
+        if check_exists and not image.is_file():
+            problems.append(f"{where}: image {str(image)!r} does not exist")
+            continue
+        samples.append(Sample(image, label, where))
+    _raise_problems(path, problems)
+    if not samples:
+        raise DataError(f"list file {str(path)!r} holds no samples")
+    return samples
+
+
+def read_split(root: str | Path, dataset: str, split: str, check_exists: bool = True) -> list[Sample]:
+    return parse_list_file(list_file(root, dataset, split), dataset_info(dataset).num_classes, check_exists)
+
+
+def validate_dataset(
+    root: str | Path,
+    dataset: str,
+    splits: Sequence[str] = SPLITS,
+    *,
+    open_images: bool = False,
+) -> dict[str, int]:
+    """Pre-flight check of a dataset: raises ``DataError`` naming the file and line at fault.
+
+    Checks the root and dataset folders, each list file, every line, every image path and label;
+    with ``open_images`` also that every image decodes.  Returns the sample count of each split.
+    """
+    if isinstance(splits, str):
+        splits = (splits,)
+    counts: dict[str, int] = {}
+    for split in splits:
+        samples = read_split(root, dataset, split)
+        if open_images:
+            problems = []
+            for sample in samples:
+                try:
+                    with Image.open(sample.path) as image:
+                        image.verify()
+                except (OSError, UnidentifiedImageError, SyntaxError) as err:
+                    problems.append(f"{sample.source}: cannot decode image {str(sample.path)!r}: {err}")
+            _raise_problems(list_file(root, dataset, split), problems)
+        counts[split] = len(samples)
+    return counts
+
+
+# -- preprocessing --------------------------------------------------------------------------
+def preprocess_image(
+    image: Image.Image,
+    img_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> np.ndarray:
+    """SPEC §4: RGB, resize straight to img_size (bicubic, no crop), normalise -> (3, H, W) float32."""
+    rgb = image.convert("RGB").resize((img_size, img_size), Image.Resampling.BICUBIC)
+    array = np.asarray(rgb, dtype=np.float32) / 255.0
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def load_sample(sample: Sample, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    try:
+        with Image.open(sample.path) as image:
+            return preprocess_image(image, img_size, mean, std)
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DataError(f"{sample.source}: cannot decode image {str(sample.path)!r}: {err}") from err
+
+
+def load_split_arrays(
+    root: str | Path,
+    dataset: str,
+    split: str,
+    img_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split, preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
+    samples = read_split(root, dataset, split)
+    images = np.empty((len(samples), 3, img_size, img_size), dtype=np.float32)
+    for i, sample in enumerate(samples):
+        images[i] = load_sample(sample, img_size, mean, std)
+    labels = np.fromiter((s.label for s in samples), dtype=np.int64, count=len(samples))
+    return images, labels
+
+
+class VTABDataset(Dataset):
+    """One split, decoded lazily: item -> (float tensor (3, H, W), int label)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str,
+        split: str,
+        img_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        self.info = dataset_info(dataset)
+        self.split, self.img_size = split, img_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.samples = read_split(root, dataset, split)
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.fromiter((s.label for s in self.samples), dtype=np.int64, count=len(self.samples))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        return torch.from_numpy(load_sample(sample, self.img_size, self.mean, self.std)), sample.label
+
+
+class ArrayDataset(Dataset):
+    """Preprocessed arrays held in memory (decoded once, not every epoch)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = torch.from_numpy(images)
+        self.labels = torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+@dataclass
+class DataConfig:
+    """Where a dataset lives and how it is preprocessed.
+
+    ``in_memory`` decodes a split once into arrays (800 images at 224 px: 0.5 GB per worker);
+    otherwise images are decoded every epoch, by ``loader_workers`` DataLoader processes.
+    """
+
+    root: str
+    dataset: str
+    img_size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    in_memory: bool = True
+    loader_workers: int = 0
+
+    @property
+    def name(self) -> str:
+        return canonical_dataset_name(self.dataset)
+
+    @property
+    def info(self) -> DatasetInfo:
+        return dataset_info(self.dataset)
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def check(self) -> None:
+        """Field checks that touch no file."""
+        canonical_dataset_name(self.dataset)
+        if self.img_size <= 0:
+            raise DataError(f"img_size must be positive, got {self.img_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise DataError(f"mean and std need 3 values each (std > 0), got mean={self.mean}, std={self.std}")
+        if self.loader_workers < 0:
+            raise DataError(f"loader_workers must be >= 0, got {self.loader_workers}")
+
+    def validate(self, splits: Iterable[str] = SPLITS, open_images: bool = False) -> dict[str, int]:
+        self.check()
+        return validate_dataset(self.root, self.dataset, tuple(splits), open_images=open_images)
+
+    def build(self, split: str) -> Dataset:
+        if self.in_memory:
+            return ArrayDataset(*load_split_arrays(self.root, self.dataset, split, self.img_size, self.mean, self.std))
+        return VTABDataset(self.root, self.dataset, split, self.img_size, self.mean, self.std)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DataConfig":
+        data = dict(data)
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)

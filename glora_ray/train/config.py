@@ -1,0 +1,97 @@
+"""Stage-1 training settings (SPEC §2 defaults) and how the job is spread over Ray Train workers."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from ..data.vtab import SPLITS
+
+
+class TrainConfigError(ValueError):
+    """A training setting that cannot work, named with the values that would."""
+
+
+@dataclass
+class TrainConfig:
+    """Supernet training.  ``batch_size`` is the GLOBAL batch: each of the ``num_workers`` workers
+    takes ``batch_size // num_workers`` images per step, so the optimisation does not change with
+    the number of workers.  ``num_workers=0`` runs Ray Train's local mode (in this process).
+    """
+
+    epochs: int = 500
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 10
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    seed: int = 0
+    checkpoint_every: int = 10  # epochs; the last epoch is always checkpointed
+    keep_checkpoints: int = 2
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float | None = None  # None: 1 when use_gpu; a fraction shares a GPU
+    max_failures: int = 3
+    wait_for_resources: bool = False  # True: let Ray wait for an autoscaler instead of refusing
+    split: str = "train800"
+    # Test hook: raise at this global step, in an attempt that did not start from a checkpoint,
+    # to exercise FailureConfig retries.
+    inject_failure_at_step: int | None = None
+
+    def validate(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                    "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
+                    "cpus_per_worker": self.cpus_per_worker}
+        for name, value in positive.items():
+            if not value > 0:
+                raise TrainConfigError(f"{name} must be > 0, got {value!r}")
+        non_negative = {"weight_decay": self.weight_decay, "warmup_epochs": self.warmup_epochs,
+                        "warmup_lr": self.warmup_lr, "min_lr": self.min_lr, "seed": self.seed,
+                        "num_workers": self.num_workers, "max_failures": self.max_failures}
+        for name, value in non_negative.items():
+            if not value >= 0:
+                raise TrainConfigError(f"{name} must be >= 0, got {value!r}")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise TrainConfigError(f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
+        if self.min_lr > self.lr:
+            raise TrainConfigError(f"min_lr={self.min_lr} is above lr={self.lr}")
+        if self.batch_size % self.world_size:
+            raise TrainConfigError(
+                f"batch_size={self.batch_size} (global) must divide evenly over {self.world_size} worker(s)"
+            )
+        if self.split not in SPLITS:
+            raise TrainConfigError(f"split {self.split!r} is not one of {list(SPLITS)}")
+        if self.split == "test":
+            raise TrainConfigError("never train on 'test' (SPEC §2); use 'train800' or 'train800val200'")
+        if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
+            raise TrainConfigError(
+                f"gpus_per_worker={self.gpus_per_worker} needs use_gpu=True and a value > 0"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: local mode (num_workers=0) is one process."""
+        return max(self.num_workers, 1)
+
+    def per_worker_batch(self, world_size: int) -> int:
+        if self.batch_size % world_size:
+            raise TrainConfigError(f"batch_size={self.batch_size} does not divide over {world_size} workers")
+        return self.batch_size // world_size
+
+    def resources_per_worker(self) -> dict[str, float]:
+        resources: dict[str, float] = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = 1 if self.gpus_per_worker is None else self.gpus_per_worker
+        return resources
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,362 @@
+"""Stage 1 as a Ray Train job: ``train_supernet`` runs ``SupernetTraining`` on TorchTrainer workers.
+
+Checkpoints: every ``checkpoint_every`` epochs (and at the last), rank 0 writes the training
+state (adapters, head, optimizer, scheduler, step, epoch, history) and all ranks call
+``ray.train.report``; the last one also holds the finished supernet (``save_supernet``).
+Rerunning with the same ``run_name`` and ``storage_path`` resumes from the latest checkpoint
+(Ray Train hands it to ``ray.train.get_checkpoint``); a worker failure restarts the worker group
+from it, up to ``max_failures`` times.  Afterwards the driver copies the finished supernet to
+``<storage_path>/<run_name>/supernet`` (or ``output_dir``), which ``load_supernet`` reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..checkpoint import CheckpointMismatchError, SupernetSpec, read_spec, save_supernet
+from ..data.vtab import DataConfig, canonical_dataset_name, validate_dataset
+from .config import TrainConfig, TrainConfigError
+from .loop import STATE_FILE, EpochStats, SupernetTraining, load_training_state, steps_per_epoch
+
+SUPERNET_DIR = "supernet"
+HISTORY_FILE = "history.json"
+RUN_SPEC_FILE = "run_spec.json"
+# Local mode (num_workers=0) persists nothing through Ray, so its checkpoints go here.
+LOCAL_CHECKPOINTS_DIR = "local_checkpoints"
+_LOCAL_CHECKPOINT_PREFIX = "checkpoint_epoch_"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by ``TrainConfig.inject_failure_at_step`` to exercise worker retries."""
+
+
+@dataclass
+class TrainResult:
+    checkpoint_dir: str  # save_supernet output: what load_supernet reads
+    history: list[dict[str, Any]]  # one entry per epoch, from the first epoch of the run
+    resumed_from_step: int | None  # step the final attempt started from; None if from scratch
+    final_step: int
+    run_dir: str  # <storage_path>/<run_name>
+    spec: SupernetSpec
+    ray_checkpoint_path: str | None  # the last Ray Train checkpoint
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def prepare_spec(spec: SupernetSpec, data: DataConfig, train: TrainConfig) -> SupernetSpec:
+    """A copy of ``spec`` that records the data and agrees with it; absolute paths for workers."""
+    data.check()
+    if spec.num_classes != data.num_classes:
+        raise TrainConfigError(
+            f"spec.num_classes={spec.num_classes} but dataset {data.name!r} has {data.num_classes} classes"
+        )
+    if spec.backbone.img_size != data.img_size:
+        raise TrainConfigError(
+            f"backbone img_size={spec.backbone.img_size} but data img_size={data.img_size}; they must agree"
+        )
+    if spec.dataset and canonical_dataset_name(spec.dataset) != data.name:
+        raise CheckpointMismatchError(f"spec.dataset={spec.dataset!r} but training data is {data.name!r}")
+    backbone = spec.backbone
+    if backbone.checkpoint_path is not None and not _is_uri(backbone.checkpoint_path):
+        backbone = replace(backbone, checkpoint_path=os.path.abspath(backbone.checkpoint_path))
+    extra = {**spec.extra, "data": absolute_data(data).to_dict(), "train_split": train.split}
+    return replace(spec, backbone=backbone, dataset=data.name, extra=extra)
+
+
+def absolute_data(data: DataConfig) -> DataConfig:
+    # Ray Train workers do not share the driver's working directory.
+    return data if _is_uri(data.root) else replace(data, root=os.path.abspath(data.root))
+
+
+def check_cluster_fits(train: TrainConfig) -> None:
+    """Refuse a worker group the running cluster can never hold: Ray Train would wait forever.
+
+    Only checked against an already initialised Ray (``train.wait_for_resources`` skips it, for
+    clusters that autoscale).  Inside a Tune trial, the trial's own reservation counts against
+    what is left for the workers.
+    """
+    import ray
+
+    if train.wait_for_resources or not ray.is_initialized():
+        return
+    total = ray.cluster_resources()
+    for resource, per_worker in train.resources_per_worker().items():
+        wanted, have = per_worker * train.num_workers, total.get(resource, 0.0)
+        if wanted > have:
+            raise TrainConfigError(
+                f"{train.num_workers} worker(s) x {per_worker} {resource} = {wanted} {resource}, but the Ray "
+                f"cluster has {have}; lower num_workers / cpus_per_worker / gpus_per_worker "
+                f"(or set wait_for_resources=True on an autoscaling cluster)"
+            )
+
+
+def _atomic_write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _install_dir(source: Path, destination: Path) -> None:
+    """Copy ``source`` to ``destination``, replacing it whole (never a half-written mix)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.with_name(f".{destination.name}.tmp-{uuid.uuid4().hex}")
+    shutil.copytree(source, staging)
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old-{uuid.uuid4().hex}")
+        os.replace(destination, old)
+        os.replace(staging, destination)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, destination)
+
+
+def _check_rerun(run_dir: Path, spec: SupernetSpec) -> None:
+    """Refuse, before starting Ray, to resume a run that was started for another model/space/data."""
+    path = run_dir / RUN_SPEC_FILE
+    if path.is_file():
+        SupernetSpec.from_dict(json.loads(path.read_text())).check_matches(spec, f"run {run_dir}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(path, spec.to_dict())
+
+
+def train_supernet(
+    spec: SupernetSpec,
+    data: DataConfig,
+    train: TrainConfig,
+    storage_path: str,
+    run_name: str,
+    *,
+    output_dir: str | None = None,
+) -> TrainResult:
+    """Train a supernet with Ray Train; resume a run of the same name; return where it is saved.
+
+    Everything that can be checked without training is checked here first: the settings, the
+    dataset (every line, path, label and training image) and the backbone (weights readable or,
+    offline, cached).  Ray is not initialised here: an initialised Ray (or a Tune trial's) is used
+    as it is, otherwise Ray Train starts one.
+    """
+    train.validate()
+    spec = prepare_spec(spec, data, train)
+    data = absolute_data(data)
+    counts = validate_dataset(data.root, data.dataset, (train.split,), open_images=True)
+    if steps_per_epoch(counts[train.split], train, train.world_size) < 1:
+        raise TrainConfigError(
+            f"{counts[train.split]} images in {train.split!r} give no full batch of {train.batch_size} "
+            f"(global) over {train.world_size} worker(s)"
+        )
+    spec.backbone.validate()
+    if spec.backbone.pretrained or spec.backbone.checkpoint_path:
+        # Real weights are loaded once here, so an unreadable file or an offline hub fails now,
+        # not in every worker after Ray starts (and again on every retry).
+        spec.build()
+    else:
+        spec.build_empty()  # the architecture builds and the targets match its layers
+
+    local_mode = train.num_workers == 0
+    if _is_uri(storage_path):
+        if local_mode:
+            raise TrainConfigError("local mode (num_workers=0) needs a local storage_path")
+        if output_dir is None:
+            raise TrainConfigError(f"storage_path {storage_path!r} is remote: pass a local output_dir")
+        run_dir = f"{storage_path.rstrip('/')}/{run_name}"
+    else:
+        storage_path = os.path.abspath(storage_path)
+        run_dir = os.path.join(storage_path, run_name)
+    if not local_mode:
+        check_cluster_fits(train)
+    if not _is_uri(run_dir):
+        _check_rerun(Path(run_dir), spec)
+    final_dir = Path(output_dir) if output_dir is not None else Path(run_dir) / SUPERNET_DIR
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.to_dict(),
+            "data": data.to_dict(),
+            "train": train.to_dict(),
+            "local_checkpoints": os.path.join(run_dir, LOCAL_CHECKPOINTS_DIR) if local_mode else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker=train.resources_per_worker(),
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {run_dir} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        _install_dir(Path(directory) / SUPERNET_DIR, final_dir)
+        history = load_training_state(directory)["history"]
+    read_spec(final_dir).check_matches(spec, str(final_dir))
+    _atomic_write_json(final_dir / HISTORY_FILE, history)
+    outcome = result.return_value or {}
+    return TrainResult(
+        checkpoint_dir=str(final_dir),
+        history=history,
+        resumed_from_step=outcome.get("resumed_from_step"),
+        final_step=history[-1]["step"] if history else 0,
+        run_dir=run_dir,
+        spec=spec,
+        ray_checkpoint_path=result.checkpoint.path,
+    )
+
+
+# -- inside the workers -----------------------------------------------------------------------
+def _latest_local_checkpoint(directory: Path | None) -> Path | None:
+    if directory is None or not directory.is_dir():
+        return None
+    found = sorted(p for p in directory.glob(f"{_LOCAL_CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
+    return found[-1] if found else None
+
+
+def _resume_payload(checkpoint, local_dir: Path | None, spec: SupernetSpec) -> dict[str, Any] | None:
+    """The training state to resume from: Ray Train's checkpoint, else local mode's own."""
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            payload, where = load_training_state(directory), str(checkpoint.path)
+    else:
+        latest = _latest_local_checkpoint(local_dir)
+        if latest is None:
+            return None
+        payload, where = load_training_state(latest), str(latest)
+    SupernetSpec.from_dict(payload["meta"]["spec"]).check_matches(spec, f"checkpoint {where}")
+    return payload
+
+
+class _Reporter:
+    """Reports every epoch to Ray Train; checkpoints every N epochs and at the end (rank 0 writes)."""
+
+    def __init__(self, training: SupernetTraining, spec: SupernetSpec, rank: int, local_dir: Path | None):
+        self.training, self.spec, self.rank, self.local_dir = training, spec, rank, local_dir
+
+    def epoch_end(self, training: SupernetTraining, stats: EpochStats) -> None:
+        due = training.finished or training.state.epoch % training.cfg.checkpoint_every == 0
+        self.report(stats, checkpoint=due)
+
+    def report(self, stats: EpochStats | None, checkpoint: bool) -> None:
+        import ray.train
+
+        metrics = self._metrics(stats)
+        if not checkpoint or self.rank != 0:
+            ray.train.report(metrics)  # a barrier: every rank reports every epoch
+            return
+        if self.local_dir is not None:
+            directory = self.local_dir / f"{_LOCAL_CHECKPOINT_PREFIX}{self.training.state.epoch:06d}"
+            self._write(directory)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+            self._prune_local()
+            return
+        with tempfile.TemporaryDirectory(prefix="glora-ckpt-") as directory:
+            self._write(Path(directory))
+            # Synchronous upload: the directory may go once report returns.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def _metrics(self, stats: EpochStats | None) -> dict[str, Any]:
+        state = self.training.state
+        if stats is None:
+            return {"epoch": state.epoch - 1, "step": state.step}
+        return {k: v for k, v in stats.to_dict().items() if k != "subnet_digests"}
+
+    def _write(self, directory: Path) -> None:
+        self.training.save(directory)
+        if self.training.finished:
+            save_supernet(directory / SUPERNET_DIR, self.training.supernet, self.spec)
+
+    def _prune_local(self) -> None:
+        found = sorted(self.local_dir.glob(f"{_LOCAL_CHECKPOINT_PREFIX}*"))
+        for old in found[: -self.training.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _failure_hook(train: TrainConfig, resumed: bool):
+    if train.inject_failure_at_step is None or resumed:
+        return None
+
+    def hook(step: int) -> None:
+        if step == train.inject_failure_at_step:
+            raise InjectedFailure(f"injected failure at step {step} (TrainConfig.inject_failure_at_step)")
+
+    return hook
+
+
+def train_loop_per_worker(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The function Ray Train runs on every worker (and in the driver in local mode)."""
+    import ray.train
+    import ray.train.torch
+
+    spec = SupernetSpec.from_dict(config["spec"])
+    data = DataConfig.from_dict(config["data"])
+    train = TrainConfig.from_dict(config["train"])
+    local_dir = Path(config["local_checkpoints"]) if config.get("local_checkpoints") else None
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()  # whatever Ray assigned: never a hard-coded cuda
+    threads = torch.get_num_threads()
+    # As many compute threads as CPUs this worker reserved: no oversubscription on a small box.
+    torch.set_num_threads(train.cpus_per_worker)
+    # The loop reseeds torch's RNG every epoch; in local mode that RNG is the caller's, so fork it.
+    rng_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            return _train_worker(spec, data, train, device, rank, world_size, local_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_worker(
+    spec: SupernetSpec,
+    data: DataConfig,
+    train: TrainConfig,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    local_dir: Path | None,
+) -> dict[str, Any]:
+    import ray.train
+    import ray.train.torch
+
+    resume = _resume_payload(ray.train.get_checkpoint(), local_dir, spec)
+    training = SupernetTraining(
+        spec.build(),
+        data.build(train.split),
+        train,
+        device,
+        world_size=world_size,
+        rank=rank,
+        loader_workers=data.loader_workers,
+        prepare_model=lambda model: ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": True}
+        ),
+        # Our DistributedSampler (seeded, drop_last) stays; Ray only adds the device move.
+        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
+        meta={"spec": spec.to_dict(), "data": data.to_dict(), "train": train.to_dict()},
+    ).setup(resume)
+    reporter = _Reporter(training, spec, rank, local_dir)
+    already_done = training.finished
+    training.run(on_epoch_end=reporter.epoch_end, on_step=_failure_hook(train, resume is not None))
+    if already_done:
+        # A rerun of a finished run: report its final state (with the supernet) once more.
+        reporter.report(None, checkpoint=True)
+    return {"resumed_from_step": training.resumed_from_step, "final_step": training.state.step,
+            "world_size": world_size}

@@ -1,0 +1,383 @@
+"""The stage-1 training loop, free of Ray (SPEC §2).
+
+Every step every adapted layer gets its own random choice, drawn from a numpy Generator seeded
+by ``(seed, step)``: every data-parallel worker draws the same subnet in the same step without
+talking to the others, and a resumed run draws exactly what the interrupted one would have.
+
+Randomness, all of it reproducible from ``(seed, epoch, step, rank)``:
+  * subnets: ``np.random.default_rng([seed, step])``;
+  * data order: a ``DistributedSampler(seed=seed)`` with ``set_epoch(epoch)``;
+  * stochastic depth (timm draws from torch's global RNG): reseeded at the start of every epoch
+    from ``(seed, epoch, rank)``.  Checkpoints are taken at epoch ends, so a resumed run needs no
+    saved RNG state, whatever the number of workers (rank 0 alone could not save theirs).
+
+``glora_ray.train.job`` runs ``SupernetTraining`` inside Ray Train workers; called directly it
+runs in one process (e.g. to profile the step on a GPU).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..supernet import Supernet
+from .config import TrainConfig, TrainConfigError
+
+STATE_FILE = "state.pt"
+_FORMAT_VERSION = 1
+
+StepHook = Callable[[int], None]
+
+
+# -- subnets ---------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> Supernet:
+    """The ``Supernet`` inside a DDP (or other ``.module``) wrapper."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, Supernet):
+        raise TypeError(f"expected a Supernet (optionally DDP-wrapped), got {type(inner).__name__}")
+    return inner
+
+
+def subnet_for_step(seed: int, step: int, supernet: Supernet) -> np.ndarray:
+    """The genes every worker uses at ``step``: one independent choice per layer and tensor."""
+    return supernet.sample_genes(np.random.default_rng([seed, step]))
+
+
+def subnet_digest(keys: Iterable[str]) -> str:
+    """A short fingerprint of a sequence of subnet keys (one per step)."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def expected_epoch_digest(seed: int, first_step: int, steps: int, supernet: Supernet) -> str:
+    """The digest an epoch of ``steps`` steps starting at ``first_step`` must report."""
+    return subnet_digest(
+        supernet.subnet_key(subnet_for_step(seed, s, supernet)) for s in range(first_step, first_step + steps)
+    )
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseed torch's global RNG (stochastic depth) for one epoch of one worker."""
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0]
+    torch.manual_seed(int(state) % (2**63))
+
+
+# -- optimisation ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine down to ``min_lr``; per step."""
+
+    lr: float
+    warmup_lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, steps_per_epoch: int) -> "WarmupCosine":
+        return cls(cfg.lr, cfg.warmup_lr, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(supernet: Supernet, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable tensors only (adapters and head); like timm, no decay on 1-d ones (D, E, biases)."""
+    decay, no_decay = [], []
+    for param in supernet.trainable_parameters():
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(supernet: Supernet, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(supernet, cfg.weight_decay), lr=cfg.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupCosine) -> torch.optim.lr_scheduler.LambdaLR:
+    # A plain function (not a callable object) so the scheduler's state holds only its step:
+    # the schedule itself always comes from the current config.
+    def factor(step: int) -> float:
+        return schedule.lr_at(step) / schedule.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- data --------------------------------------------------------------------------------------
+def steps_per_epoch(num_samples: int, cfg: TrainConfig, world_size: int) -> int:
+    """Full batches per worker and epoch (SPEC §2: drop_last), after DistributedSampler's split."""
+    return (num_samples // world_size) // cfg.per_worker_batch(world_size)
+
+
+def make_loader(
+    dataset: Dataset,
+    cfg: TrainConfig,
+    world_size: int = 1,
+    rank: int = 0,
+    loader_workers: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, DistributedSampler]:
+    """A loader over this worker's shard, reshuffled per epoch by ``sampler.set_epoch``."""
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.per_worker_batch(world_size),
+        sampler=sampler,
+        drop_last=True,
+        num_workers=loader_workers,
+        persistent_workers=loader_workers > 0,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(cfg.seed),  # DataLoader draws a base seed per epoch
+    )
+    return loader, sampler
+
+
+# -- one epoch ---------------------------------------------------------------------------------
+@dataclass
+class EpochStats:
+    epoch: int
+    step: int  # global step after the epoch
+    steps: int
+    loss: float
+    train_acc: float
+    lr: float  # learning rate of the epoch's last step
+    images: int  # over all workers
+    seconds: float
+    images_per_s: float
+    world_size: int
+    subnet_digests: list[str] = field(default_factory=list)  # one per worker
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    seed: int,
+    device: torch.device | str,
+    *,
+    epoch: int = 0,
+    on_step: StepHook | None = None,
+) -> EpochStats:
+    """One pass over ``loader``, a fresh subnet every step; metrics summed over all workers."""
+    supernet = unwrap(model)
+    device = torch.device(device)
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    seen, keys, lr = 0, [], float("nan")
+    start = time.perf_counter()
+    for images, labels in loader:
+        if on_step is not None:
+            on_step(step)
+        genes = subnet_for_step(seed, step, supernet)
+        supernet.set_subnet(genes)
+        keys.append(supernet.space.genes_to_string(genes))
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        lr = optimizer.param_groups[0]["lr"]
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        # Accumulate on the device: no host sync per step.
+        loss_sum += loss.detach().double() * labels.numel()
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        seen += labels.numel()
+    totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    digests = [subnet_digest(keys)]
+    if _distributed(world_size):
+        dist.all_reduce(totals)
+        digests = [None] * world_size
+        dist.all_gather_object(digests, subnet_digest(keys))
+        if len(set(digests)) != 1:
+            # Different subnets on different workers make the averaged gradient meaningless.
+            raise RuntimeError(f"epoch {epoch}: workers drew different subnets (digests {digests})")
+    loss_total, correct_total, images_total = totals.tolist()
+    seconds = time.perf_counter() - start
+    return EpochStats(
+        epoch=epoch,
+        step=step,
+        steps=len(keys),
+        loss=loss_total / max(images_total, 1.0),
+        train_acc=correct_total / max(images_total, 1.0),
+        lr=lr,
+        images=int(images_total),
+        seconds=seconds,
+        images_per_s=images_total / seconds if seconds > 0 else float("nan"),
+        world_size=world_size,
+        subnet_digests=digests,
+    )
+
+
+# -- a whole run -------------------------------------------------------------------------------
+@dataclass
+class TrainingState:
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """The payload ``SupernetTraining.save`` wrote into ``directory``."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no training state here")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class SupernetTraining:
+    """Supernet, data, optimizer, schedule and progress of one training process.
+
+    ``prepare_model`` / ``prepare_loader`` let Ray Train move the model to its device and wrap it
+    in DDP; without them the model goes to ``device`` as it is.  ``meta`` is stored in every
+    checkpoint (the job records the spec, data and config there).
+    """
+
+    def __init__(
+        self,
+        supernet: Supernet,
+        dataset: Dataset,
+        cfg: TrainConfig,
+        device: torch.device | str,
+        *,
+        world_size: int = 1,
+        rank: int = 0,
+        loader_workers: int = 0,
+        prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+        prepare_loader: Callable[[DataLoader], Iterable] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ):
+        self.supernet, self.cfg, self.rank, self.world_size = supernet, cfg, rank, world_size
+        self.device = torch.device(device)
+        self.meta = dict(meta or {})
+        self.steps_per_epoch = steps_per_epoch(len(dataset), cfg, world_size)
+        if self.steps_per_epoch < 1:
+            raise TrainConfigError(
+                f"{len(dataset)} training images give no full batch of {cfg.per_worker_batch(world_size)} "
+                f"per worker over {world_size} worker(s); lower batch_size (now {cfg.batch_size}, global)"
+            )
+        self.loader, self.sampler = make_loader(
+            dataset, cfg, world_size, rank, loader_workers, pin_memory=self.device.type == "cuda"
+        )
+        self._prepare_model = prepare_model
+        self._prepare_loader = prepare_loader
+        self.schedule = WarmupCosine.from_config(cfg, self.steps_per_epoch)
+        self.state = TrainingState()
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.resumed_from_step: int | None = None
+
+    def setup(self, resume: Mapping[str, Any] | None = None) -> "SupernetTraining":
+        """Restore ``resume`` (a payload of ``save``), then build model wrapper, optimizer, scheduler."""
+        if resume is not None:
+            # Before the DDP wrap, so its initial broadcast already carries the restored weights.
+            self.supernet.load_adapter_state_dict(resume["adapters"])
+        self.model = self._prepare_model(self.supernet) if self._prepare_model else self.supernet.to(self.device)
+        if self._prepare_loader is not None:
+            self.loader = self._prepare_loader(self.loader)
+        self.optimizer = build_optimizer(self.supernet, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.schedule)
+        if resume is not None:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.scheduler.load_state_dict(resume["scheduler"])
+            self._apply_config_hyperparameters()
+            self.state = TrainingState(int(resume["step"]), int(resume["epoch"]), list(resume["history"]))
+            self.resumed_from_step = self.state.step
+            if self.state.epoch > self.cfg.epochs:
+                raise TrainConfigError(
+                    f"the checkpoint is at epoch {self.state.epoch}, past epochs={self.cfg.epochs}; "
+                    f"raise epochs or use a new run name"
+                )
+        return self
+
+    def _apply_config_hyperparameters(self) -> None:
+        # A resumed optimizer carries the saved run's lr and weight decay; the current config wins.
+        fresh = param_groups(self.supernet, self.cfg.weight_decay)
+        lr = self.schedule.lr_at(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [self.schedule.lr] * len(self.optimizer.param_groups)
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group["weight_decay"] = settings["weight_decay"]
+            group["initial_lr"] = self.schedule.lr
+            group["lr"] = lr
+
+    def run_epoch(self, on_step: StepHook | None = None) -> EpochStats:
+        epoch = self.state.epoch
+        self.sampler.set_epoch(epoch)
+        seed_epoch(self.cfg.seed, epoch, self.rank)
+        stats = train_epoch(
+            self.model, self.loader, self.optimizer, self.scheduler, self.state.step, self.cfg.seed,
+            self.device, epoch=epoch, on_step=on_step,
+        )
+        self.state.step, self.state.epoch = stats.step, epoch + 1
+        self.state.history.append(stats.to_dict())
+        return stats
+
+    def run(
+        self,
+        on_epoch_end: Callable[["SupernetTraining", EpochStats], None] | None = None,
+        on_step: StepHook | None = None,
+    ) -> TrainingState:
+        """Train from the current epoch up to ``cfg.epochs``."""
+        if self.model is None:
+            self.setup()
+        while self.state.epoch < self.cfg.epochs:
+            stats = self.run_epoch(on_step)
+            if on_epoch_end is not None:
+                on_epoch_end(self, stats)
+        return self.state
+
+    @property
+    def finished(self) -> bool:
+        return self.state.epoch >= self.cfg.epochs
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs; adapters copied to the CPU, the live model stays put."""
+        return {
+            "format_version": _FORMAT_VERSION,
+            "adapters": {k: v.detach().cpu() for k, v in self.supernet.adapter_state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "history": list(self.state.history),
+            "seed": self.cfg.seed,
+            "meta": self.meta,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``state.pt`` into ``directory`` atomically (temporary name, then rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / STATE_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
