@@ -1,0 +1,55 @@
+"""Stage 2: the parallel evolutionary search over a trained GLoRA supernet.
+
+``evolution`` (the algorithm), ``pareto`` and ``evaluator`` need no Ray; ``pool`` runs
+evaluators as Ray actors; ``results`` stores Parquet through pyarrow filesystems; ``runner``
+ties them together in ``run_search``.
+
+Names are imported on first use: an evaluator actor imports ``glora_ray.search.pool`` and so
+runs this file, and should not pay for pandas, pyarrow and the driver's modules.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "EvalMode": "config", "Placement": "config", "SearchConfig": "config", "SearchConfigError": "config",
+    "EvalResult": "evaluator", "Evaluator": "evaluator", "MergedModel": "evaluator", "evaluate_subnet": "evaluator",
+    "Candidate": "evolution", "EvolutionPlanner": "evolution", "Origin": "evolution",
+    "ResumeMismatchError": "evolution", "Scored": "evolution", "SpaceExhaustedWarning": "evolution",
+    "best_under": "pareto", "pareto_front": "pareto", "pareto_mask": "pareto",
+    "ActorStartError": "pool", "AllActorsDiedError": "pool", "CandidateCrashError": "pool", "CrashPlan": "pool",
+    "EvaluationPoolError": "pool", "EvaluatorPool": "pool", "plan_actor_count": "pool",
+    "ResultStore": "results", "gene_column": "results", "population_schema": "results", "read_pareto": "results",
+    "read_population": "results", "read_result": "results", "without_timing": "results",
+    "BestSubnet": "runner", "SearchResult": "runner", "run_search": "runner",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+    from .config import EvalMode, Placement, SearchConfig, SearchConfigError
+    from .evaluator import EvalResult, Evaluator, MergedModel, evaluate_subnet
+    from .evolution import Candidate, EvolutionPlanner, Origin, ResumeMismatchError, Scored, SpaceExhaustedWarning
+    from .pareto import best_under, pareto_front, pareto_mask
+    from .pool import (
+        ActorStartError, AllActorsDiedError, CandidateCrashError, CrashPlan, EvaluationPoolError, EvaluatorPool,
+        plan_actor_count,
+    )
+    from .results import (
+        ResultStore, gene_column, population_schema, read_pareto, read_population, read_result, without_timing,
+    )
+    from .runner import BestSubnet, SearchResult, run_search

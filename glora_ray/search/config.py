@@ -1,0 +1,177 @@
+"""Settings of the evolutionary search (SPEC §3 defaults), validated when constructed."""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from ..budget import parse_param_count
+
+
+class SearchConfigError(ValueError):
+    """A search setting out of range; the message names the field and what would be valid."""
+
+
+class EvalMode(str, enum.Enum):
+    """How an evaluator runs a candidate.
+
+    ``merged``: the subnet is merged into plain weights out of place and the plain backbone runs
+    (GLoRA's zero-cost inference; the default, and the faster one, see evaluator.py).
+    ``supernet``: the supernet runs with the subnet selected, unmerged.
+    """
+
+    MERGED = "merged"
+    SUPERNET = "supernet"
+
+
+class Placement(str, enum.Enum):
+    """Where Ray starts the evaluator actors (Ray's ``scheduling_strategy``).
+
+    ``SPREAD``: over as many nodes as possible, best effort (the default: a multi-node search
+    uses every node's CPUs or GPUs and loses fewer actors with one node).  ``DEFAULT``: Ray's
+    default hybrid policy, which fills a node before it starts on the next.
+    """
+
+    SPREAD = "SPREAD"
+    DEFAULT = "DEFAULT"
+
+
+@dataclass
+class SearchConfig:
+    # -- the algorithm (SPEC §3) --------------------------------------------------------
+    population: int = 50
+    parents: int = 10
+    mutants: int = 25
+    crossovers: int = 25
+    m_prob: float = 0.2
+    generations: int = 20
+    min_params: int | str | None = None  # "0.29M", "800k" or an int; None: what the space reaches
+    max_params: int | str | None = None
+    seed: int = 0
+    # Bounded redraws: a generation tries at most this many draws per wanted mutant, crossover
+    # or random candidate before settling for fewer (a tight budget or a small space never hangs).
+    max_draw_tries: int = 50
+    # -- evaluation ---------------------------------------------------------------------
+    eval_batch_size: int = 64
+    eval_mode: EvalMode = EvalMode.MERGED
+    # -- resources and fault handling (do not change results) ---------------------------
+    num_actors: int | None = None  # None: as many as the cluster's CPUs / GPUs hold
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # fractional allowed, e.g. 0.25: four actors per GPU
+    candidates_per_call: int | None = None  # None: about four calls per actor per generation
+    threads_per_actor: int | None = None  # torch threads; None: the actor's CPUs, at least 1
+    max_candidate_retries: int = 2  # a candidate that killed its actor more often is an error
+    max_actor_replacements: int | None = None  # None: 2 x num_actors over the whole run
+    call_timeout_s: float | None = None  # an evaluate call running longer marks its actor dead
+    actor_start_timeout_s: float = 600.0
+    actor_placement: Placement = Placement.SPREAD
+
+    # Fields whose change would change the search's results: a resume refuses to continue
+    # a run stored with different values.  ``generations`` may grow (extends the run); the
+    # resource fields may change freely.
+    RESULT_FIELDS = (
+        "population", "parents", "mutants", "crossovers", "m_prob", "min_params", "max_params",
+        "seed", "max_draw_tries", "eval_batch_size", "eval_mode",
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            self.eval_mode = EvalMode(self.eval_mode)
+        except ValueError:
+            raise SearchConfigError(
+                f"eval_mode={self.eval_mode!r} is not one of {[m.value for m in EvalMode]}"
+            ) from None
+        try:
+            self.actor_placement = Placement(self.actor_placement)
+        except ValueError:
+            raise SearchConfigError(
+                f"actor_placement={self.actor_placement!r} is not one of {[p.value for p in Placement]}"
+            ) from None
+        for name in ("min_params", "max_params"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    setattr(self, name, parse_param_count(value))
+                except ValueError as err:
+                    raise SearchConfigError(f"{name}: {err}") from None
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, field: str, what: str) -> None:
+            if not ok:
+                raise SearchConfigError(f"{field}={getattr(self, field)!r}: {what}")
+
+        for name in ("population", "parents", "mutants", "crossovers", "generations", "seed",
+                     "max_draw_tries", "eval_batch_size", "max_candidate_retries"):
+            need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
+                 name, "must be an integer")
+        need(self.population >= 1, "population", "must be at least 1")
+        need(1 <= self.parents <= self.population, "parents", f"must be in 1..population ({self.population})")
+        need(self.mutants >= 0, "mutants", "must be >= 0")
+        need(self.crossovers >= 0, "crossovers", "must be >= 0")
+        need(self.mutants + self.crossovers <= self.population, "mutants",
+             f"mutants + crossovers ({self.mutants} + {self.crossovers}) must not exceed population ({self.population})")
+        need(self.crossovers == 0 or self.parents >= 2, "parents", "crossovers need at least 2 parents")
+        need(isinstance(self.m_prob, (int, float)) and 0.0 <= self.m_prob <= 1.0, "m_prob", "must be in [0, 1]")
+        need(self.generations >= 1, "generations", "must be at least 1")
+        need(self.seed >= 0, "seed", "must be >= 0 (a numpy seed)")
+        if self.min_params is not None and self.max_params is not None and self.min_params > self.max_params:
+            raise SearchConfigError(
+                f"min_params={self.min_params:,} must not exceed max_params={self.max_params:,}")
+        need(self.max_draw_tries >= 1, "max_draw_tries", "must be at least 1")
+        need(self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
+        need(self.num_actors is None or (isinstance(self.num_actors, int) and self.num_actors >= 1),
+             "num_actors", "must be None (fill the cluster) or an integer >= 1")
+        need(isinstance(self.cpus_per_actor, (int, float)) and self.cpus_per_actor > 0,
+             "cpus_per_actor", "must be > 0 (fractions allowed)")
+        need(isinstance(self.gpus_per_actor, (int, float)) and self.gpus_per_actor >= 0,
+             "gpus_per_actor", "must be >= 0")
+        # Ray accepts fractions of one GPU, and whole numbers above one.
+        need(self.gpus_per_actor <= 1 or float(self.gpus_per_actor).is_integer(),
+             "gpus_per_actor", "must be a fraction of one GPU or a whole number of GPUs")
+        need(self.candidates_per_call is None or (isinstance(self.candidates_per_call, int) and self.candidates_per_call >= 1),
+             "candidates_per_call", "must be None (automatic) or an integer >= 1")
+        need(self.threads_per_actor is None or (isinstance(self.threads_per_actor, int) and self.threads_per_actor >= 1),
+             "threads_per_actor", "must be None (the actor's CPUs) or an integer >= 1")
+        need(self.max_candidate_retries >= 0, "max_candidate_retries", "must be >= 0")
+        need(self.max_actor_replacements is None or (isinstance(self.max_actor_replacements, int) and self.max_actor_replacements >= 0),
+             "max_actor_replacements", "must be None (2 x num_actors) or an integer >= 0")
+        need(self.call_timeout_s is None or self.call_timeout_s > 0, "call_timeout_s", "must be None or > 0 seconds")
+        need(self.actor_start_timeout_s > 0, "actor_start_timeout_s", "must be > 0 seconds")
+
+    # -- derived values ---------------------------------------------------------------------
+    @property
+    def actor_threads(self) -> int:
+        if self.threads_per_actor is not None:
+            return self.threads_per_actor
+        return max(1, math.floor(self.cpus_per_actor))
+
+    def replacements_allowed(self, num_actors: int) -> int:
+        return 2 * num_actors if self.max_actor_replacements is None else self.max_actor_replacements
+
+    def batch_size_for(self, num_candidates: int, num_actors: int) -> int:
+        """Candidates per actor call: about four calls per actor per generation, for balance."""
+        if self.candidates_per_call is not None:
+            return self.candidates_per_call
+        return max(1, math.ceil(num_candidates / (4 * max(1, num_actors))))
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["eval_mode"] = self.eval_mode.value
+        data["actor_placement"] = self.actor_placement.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SearchConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SearchConfigError(f"unknown search setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+    def result_identity(self) -> dict[str, Any]:
+        """The settings that determine the search's results (compared on resume)."""
+        data = self.to_dict()
+        return {name: data[name] for name in self.RESULT_FIELDS}

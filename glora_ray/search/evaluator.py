@@ -1,0 +1,215 @@
+"""Evaluating candidates: accuracy of the supernet with one subnet fixed, on resident data.
+
+Free of Ray: ``Evaluator`` is a plain class that a Ray actor wraps (pool.py), and the tests use
+it in-process.  It holds the supernet as zero-copy views of shared numpy arrays (never written),
+builds its plain backbone once, keeps the validation data resident on its device, and runs
+every candidate under ``torch.inference_mode`` in eval mode.
+
+Merged evaluation (the default): the plain backbone's non-adapted tensors are assigned once
+(views of the shared weights); per candidate only the adapted layers' weight and bias are
+replaced by the merged ``W0 + W0*A + B`` and ``b0 + b0*D + E + W0@C``, built out of place.  The
+forward pass then costs exactly the backbone's.  Replacing those few parameters is cheaper than
+``load_state_dict(assign=True)`` or ``torch.func.functional_call`` of a whole merged state dict,
+which pay a Python walk over every module per candidate (or per batch).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backbone import empty_backbone
+from ..checkpoint import SupernetSpec, supernet_from_numpy
+from ..supernet import Supernet, SubnetLike
+from .config import EvalMode
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    key: str
+    val_acc: float
+    seconds: float
+    actor: str
+    correct: int
+    total: int
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _as_tensor(array: np.ndarray, dtype: np.dtype, device: torch.device) -> torch.Tensor:
+    array = np.asarray(array, dtype=dtype)
+    with warnings.catch_warnings():
+        # Object-store arrays are read-only; they are only ever read here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(array)
+    return tensor.to(device)
+
+
+def check_val_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+    """Cheap checks on the validation arrays, before any expensive work."""
+    if not isinstance(images, np.ndarray) or images.ndim != 4:
+        raise ValueError(f"val_images must be a numpy array (N, C, H, W), got {type(images).__name__} "
+                         f"with shape {getattr(images, 'shape', None)}")
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"val_labels must be a 1-D integer numpy array, got {getattr(labels, 'dtype', None)} "
+                         f"with shape {getattr(labels, 'shape', None)}")
+    if len(images) != len(labels) or len(labels) == 0:
+        raise ValueError(f"val_images ({len(images)}) and val_labels ({len(labels)}) must be equally long and non-empty")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"val_labels span {int(labels.min())}..{int(labels.max())}, outside the model's "
+                         f"{num_classes} classes")
+
+
+class MergedModel:
+    """A plain backbone whose adapted layers carry one subnet's merged weights at a time.
+
+    ``plain`` must have the supernet's architecture without GLoRA (``empty_backbone`` on meta,
+    or a deep copy).  Its non-adapted tensors are bound once to the supernet's own tensors.
+    """
+
+    def __init__(self, supernet: Supernet, plain: nn.Module):
+        self.supernet = supernet
+        self.plain = plain.eval().requires_grad_(False)
+        prefixes = tuple(f"{n}." for n in supernet.layer_names)
+        fixed = {k: v for k, v in supernet.model.state_dict().items() if not k.startswith(prefixes)}
+        # assign=True binds the supernet's tensors (shared views) instead of copying into them.
+        result = self.plain.load_state_dict(fixed, strict=False, assign=True)
+        expected_missing = {f"{n}.{p}" for n in supernet.layer_names for p in ("weight", "bias")}
+        unexpected_missing = set(result.missing_keys) - expected_missing
+        if result.unexpected_keys or unexpected_missing:
+            raise ValueError(
+                f"the plain backbone does not match the supernet: missing {sorted(unexpected_missing)[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        self._targets: list[nn.Module] = []
+        for name in supernet.layer_names:
+            module = self.plain.get_submodule(name)
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"plain backbone layer {name!r} is {type(module).__name__}, expected nn.Linear")
+            self._targets.append(module)
+        self._zero_bias: dict[int, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def load(self, genes: np.ndarray) -> None:
+        """Put the merged weights of ``genes`` into the adapted layers (out of place)."""
+        space = self.supernet.space
+        per_layer = np.asarray(genes).reshape(self.supernet.num_layers, -1)
+        for i, (name, layer, target) in enumerate(zip(self.supernet.layer_names, self.supernet.layers(), self._targets)):
+            weight, bias = layer.merged_weight_and_bias(space.decode_layer(per_layer[i], name))
+            if bias is None:  # no base bias and no D / E / C term: a zero bias keeps one code path
+                bias = self._zero_bias.get(i)
+                if bias is None:
+                    bias = self._zero_bias[i] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            target.weight = nn.Parameter(weight, requires_grad=False)
+            target.bias = nn.Parameter(bias, requires_grad=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.plain(x)
+
+
+@torch.inference_mode()
+def _count_correct(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> int:
+    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    for start in range(0, len(labels), batch_size):
+        x = images[start:start + batch_size]
+        logits = model(x.to(labels.device, non_blocking=True))
+        correct += (logits.argmax(dim=-1) == labels[start:start + batch_size]).sum()
+    return int(correct.item())  # .item() also synchronises the device, so timings are real
+
+
+class Evaluator:
+    """Evaluates candidates of one supernet on resident validation data.
+
+    ``state`` is the supernet's whole state as numpy arrays (``checkpoint.numpy_state``),
+    typically shared zero-copy from Ray's object store: it is only read, never written.
+    """
+
+    def __init__(
+        self,
+        spec: SupernetSpec,
+        state: Mapping[str, np.ndarray],
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int = 64,
+        mode: EvalMode | str = EvalMode.MERGED,
+        device: torch.device | str | None = None,
+        threads: int | None = None,
+        actor_id: str = "local",
+    ):
+        check_val_arrays(images, labels, spec.num_classes)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.mode = EvalMode(mode)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.batch_size = batch_size
+        self.actor_id = actor_id
+        supernet = supernet_from_numpy(spec, dict(state))
+        if self.device.type != "cpu":
+            supernet = supernet.to(self.device)  # a device copy; the shared host arrays stay as they are
+        self.supernet = supernet.eval()
+        # Images stay on the host when evaluating on the CPU (a zero-copy view); on a GPU they
+        # are copied there once and stay resident.
+        self.images = _as_tensor(images, np.float32, self.device)
+        self.labels = _as_tensor(labels, np.int64, self.device)
+        if self.mode is EvalMode.MERGED:
+            plain = empty_backbone(spec.backbone, spec.num_classes)
+            # Bound to the supernet's tensors, already on the device; merged weights follow them.
+            self.model = MergedModel(self.supernet, plain)
+        else:
+            self.model = self.supernet
+        self.calls = 0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One image through the largest subnet: shape errors surface at start, kernels load."""
+        genes = self.supernet.largest_subnet()
+        self._select(genes)
+        _count_correct(self.model, self.images[:1], self.labels[:1], 1)
+
+    def _select(self, genes: np.ndarray) -> None:
+        if self.mode is EvalMode.MERGED:
+            self.model.load(genes)
+        else:
+            self.supernet.set_subnet(genes)
+
+    def evaluate(self, batch: Sequence[SubnetLike]) -> list[EvalResult]:
+        """Accuracy of each subnet (gene array, key or mapping), in the order given."""
+        self.calls += 1
+        results = []
+        for subnet in batch:
+            genes = self.supernet.to_genes(subnet)
+            start = time.perf_counter()
+            self._select(genes)
+            correct = _count_correct(self.model, self.images, self.labels, self.batch_size)
+            seconds = time.perf_counter() - start
+            results.append(EvalResult(self.supernet.space.genes_to_string(genes), correct / len(self.labels),
+                                      seconds, self.actor_id, correct, len(self.labels)))
+        return results
+
+
+def evaluate_subnet(supernet: Supernet, genes: SubnetLike, images: np.ndarray, labels: np.ndarray,
+                    batch_size: int = 64) -> float:
+    """Top-1 accuracy of ``supernet`` with ``genes`` merged into a plain model (a one-off, e.g. on test).
+
+    Runs on the supernet's device, in inference mode; the supernet itself is left unchanged.
+    """
+    head = supernet.head
+    num_classes = head.out_features if isinstance(head, nn.Linear) else int(np.max(labels)) + 1
+    check_val_arrays(images, labels, num_classes)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(supernet.parameters()).device
+    plain = supernet.merged(genes).eval().requires_grad_(False)
+    correct = _count_correct(plain, _as_tensor(images, np.float32, "cpu"),
+                             _as_tensor(labels, np.int64, device), batch_size)
+    return correct / len(labels)

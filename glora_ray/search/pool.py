@@ -1,0 +1,287 @@
+"""A fault-tolerant pool of evaluator actors over one shared supernet (RAY-NOTES §2, §3).
+
+Our own ``ray.wait`` loop rather than ``ray.util.ActorPool``: in Ray 2.60 the latter evicts an
+actor only on ``ActorDiedError`` (not ``ActorUnavailableError``) and silently drops queued work
+when every actor has died.  Here:
+
+* every batch of candidates is tracked until its results arrive; a batch whose actor dies
+  (any ``RayActorError``) goes back to the queue, and a replacement actor joins while the
+  run's replacement allowance lasts;
+* a candidate whose batch has killed an actor more than ``max_candidate_retries`` times is an
+  error (a "poison" candidate must not crash actors forever);
+* an exception raised inside ``evaluate`` is a bug, not a fault, and is raised at once;
+* when no actor is left and work remains, the pool raises ``AllActorsDiedError``: a generation
+  is never silently short.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from ..checkpoint import SupernetSpec
+from .config import EvalMode, SearchConfig
+from .evaluator import EvalResult, Evaluator
+
+
+class EvaluationPoolError(RuntimeError):
+    """The pool could not evaluate a generation completely."""
+
+
+class AllActorsDiedError(EvaluationPoolError):
+    pass
+
+
+class CandidateCrashError(EvaluationPoolError):
+    pass
+
+
+class ActorStartError(EvaluationPoolError):
+    pass
+
+
+@dataclass(frozen=True)
+class CrashPlan:
+    """Test hook: the listed actors (by start index; None: every actor, replacements included)
+    end their process with ``os._exit`` at the start of their ``on_call``-th evaluate call."""
+
+    on_call: int
+    actor_indices: frozenset[int] | None = None
+
+    def hits(self, index: int, call: int) -> bool:
+        return call == self.on_call and (self.actor_indices is None or index in self.actor_indices)
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    batch_size: int
+    mode: EvalMode
+    threads: int
+    cpus: float
+    gpus: float
+    placement: str = "SPREAD"  # Ray's scheduling_strategy for the actors: "SPREAD" or "DEFAULT"
+
+
+class EvaluatorActor:
+    """The Ray actor around ``Evaluator``: picks its device from the GPUs Ray assigned it."""
+
+    def __init__(self, spec: SupernetSpec, state: Mapping[str, np.ndarray], images: np.ndarray,
+                 labels: np.ndarray, settings: ActorSettings, index: int, crash: CrashPlan | None = None):
+        # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s); none assigned means the CPU.
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.index = index
+        self.crash = crash
+        self.evaluator = Evaluator(
+            spec, state, images, labels, batch_size=settings.batch_size, mode=settings.mode,
+            device=device, threads=settings.threads, actor_id=f"actor-{index}",
+        )
+
+    def ready(self) -> str:
+        return f"actor-{self.index} on {self.evaluator.device}"
+
+    def evaluate(self, keys: Sequence[str]) -> list[EvalResult]:
+        if self.crash is not None and self.crash.hits(self.index, self.evaluator.calls + 1):
+            os._exit(1)
+        return self.evaluator.evaluate(keys)
+
+
+_RemoteEvaluator = ray.remote(EvaluatorActor)
+
+
+def plan_actor_count(config: SearchConfig, resources: Mapping[str, float]) -> int:
+    """How many actors the cluster holds at the configured size; clamps with a warning."""
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    eps = 1e-9  # fractional requests, e.g. 4 x 0.25 GPU on one GPU
+    fits = math.floor(cpus / config.cpus_per_actor + eps)
+    if config.gpus_per_actor > 0:
+        fits = min(fits, math.floor(gpus / config.gpus_per_actor + eps))
+    if fits < 1:
+        raise ActorStartError(
+            f"one evaluator actor needs cpus_per_actor={config.cpus_per_actor} and "
+            f"gpus_per_actor={config.gpus_per_actor}, but the cluster has {cpus:g} CPUs and {gpus:g} GPUs"
+        )
+    if config.num_actors is None:
+        return min(fits, config.population)  # more actors than candidates would only idle
+    if config.num_actors > fits:
+        warnings.warn(
+            f"num_actors={config.num_actors} x (cpus_per_actor={config.cpus_per_actor}, "
+            f"gpus_per_actor={config.gpus_per_actor}) exceeds the cluster ({cpus:g} CPUs, {gpus:g} GPUs); "
+            f"using {fits} actors",
+            stacklevel=2,
+        )
+        return fits
+    return config.num_actors
+
+
+@dataclass
+class _Slot:
+    index: int
+    handle: ray.actor.ActorHandle
+
+
+class EvaluatorPool:
+    """N evaluator actors sharing one supernet state and one validation set in the object store."""
+
+    def __init__(
+        self,
+        spec: SupernetSpec,
+        state_ref: ray.ObjectRef,
+        images_ref: ray.ObjectRef,
+        labels_ref: ray.ObjectRef,
+        num_actors: int,
+        settings: ActorSettings,
+        *,
+        max_replacements: int,
+        max_candidate_retries: int,
+        call_timeout_s: float | None = None,
+        start_timeout_s: float = 600.0,
+        crash: CrashPlan | None = None,
+    ):
+        if num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+        self.spec = spec
+        # The driver keeps these refs for the pool's life: objects put with ray.put die with
+        # their last reference, and a replacement actor needs them (ray-project/ray#53727).
+        self._refs = (state_ref, images_ref, labels_ref)
+        self.settings = settings
+        self.replacements_left = max_replacements
+        self.max_candidate_retries = max_candidate_retries
+        self.call_timeout_s = call_timeout_s
+        self.crash = crash
+        self.deaths: list[str] = []
+        self._next_index = 0
+        self.live: list[_Slot] = [self._start_actor() for _ in range(num_actors)]
+        self._wait_ready(start_timeout_s)
+
+    # -- actors -------------------------------------------------------------------------
+    def _start_actor(self) -> _Slot:
+        index = self._next_index
+        self._next_index += 1
+        # Ray resolves the top-level refs in the actor: the numpy arrays arrive as zero-copy
+        # read-only views of the object store, one copy per node.
+        handle = _RemoteEvaluator.options(
+            # No Ray-level restarts: the pool replaces dead actors itself and resubmits
+            # their work, so no evaluation is silently retried or lost.
+            num_cpus=self.settings.cpus, num_gpus=self.settings.gpus, max_restarts=0,
+            scheduling_strategy=self.settings.placement,
+        ).remote(self.spec, *self._refs, self.settings, index, self.crash)
+        return _Slot(index, handle)
+
+    def _wait_ready(self, timeout: float) -> None:
+        refs = [slot.handle.ready.remote() for slot in self.live]
+        try:
+            ray.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            self.shutdown()
+            raise ActorStartError(
+                f"{len(refs)} evaluator actors (cpus={self.settings.cpus}, gpus={self.settings.gpus} each) did not "
+                f"start within {timeout:g} s; free resources now: {ray.available_resources()}"
+            ) from None
+        except RayActorError as err:
+            self.shutdown()
+            raise ActorStartError(f"an evaluator actor failed while starting: {err}") from err
+
+    def _retire(self, slot: _Slot, reason: str) -> None:
+        """Drop a dead (or hung) actor from the pool and note why."""
+        self.live = [s for s in self.live if s is not slot]
+        self.deaths.append(f"actor-{slot.index}: {reason}")
+        ray.kill(slot.handle, no_restart=True)
+
+    def _replace(self) -> _Slot | None:
+        """Start a replacement actor while the allowance lasts."""
+        if self.replacements_left <= 0:
+            return None
+        self.replacements_left -= 1
+        replacement = self._start_actor()
+        self.live.append(replacement)
+        return replacement
+
+    def shutdown(self) -> None:
+        for slot in self.live:
+            ray.kill(slot.handle, no_restart=True)
+        self.live = []
+
+    @property
+    def num_actors(self) -> int:
+        return len(self.live)
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(self, keys: Sequence[str], batch_size: int) -> dict[str, EvalResult]:
+        """Results for every key, whatever the actors' finishing order or faults."""
+        if len(set(keys)) != len(keys):
+            raise ValueError("keys to evaluate must be distinct")
+        queue = collections.deque(list(keys[i:i + batch_size]) for i in range(0, len(keys), batch_size))
+        idle = collections.deque(self.live)
+        in_flight: dict[ray.ObjectRef, _Call] = {}
+        crashes: collections.Counter[str] = collections.Counter()
+        results: dict[str, EvalResult] = {}
+        while queue or in_flight:
+            while queue and idle:
+                slot = idle.popleft()
+                batch = queue.popleft()
+                in_flight[slot.handle.evaluate.remote(batch)] = _Call(slot, batch, time.monotonic())
+            if not in_flight:
+                raise AllActorsDiedError(
+                    f"all evaluator actors died and the replacement allowance is spent; "
+                    f"{len(keys) - len(results)} of {len(keys)} candidates of this generation are not evaluated. "
+                    f"Deaths: {'; '.join(self.deaths[-5:])}"
+                )
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self._wait_timeout(in_flight))
+            if not ready:
+                self._kill_overdue(in_flight)
+                continue
+            ref = ready[0]
+            call = in_flight.pop(ref)
+            try:
+                out = ray.get(ref)
+            except RayActorError as err:
+                reason = f"killed after call_timeout_s={self.call_timeout_s}" if call.overdue else type(err).__name__
+                self._retire(call.slot, reason)
+                for key in call.batch:
+                    crashes[key] += 1
+                    if crashes[key] > self.max_candidate_retries:
+                        raise CandidateCrashError(
+                            f"candidate {key!r} was in a batch whose actor died {crashes[key]} times "
+                            f"(max_candidate_retries={self.max_candidate_retries}); last: {err}"
+                        ) from err
+                queue.appendleft(call.batch)  # lost work goes first, so a generation ends promptly
+                replacement = self._replace()
+                if replacement is not None:
+                    idle.append(replacement)
+                continue
+            if [r.key for r in out] != call.batch:
+                raise EvaluationPoolError(
+                    f"actor-{call.slot.index} answered for {[r.key for r in out]}, asked for {call.batch}")
+            results.update((r.key, r) for r in out)
+            idle.append(call.slot)
+        return results
+
+    def _wait_timeout(self, in_flight: dict[ray.ObjectRef, "_Call"]) -> float | None:
+        deadlines = [c.started + self.call_timeout_s for c in in_flight.values()
+                     if self.call_timeout_s is not None and not c.overdue]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _kill_overdue(self, in_flight: dict[ray.ObjectRef, "_Call"]) -> None:
+        """End actors whose call ran past call_timeout_s; their refs then fail as actor deaths."""
+        now = time.monotonic()
+        for call in in_flight.values():
+            if not call.overdue and now - call.started >= self.call_timeout_s:
+                call.overdue = True
+                ray.kill(call.slot.handle, no_restart=True)
+
+
+@dataclass
+class _Call:
+    slot: _Slot
+    batch: list[str]
+    started: float
+    overdue: bool = False

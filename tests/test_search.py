@@ -1,0 +1,267 @@
+"""Stage 2 end to end: evaluators, the Ray actor pool with faults, Parquet output, exact resume."""
+import hashlib
+import shutil
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from glora_ray import InfeasibleBudgetError
+from glora_ray.backbone import BackboneConfig
+from glora_ray.checkpoint import SupernetSpec, numpy_state
+from glora_ray.search import (
+    ActorStartError, AllActorsDiedError, CrashPlan, EvalMode, Evaluator, ResumeMismatchError, SearchConfig,
+    evaluate_subnet, pareto_front, plan_actor_count, read_pareto, read_population, read_result, run_search,
+    without_timing,
+)
+from glora_ray.search.pool import ActorSettings, CandidateCrashError, EvaluatorPool
+from glora_ray.search.results import POPULATION_DIR
+from helpers import randomize_adapters
+
+
+def tiny_spec() -> SupernetSpec:
+    backbone = BackboneConfig("vit_tiny_patch16_224", img_size=16, drop_path_rate=0.0,
+                              model_kwargs=dict(patch_size=8, depth=2, embed_dim=32, num_heads=2))
+    return SupernetSpec(backbone, num_classes=5, ranks=(4, 2), dataset="synthetic")
+
+
+@dataclass
+class Problem:
+    spec: SupernetSpec
+    net: object
+    state: dict
+    images: np.ndarray
+    labels: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def problem() -> Problem:
+    spec = tiny_spec()
+    net = spec.build().eval()
+    randomize_adapters(net, seed=1)  # subnets differ only when the support tensors are non-zero
+    state = numpy_state(net)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((64, 3, 16, 16)).astype(np.float32)
+    # Labels from a fixed random teacher (the supernet under one random subnet): subnets
+    # closer to the teacher score higher, so accuracies differ and the search has a signal.
+    net.set_subnet(net.sample_genes(rng))
+    with torch.inference_mode():
+        labels = net(torch.from_numpy(images)).argmax(-1).numpy().astype(np.int64)
+    return Problem(spec, net, state, images, labels)
+
+
+def digest(arrays) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()
+
+
+# -- evaluation without Ray ------------------------------------------------------------------
+
+def test_merged_evaluation_equals_the_supernet_and_never_writes_shared_weights(problem):
+    shared = {k: v.copy() for k, v in problem.state.items()}
+    for array in shared.values():
+        array.flags.writeable = False  # as the object store hands them out
+    before = digest(shared)
+    merged = Evaluator(problem.spec, shared, problem.images, problem.labels, batch_size=24, threads=1)
+    unmerged = Evaluator(problem.spec, shared, problem.images, problem.labels, batch_size=64,
+                         mode=EvalMode.SUPERNET, threads=1)
+    rng = np.random.default_rng(5)
+    subnets = [problem.net.sample_genes(rng) for _ in range(6)]
+    a, b = merged.evaluate(subnets), unmerged.evaluate([problem.net.subnet_key(s) for s in subnets])
+    assert [r.key for r in a] == [r.key for r in b] == [problem.net.subnet_key(s) for s in subnets]
+    assert [r.val_acc for r in a] == [r.val_acc for r in b]
+    assert len({r.val_acc for r in a}) > 1  # the teacher makes subnets distinguishable
+    assert all(r.total == 64 and r.val_acc == r.correct / 64 and r.seconds > 0 for r in a)
+    assert [evaluate_subnet(problem.net, s, problem.images, problem.labels, batch_size=20) for s in subnets] == \
+        [r.val_acc for r in a]
+    assert digest(shared) == before
+    # The supernet's own frozen weights are views of the shared arrays, not copies.
+    assert merged.supernet.model.blocks[0].attn.qkv.base.weight.data_ptr() == \
+        shared["model.blocks.0.attn.qkv.base.weight"].ctypes.data
+
+
+def test_evaluator_rejects_bad_validation_arrays(problem):
+    with pytest.raises(ValueError, match="equally long"):
+        Evaluator(problem.spec, problem.state, problem.images, problem.labels[:10])
+    with pytest.raises(ValueError, match="outside the model's 5 classes"):
+        Evaluator(problem.spec, problem.state, problem.images, problem.labels + 5)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        Evaluator(problem.spec, problem.state, problem.images[0], problem.labels)
+
+
+def test_actor_count_fits_the_cluster():
+    two_cpus = {"CPU": 2.0}
+    with pytest.warns(UserWarning, match="using 2 actors"):
+        assert plan_actor_count(SearchConfig(num_actors=3), two_cpus) == 2
+    assert plan_actor_count(SearchConfig(num_actors=1), two_cpus) == 1
+    assert plan_actor_count(SearchConfig(), two_cpus) == 2
+    assert plan_actor_count(SearchConfig(cpus_per_actor=0.5), two_cpus) == 4
+    assert plan_actor_count(SearchConfig(population=3, parents=2, mutants=1, crossovers=1, cpus_per_actor=0.5), two_cpus) == 3
+    assert plan_actor_count(SearchConfig(gpus_per_actor=0.25), {"CPU": 16.0, "GPU": 1.0}) == 4
+    with pytest.raises(ActorStartError, match="gpus_per_actor=0.5.*0 GPUs"):
+        plan_actor_count(SearchConfig(gpus_per_actor=0.5), two_cpus)
+
+
+def test_bad_inputs_fail_before_any_actor_starts(problem, tmp_path):
+    config = SearchConfig(population=4, parents=2, mutants=1, crossovers=1, generations=1)
+    with pytest.raises(InfeasibleBudgetError, match="outside what this space reaches"):
+        run_search(problem.spec, problem.state, problem.images, problem.labels,
+                   replace(config, min_params=10**9, max_params=2 * 10**9), tmp_path, "r", "synthetic")
+    broken = dict(problem.state)
+    broken.pop("model.head.bias")
+    with pytest.raises(ValueError, match="missing \\['model.head.bias'\\]"):
+        run_search(problem.spec, broken, problem.images, problem.labels, config, tmp_path, "r", "synthetic")
+    with pytest.raises(ValueError, match="run_id"):
+        run_search(problem.spec, problem.state, problem.images, problem.labels, config, tmp_path, "", "synthetic")
+
+
+# -- the search on Ray -----------------------------------------------------------------------
+
+SEARCH = dict(population=8, parents=3, mutants=3, crossovers=3, generations=3, candidates_per_call=2,
+              eval_batch_size=32, seed=11)
+
+
+@dataclass
+class Run:
+    out: str
+    result: object
+    lines: list
+    shared_before: str
+    shared_after: str
+
+
+def search(problem, out, progress=None, state=None, **overrides):
+    config = SearchConfig(**{**SEARCH, **overrides})
+    lines = []
+    result = run_search(problem.spec, problem.state if state is None else state, problem.images, problem.labels,
+                        config, str(out), "run-a", "synthetic", progress=progress or lines.append)
+    return result, lines
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_local, problem, tmp_path_factory):
+    """One uninterrupted run on one actor; the others must reproduce it."""
+    ray = ray_local
+    out = tmp_path_factory.mktemp("baseline")
+    ref = ray.put(problem.state)
+    before = digest(ray.get(ref))
+    result, lines = search(problem, out, state=ref, num_actors=1)
+    return Run(str(out), result, lines, before, digest(ray.get(ref)))
+
+
+def assert_same_run(out_a, out_b):
+    a, b = read_population(out_a), read_population(out_b)
+    pd.testing.assert_frame_equal(without_timing(a), without_timing(b))
+    pd.testing.assert_frame_equal(read_pareto(out_a), read_pareto(out_b))
+    assert read_result(out_a) == read_result(out_b)
+
+
+def test_search_writes_generations_front_and_result(baseline, problem):
+    result, frame = baseline.result, read_population(baseline.out)
+    assert baseline.shared_after == baseline.shared_before  # the shared weights were never written
+    assert result.generations_done == 3 and result.evaluations == len(frame) == 3 * 8
+    assert frame["subnet"].is_unique  # nothing evaluated twice
+    lo, hi = result.budget
+    assert frame["params"].between(lo, hi).all()
+    assert (frame["run_id"] == "run-a").all() and (frame["seed"] == 11).all() and (frame["actor"] == "actor-0").all()
+    assert set(frame.loc[frame["generation"] == 0, "origin"]) == {"random"}
+    assert set(frame.loc[frame["generation"] > 0, "origin"]) == {"mutation", "crossover", "random"}
+    assert frame["val_acc"].nunique() > 3 and (frame["eval_seconds"] > 0).all()
+
+    ranked = frame.sort_values(["val_acc", "params", "subnet"], ascending=[False, True, True])
+    top = ranked.iloc[0]
+    assert (result.best.key, result.best.params, result.best.val_acc) == (top["subnet"], top["params"], top["val_acc"])
+    assert problem.net.subnet_key(result.best.genes) == result.best.key
+    expected_front = pareto_front(frame.rename(columns={"subnet": "key"}))
+    assert list(result.pareto["key"]) == list(expected_front["key"]) == list(read_pareto(baseline.out)["key"])
+    stored = read_result(baseline.out)
+    assert stored["finished"] and stored["best"]["subnet"] == result.best.key and stored["evaluations"] == 24
+    assert result.population_path.endswith(POPULATION_DIR)
+
+    assert len(baseline.lines) == 3
+    assert all("best val_acc" in line and "front" in line and "evaluations" in line and "candidates/s" in line
+               for line in baseline.lines)
+
+
+def test_two_actors_give_the_same_result(baseline, problem, tmp_path):
+    result, _ = search(problem, tmp_path, num_actors=2)
+    assert result.actors == 2
+    assert set(read_population(tmp_path)["actor"]) == {"actor-0", "actor-1"}
+    assert_same_run(baseline.out, tmp_path)
+
+
+def test_an_actor_killed_mid_generation_loses_no_candidate(baseline, problem, tmp_path):
+    # actor-0 ends its process at the start of its second call: that batch is lost in flight.
+    result = run_search(problem.spec, problem.state, problem.images, problem.labels,
+                        SearchConfig(**SEARCH, num_actors=2), str(tmp_path), "run-a", "synthetic",
+                        progress=None, fault=CrashPlan(on_call=2, actor_indices=frozenset({0})))
+    actors = set(read_population(tmp_path)["actor"])
+    assert "actor-2" in actors  # the replacement joined and did work
+    assert result.evaluations == 24
+    assert_same_run(baseline.out, tmp_path)
+
+
+def test_all_actors_dying_fails_loudly_and_a_rerun_resumes_exactly(baseline, problem, tmp_path):
+    # Both actors end at their 4th call: with 4 calls per generation neither survives
+    # generation 1 or 2, and no replacement is allowed.
+    with pytest.raises(AllActorsDiedError, match="candidates of this generation are not evaluated"):
+        run_search(problem.spec, problem.state, problem.images, problem.labels,
+                   SearchConfig(**SEARCH, num_actors=2, max_actor_replacements=0), str(tmp_path), "run-a",
+                   "synthetic", progress=None, fault=CrashPlan(on_call=4))
+    done = len(read_population(tmp_path)["generation"].unique())
+    assert 1 <= done < 3
+    assert not [p for p in (tmp_path / POPULATION_DIR).iterdir() if p.name.startswith(".")]
+
+    result, lines = search(problem, tmp_path, num_actors=1)
+    assert result.resumed_generations == done and result.generations_done == 3
+    assert lines[0].startswith("[run-a] resuming") and len(lines) == 1 + 3 - done
+    assert_same_run(baseline.out, tmp_path)
+
+
+def test_a_finished_run_is_not_recomputed_and_other_settings_are_refused(baseline, problem, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(baseline.out, out)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / POPULATION_DIR).iterdir()}
+    result, lines = search(problem, out, num_actors=2)
+    assert result.actors == 0 and lines == ["[run-a] resuming: 3 complete generations, 24 evaluations found in "
+                                            f"{out}/{POPULATION_DIR}"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / POPULATION_DIR).iterdir()} == before
+    assert_same_run(baseline.out, out)
+
+    with pytest.raises(ResumeMismatchError, match="config.m_prob=0.2; this command has 0.3"):
+        search(problem, out, m_prob=0.3)
+    shuffled = replace(problem, labels=np.roll(problem.labels, 1))
+    with pytest.raises(ResumeMismatchError, match="val_sha256"):
+        search(shuffled, out)
+    with pytest.raises(ResumeMismatchError, match="run_id='run-a'; this command has 'run-b'"):
+        run_search(problem.spec, problem.state, problem.images, problem.labels, SearchConfig(**SEARCH), str(out),
+                   "run-b", "synthetic", progress=None)
+
+
+def test_more_generations_extend_a_finished_run(baseline, problem, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(baseline.out, out)
+    result, _ = search(problem, out, num_actors=2, generations=4)
+    frame = read_population(out)
+    assert result.generations_done == 4 and len(frame) == 32 and frame["subnet"].is_unique
+    first_three = frame[frame["generation"] < 3].reset_index(drop=True)
+    pd.testing.assert_frame_equal(without_timing(first_three), without_timing(read_population(baseline.out)))
+    assert result.best.val_acc >= baseline.result.best.val_acc
+
+
+def test_a_candidate_that_keeps_killing_actors_is_an_error(ray_local, problem):
+    ray = ray_local
+    refs = [ray.put(problem.state), ray.put(problem.images), ray.put(problem.labels)]
+    pool = EvaluatorPool(problem.spec, *refs, 1, ActorSettings(32, EvalMode.MERGED, 1, 1.0, 0.0),
+                         max_replacements=3, max_candidate_retries=0, crash=CrashPlan(on_call=1))
+    key = problem.net.subnet_key(problem.net.largest_subnet())
+    try:
+        with pytest.raises(CandidateCrashError, match=f"candidate '{key}'.*died 1 times"):
+            pool.evaluate([key], batch_size=1)
+        assert pool.deaths and pool.deaths[0].startswith("actor-0")
+    finally:
+        pool.shutdown()
