@@ -189,6 +189,10 @@ def test_local_mode_job_saves_and_resumes_on_rerun(data, tmp_path):
     second = train_supernet(make_spec(), data, quick(epochs=3), storage, "local")
     assert second.resumed_from_step == 24 and second.final_step == 36
     assert second.history[:2] == first.history and second.history[2]["epoch"] == 2
+    # Rerunning the finished run returns it as stored: no training, no Ray checkpoint touched.
+    third = train_supernet(make_spec(), data, quick(epochs=3), storage, "local")
+    assert third.ray_checkpoint_path is None and third.history == second.history
+    assert third.checkpoint_dir == second.checkpoint_dir
     # The same name for another space is refused before anything runs.
     with pytest.raises(CheckpointMismatchError, match="ranks"):
         train_supernet(make_spec(ranks=(8, 4)), data, quick(epochs=3), storage, "local")

@@ -28,6 +28,10 @@ from .loop import STATE_FILE, EpochStats, SupernetTraining, load_training_state,
 
 SUPERNET_DIR = "supernet"
 HISTORY_FILE = "history.json"
+TRAIN_CONFIG_FILE = "train_config.json"  # the settings a finished supernet was trained with
+# Settings that change the trained weights; resources and fault handling do not.
+_RESULT_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
+                    "seed", "split")
 RUN_SPEC_FILE = "run_spec.json"
 # Local mode (num_workers=0) persists nothing through Ray, so its checkpoints go here.
 LOCAL_CHECKPOINTS_DIR = "local_checkpoints"
@@ -178,6 +182,9 @@ def train_supernet(
     if not _is_uri(run_dir):
         _check_rerun(Path(run_dir), spec)
     final_dir = Path(output_dir) if output_dir is not None else Path(run_dir) / SUPERNET_DIR
+    finished = _finished(final_dir, spec, train, run_dir)
+    if finished is not None:
+        return finished  # a rerun of a completed run: no worker group to start
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -210,6 +217,7 @@ def train_supernet(
         history = load_training_state(directory)["history"]
     read_spec(final_dir).check_matches(spec, str(final_dir))
     _atomic_write_json(final_dir / HISTORY_FILE, history)
+    _atomic_write_json(final_dir / TRAIN_CONFIG_FILE, _result_settings(train))
     outcome = result.return_value or {}
     return TrainResult(
         checkpoint_dir=str(final_dir),
@@ -220,6 +228,26 @@ def train_supernet(
         spec=spec,
         ray_checkpoint_path=result.checkpoint.path,
     )
+
+
+def _result_settings(train: TrainConfig) -> dict[str, Any]:
+    data = train.to_dict()
+    return {name: data[name] for name in _RESULT_SETTINGS}
+
+
+def _finished(final_dir: Path, spec: SupernetSpec, train: TrainConfig, run_dir: str) -> TrainResult | None:
+    """The stored result of this exact run when it already completed every epoch, else None."""
+    history_path, settings_path = final_dir / HISTORY_FILE, final_dir / TRAIN_CONFIG_FILE
+    if not (history_path.is_file() and settings_path.is_file()):
+        return None
+    if json.loads(settings_path.read_text()) != _result_settings(train):
+        return None  # other settings (e.g. more epochs): let Ray Train resume from its checkpoint
+    history = json.loads(history_path.read_text())
+    if not history or history[-1]["epoch"] != train.epochs - 1:
+        return None
+    read_spec(final_dir).check_matches(spec, str(final_dir))
+    return TrainResult(checkpoint_dir=str(final_dir), history=history, resumed_from_step=history[-1]["step"],
+                       final_step=history[-1]["step"], run_dir=run_dir, spec=spec, ray_checkpoint_path=None)
 
 
 # -- inside the workers -----------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""Stage 3 export: the winner merged into plain timm weights, its subnet, and its adapters.
+
+``merged.safetensors`` loads with no glora_ray import::
+
+    model = timm.create_model(subnet["model"], **subnet["create_model_kwargs"])
+    model.load_state_dict(safetensors.torch.load_file("merged.safetensors"))
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from safetensors.torch import save as safetensors_bytes
+
+from .. import storage
+from ..backbone import plain_model_kwargs
+from ..checkpoint import SupernetSpec
+from ..supernet import Supernet
+
+MERGED_FILE = "merged.safetensors"
+SUBNET_FILE = "subnet.json"
+ADAPTERS_FILE = "adapters.safetensors"
+
+
+@dataclass
+class ExportedWinner:
+    merged_uri: str
+    subnet_uri: str
+    adapters_uri: str
+
+
+def subnet_record(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, **scores: Any) -> dict[str, Any]:
+    """Everything needed to rebuild, load and cite the winner."""
+    layers = supernet.decode(genes)
+    return {
+        "model": spec.backbone.name,
+        "create_model_kwargs": plain_model_kwargs(spec.backbone, spec.num_classes),
+        "dataset": spec.dataset,
+        "ranks": list(spec.ranks),
+        "key": supernet.subnet_key(genes),
+        "params": supernet.num_params(genes),
+        "head_params": supernet.head_num_params,
+        "layers": layers,
+        "layer_params": {name: supernet.layer(name).num_params(choice) for name, choice in layers.items()},
+        **scores,
+    }
+
+
+def export_winner(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, out_uri: str, **scores: Any) -> ExportedWinner:
+    """Write the three artefacts under ``out_uri``, each atomically."""
+    record = subnet_record(supernet, spec, genes, **scores)
+    # Clone: a merged state dict references the supernet's own tensors, which may be shared.
+    merged = {k: v.detach().cpu().contiguous().clone() for k, v in supernet.merged_state_dict(genes).items()}
+    metadata = {"model": spec.backbone.name, "create_model_kwargs": json.dumps(record["create_model_kwargs"]),
+                "subnet": record["key"]}
+    paths = ExportedWinner(
+        merged_uri=storage.join(out_uri, MERGED_FILE),
+        subnet_uri=storage.join(out_uri, SUBNET_FILE),
+        adapters_uri=storage.join(out_uri, ADAPTERS_FILE),
+    )
+    storage.write_bytes(paths.merged_uri, safetensors_bytes(merged, metadata=metadata))
+    storage.write_bytes(paths.adapters_uri, supernet.adapter_bytes({"model": spec.backbone.name, "dataset": spec.dataset}))
+    storage.write_json(paths.subnet_uri, record)
+    return paths

@@ -1,0 +1,36 @@
+"""Stage 3's single test evaluation: merged subnets over a streamed split (no full decode in memory)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..checkpoint import load_supernet
+from ..data import DataConfig, VTABDataset
+
+
+def evaluation_device() -> torch.device:
+    """A GPU when Ray (or the machine) gave this process one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.inference_mode()
+def split_accuracies(checkpoint_dir: str, genes_list: Sequence[np.ndarray], data: DataConfig, split: str = "test",
+                     batch_size: int = 128) -> list[float]:
+    """Top-1 accuracy on ``split`` of each subnet, merged into a plain model (what is exported)."""
+    supernet, _ = load_supernet(checkpoint_dir)
+    device = evaluation_device()
+    loader = DataLoader(VTABDataset(data.root, data.dataset, split, data.img_size, data.mean, data.std),
+                        batch_size=batch_size, shuffle=False, num_workers=data.loader_workers)
+    accuracies = []
+    for genes in genes_list:
+        model = supernet.merged(genes).eval().requires_grad_(False).to(device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        for images, labels in loader:
+            logits = model(images.to(device, non_blocking=True))
+            correct += (logits.argmax(dim=-1) == labels.to(device)).sum()
+        accuracies.append(int(correct.item()) / len(loader.dataset))
+        del model
+    return accuracies

@@ -1,0 +1,88 @@
+"""The paper's one hyperparameter search (its appendix A): the supernet lr, as Ray Tune trials.
+
+Each trial is a whole Ray Train run (``train_supernet``) scored by the mean val200 accuracy of
+the same seeded random in-budget subnets, so trials differ only in their learning rate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..budget import Budget, sample_within_budget
+from ..checkpoint import SupernetSpec, load_supernet
+from ..data import DataConfig, load_split_arrays
+from ..search import SearchConfig, evaluate_subnet
+from ..train import TrainConfig, train_supernet
+
+SCORE = "val_acc"
+
+
+@dataclass
+class SweepOutcome:
+    lr: float
+    checkpoint_dir: str  # the chosen trial's supernet: no retraining after the sweep
+    trials: list[dict[str, Any]]  # lr, val_acc, final_loss, checkpoint_dir of every trial
+
+
+def run_name_for(lr: float) -> str:
+    return f"supernet-lr{lr:.0e}"
+
+
+def scoring_subnets(spec: SupernetSpec, search: SearchConfig, count: int, seed: int) -> list[np.ndarray]:
+    """The in-budget subnets every trial is scored with: drawn once, from ``seed``."""
+    counter = spec.build_empty().counter
+    lo, hi = Budget(search.min_params, search.max_params).resolve(counter)
+    rng = np.random.default_rng([seed, count])
+    return [sample_within_budget(rng, counter, lo, hi) for _ in range(count)]
+
+
+def _trial(config: dict[str, Any], *, spec: SupernetSpec, data: DataConfig, train: TrainConfig,
+           storage_path: str, subnets: list[np.ndarray], eval_batch_size: int) -> None:
+    from ray import tune
+
+    lr = float(config["lr"])
+    result = train_supernet(spec, data, replace(train, lr=lr), storage_path, run_name_for(lr))
+    supernet, _ = load_supernet(result.checkpoint_dir)
+    images, labels = load_split_arrays(data.root, data.dataset, "val200", data.img_size, data.mean, data.std)
+    scores = [evaluate_subnet(supernet, genes, images, labels, eval_batch_size) for genes in subnets]
+    tune.report({
+        SCORE: float(np.mean(scores)),
+        "lr": lr,
+        "final_loss": float(result.history[-1]["loss"]) if result.history else math.nan,
+        "checkpoint_dir": result.checkpoint_dir,
+    })
+
+
+def sweep_learning_rate(spec: SupernetSpec, data: DataConfig, train: TrainConfig, lrs: Sequence[float],
+                        storage_path: str, search: SearchConfig, subnets: int, seed: int) -> SweepOutcome:
+    """One Tune trial per lr; the trial driver reserves no CPU, so its Train workers can run."""
+    import ray
+    from ray import tune
+
+    scoring = scoring_subnets(spec, search, subnets, seed)
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    # Trials that cannot get their workers' CPUs would only queue; run as many as fit.
+    concurrent = max(1, int(cluster_cpus // (train.world_size * train.cpus_per_worker)))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, spec=spec, data=data, train=train, storage_path=storage_path,
+                             subnets=scoring, eval_batch_size=search.eval_batch_size),
+        {"CPU": 0},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"lr": tune.grid_search([float(x) for x in lrs])},
+        tune_config=tune.TuneConfig(metric=SCORE, mode="max", max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name="lr_sweep", storage_path=storage_path, verbose=0),
+    )
+    grid = tuner.fit()
+    failed = [r for r in grid if r.error is not None]
+    if failed:
+        raise RuntimeError(f"lr sweep: {len(failed)} trial(s) failed; first error: {failed[0].error}")
+    trials = sorted(({k: r.metrics[k] for k in (SCORE, "lr", "final_loss", "checkpoint_dir")} for r in grid),
+                    key=lambda t: t["lr"])
+    # Highest score; on a tie the smaller lr, so the choice never depends on trial order.
+    best = max(trials, key=lambda t: (t[SCORE], -t["lr"]))
+    return SweepOutcome(lr=best["lr"], checkpoint_dir=best["checkpoint_dir"], trials=trials)

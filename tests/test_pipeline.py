@@ -1,0 +1,187 @@
+"""The whole job: options, bad input before compute, an end-to-end run, resume, export, notebook."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from glora_ray import storage
+from glora_ray.checkpoint import read_spec
+from glora_ray.data import VTAB_DATASETS
+from glora_ray.pipeline import layout
+from glora_ray.pipeline.cli import parse_config
+from glora_ray.pipeline.config import PipelineConfigError
+from glora_ray.pipeline.run import preflight, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = json.dumps({"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2})
+
+
+def tiny_args(data_root, out, *extra):
+    return ["--data-root", str(data_root), "--out", str(out), "--img-size", "16", "--model-kwargs", TINY_MODEL,
+            "--epochs", "3", "--warmup-epochs", "1", "--checkpoint-every", "3", "--train-cpus", "1",
+            "--population", "8", "--parents", "3", "--mutants", "3", "--crossovers", "2", "--generations", "2",
+            "--max-params", "6k", "--actors", "1", "--eval-batch-size", "100", *extra]
+
+
+def load_entry_point():
+    spec = importlib.util.spec_from_file_location("vtab_entry", REPO / "pipelines" / "vtab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_options_override_the_preset():
+    default = parse_config([])
+    assert default.datasets == ("digits",) and default.backbone.name == "vit_tiny_patch16_224"
+    paper = parse_config(["--preset", "paper", "--datasets", "cifar100", "oxford_pet", "dtd",
+                          "--max-params", "0.29M", "--ranks", "8", "4", "--seed", "3"])
+    assert paper.datasets == ("cifar", "oxford_iiit_pet", "dtd")
+    assert paper.search.max_params == 290_000 and paper.ranks == (8, 4)
+    assert paper.backbone.name == "vit_base_patch16_224.orig_in21k" and paper.backbone.pretrained
+    assert paper.lr is None and paper.lr_for("cifar") == 5e-4 and paper.lr_for("clevr_count") == 1e-4
+    assert paper.train.epochs == 500 and paper.search.population == 50 and paper.search.generations == 20
+    assert paper.train.seed == paper.search.seed == paper.backbone.init_seed == 3
+    assert parse_config(["--datasets", "all"]).datasets == tuple(VTAB_DATASETS)
+    sweep = parse_config(["--lr-sweep", "1e-4", "5e-4"])
+    assert sweep.lr is None and sweep.lr_sweep == (1e-4, 5e-4)
+    gpu = parse_config(["--train-gpus", "1", "--actor-gpus", "0.25", "--actors", "4"])
+    assert gpu.train.use_gpu and gpu.search.gpus_per_actor == 0.25 and gpu.search.num_actors == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--datasets", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--max-params", "lots"], "0.29M"),
+    (["--ranks", "4", "4"], "distinct"),
+])
+def test_bad_options_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_entry_point().main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_input_fails_before_compute(tmp_path, capsys):
+    entry = load_entry_point()
+    data = tmp_path / "data"
+
+    def fails(argv, message):
+        started = time.perf_counter()
+        assert entry.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert time.perf_counter() - started < 30
+        return err
+
+    fails(tiny_args(tmp_path / "nowhere", tmp_path / "o1", "--datasets", "cifar"), "does not exist")
+    (data / "dtd").mkdir(parents=True)
+    fails(tiny_args(data, tmp_path / "o2", "--datasets", "dtd"), "train800.txt")
+    err = fails(tiny_args(data, tmp_path / "o3", "--min-params", "100M", "--max-params", "200M"), "reaches")
+    assert "100,000,000" in err
+    fails(tiny_args(data, tmp_path / "o4", "--model", "no_such_net_v9"), "unknown timm model")
+    broken = tmp_path / "weights.pth"
+    broken.write_bytes(b"not a checkpoint")
+    fails(tiny_args(data, tmp_path / "o5", "--checkpoint", str(broken)), "cannot read checkpoint")
+    fails(tiny_args(data, tmp_path / "o6", "--checkpoint", str(tmp_path / "missing.pth")), "does not exist")
+    other = tmp_path / "o7"
+    other.mkdir()
+    (other / "notes.txt").write_text("someone else's")
+    fails(tiny_args(data, other), "holds no glora-ray run")
+    for name in ("o1", "o2", "o3", "o4", "o5", "o6"):
+        assert not (tmp_path / name / "digits").exists(), "nothing may start before the checks pass"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = parse_config(tiny_args(root / "data", root / "out"))
+    frame = run_pipeline(cfg)
+    return cfg, frame
+
+
+def test_end_to_end_outputs(finished_run):
+    cfg, frame = finished_run
+    assert list(frame["dataset"]) == ["digits"]
+    row = frame.iloc[0]
+    assert 0 < row["params"] <= 6_000 and 0.0 <= row["test_acc"] <= 1.0 and 0.0 <= row["val_acc"] <= 1.0
+    summary = pd.read_parquet(storage.join(cfg.out, layout.SUMMARY_FILE))
+    pd.testing.assert_frame_equal(summary, frame)
+    stored = storage.read_json(storage.join(cfg.out, layout.CONFIG_FILE))
+    assert stored["config"]["search"]["max_params"] == 6_000
+    population = pd.read_parquet(storage.join(layout.search_uri(cfg.out, "digits"), "population"))
+    assert set(population["generation"]) == {0, 1}
+    assert (population["params"] <= 6_000).all()
+    subnet = storage.read_json(storage.join(layout.export_uri(cfg.out, "digits"), "subnet.json"))
+    assert subnet["key"] == row["subnet"] and subnet["params"] == row["params"]
+    assert sum(subnet["layer_params"].values()) == subnet["params"]
+    assert subnet["test_acc"] == row["test_acc"]
+
+
+def test_merged_export_loads_in_plain_timm(finished_run):
+    cfg, frame = finished_run
+    export = layout.export_uri(cfg.out, "digits")
+    script = f"""
+import json, sys, timm, torch
+from safetensors.torch import load_file
+record = json.load(open({str(Path(export) / 'subnet.json')!r}))
+model = timm.create_model(record["model"], **record["create_model_kwargs"])
+model.load_state_dict(load_file({str(Path(export) / 'merged.safetensors')!r}), strict=True)
+torch.manual_seed(0)
+torch.save(model.eval()(torch.randn(4, 3, 16, 16)).detach(), sys.argv[1])
+assert not any(name.startswith("glora_ray") for name in sys.modules)
+"""
+    plain_out = Path(export) / "plain_logits.pt"
+    subprocess.run([sys.executable, "-c", script, str(plain_out)], check=True, timeout=120)
+    # The same logits from the supernet with the winning subnet fixed (unmerged).
+    from glora_ray.checkpoint import load_supernet
+
+    checkpoint = Path(cfg.out) / "digits" / "train" / "supernet" / "supernet"
+    supernet, _ = load_supernet(checkpoint)
+    supernet.set_subnet(frame.iloc[0]["subnet"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = supernet.eval()(torch.randn(4, 3, 16, 16))
+    torch.testing.assert_close(torch.load(plain_out), want, rtol=1e-4, atol=1e-5)
+    assert read_spec(checkpoint).dataset == "digits"
+
+
+def test_rerun_resumes_without_recomputing(finished_run):
+    cfg, frame = finished_run
+    population = storage.join(layout.search_uri(cfg.out, "digits"), "population")
+    before = pd.read_parquet(population)
+    again = run_pipeline(cfg)
+    pd.testing.assert_frame_equal(again.drop(columns="wall_seconds"), frame.drop(columns="wall_seconds"))
+    pd.testing.assert_frame_equal(pd.read_parquet(population), before)
+
+
+def test_output_of_another_run_is_refused(finished_run):
+    cfg, _ = finished_run
+    other = parse_config(tiny_args(cfg.data_root, cfg.out, "--seed", "99"))
+    with pytest.raises(PipelineConfigError, match="different run"):
+        preflight(other)
+
+
+def test_population_notebook_runs_headless(finished_run, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    cfg, _ = finished_run
+    notebook = nbformat.read(REPO / "notebooks" / "population_analysis.ipynb", as_version=4)
+    figures = tmp_path / "figures"
+    env = {"GLORA_RUN": cfg.out, "GLORA_DATASET": "digits", "GLORA_FIGURES": str(figures), "MPLBACKEND": "Agg"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        for key, value in old.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    for name in ("accuracy_vs_params", "best_per_generation", "choices_per_layer", "params_by_layer_type"):
+        image = figures / f"{name}.png"
+        assert image.is_file() and image.stat().st_size > 5_000, name
