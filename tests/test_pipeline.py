@@ -17,6 +17,7 @@ from glora_ray.data import VTAB_DATASETS
 from glora_ray.pipeline import layout
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.config import PipelineConfigError
+from glora_ray.pipeline.lr_sweep import run_name_for
 from glora_ray.pipeline.run import preflight, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,9 @@ def test_bad_input_fails_before_compute(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("pipeline")
-    cfg = parse_config(tiny_args(root / "data", root / "out"))
+    # With the paper's lr search: two Tune trials, each a Ray Train run, on the 2-CPU test cluster
+    # (their trial drivers reserve no CPU, or the second trial's worker could never start).
+    cfg = parse_config(tiny_args(root / "data", root / "out", "--lr-sweep", "1e-5", "3e-3"))
     frame = run_pipeline(cfg)
     return cfg, frame
 
@@ -123,6 +126,19 @@ def test_end_to_end_outputs(finished_run):
     assert subnet["test_acc"] == row["test_acc"]
 
 
+def test_lr_sweep_trains_one_run_per_lr_and_keeps_the_best(finished_run):
+    cfg, frame = finished_run
+    sweep = storage.read_json(storage.join(layout.export_uri(cfg.out, "digits"), "lr_sweep.json"))
+    assert [t["lr"] for t in sweep["trials"]] == [1e-5, 3e-3]
+    scores = {t["lr"]: t["val_acc"] for t in sweep["trials"]}
+    assert sweep["lr"] == max(scores, key=lambda lr: (scores[lr], -lr)) == frame.iloc[0]["lr"]
+    assert sweep["checkpoint_dir"] == next(t["checkpoint_dir"] for t in sweep["trials"] if t["lr"] == sweep["lr"])
+    for lr in cfg.lr_sweep:
+        history = json.loads((Path(cfg.out) / "digits" / "train" / run_name_for(lr) / "supernet" / "history.json").read_text())
+        assert len(history) == cfg.train.epochs and history[0]["lr"] <= lr
+    assert storage.exists(storage.join(layout.train_uri(cfg.out, "digits"), "lr_sweep"))  # Tune's own record
+
+
 def test_merged_export_loads_in_plain_timm(finished_run):
     cfg, frame = finished_run
     export = layout.export_uri(cfg.out, "digits")
@@ -141,7 +157,7 @@ assert not any(name.startswith("glora_ray") for name in sys.modules)
     # The same logits from the supernet with the winning subnet fixed (unmerged).
     from glora_ray.checkpoint import load_supernet
 
-    checkpoint = Path(cfg.out) / "digits" / "train" / "supernet" / "supernet"
+    checkpoint = storage.read_json(storage.join(export, "lr_sweep.json"))["checkpoint_dir"]
     supernet, _ = load_supernet(checkpoint)
     supernet.set_subnet(frame.iloc[0]["subnet"])
     torch.manual_seed(0)

@@ -9,11 +9,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import load_supernet
 from ..data import DataConfig, VTABDataset
-
-
-def evaluation_device() -> torch.device:
-    """A GPU when Ray (or the machine) gave this process one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from ..search.evaluator import default_device
 
 
 @torch.inference_mode()
@@ -21,7 +17,7 @@ def split_accuracies(checkpoint_dir: str, genes_list: Sequence[np.ndarray], data
                      batch_size: int = 128) -> list[float]:
     """Top-1 accuracy on ``split`` of each subnet, merged into a plain model (what is exported)."""
     supernet, _ = load_supernet(checkpoint_dir)
-    device = evaluation_device()
+    device = default_device()  # a GPU when Ray gave this task one (it hides the others)
     loader = DataLoader(VTABDataset(data.root, data.dataset, split, data.img_size, data.mean, data.std),
                         batch_size=batch_size, shuffle=False, num_workers=data.loader_workers)
     accuracies = []

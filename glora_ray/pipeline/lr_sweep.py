@@ -69,7 +69,8 @@ def sweep_learning_rate(spec: SupernetSpec, data: DataConfig, train: TrainConfig
     trainable = tune.with_resources(
         tune.with_parameters(_trial, spec=spec, data=data, train=train, storage_path=storage_path,
                              subnets=scoring, eval_batch_size=search.eval_batch_size),
-        {"CPU": 0},
+        # No CPU for the trial driver; Tune refuses an all-zero request, so it asks for one byte.
+        {"CPU": 0, "memory": 1},
     )
     tuner = tune.Tuner(
         trainable,
