@@ -185,16 +185,18 @@ class GLoRALinear(nn.Module):
     def merged_weight_and_bias(self, choice: LayerChoice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W0 + W0 * A + B and the effective bias, built out of place from the ORIGINAL W0."""
         resolved = self._resolve(choice)
+        a_choice, b_choice = resolved[0], resolved[1]
         w0 = self.base.weight
-        weight = w0
-        a = self.glora.dense("A", resolved[0])
+        # The first op makes a fresh tensor; later terms accumulate into it (never into W0).
+        # Fused ops keep the kernel count low: a candidate merges all its layers every time.
+        if b_choice.kind is Kind.LORA:
+            weight = torch.addmm(w0, *self.glora.factors("B", b_choice.rank))
+        else:
+            b = self.glora.dense("B", b_choice)
+            weight = w0.clone() if b is None else w0 + b
+        a = self.glora.dense("A", a_choice)
         if a is not None:
-            weight = weight + w0 * a
-        b = self.glora.dense("B", resolved[1])
-        if b is not None:
-            weight = weight + b
-        if weight is w0:
-            weight = w0.clone()
+            weight.addcmul_(w0, a)
         bias = self.effective_bias(resolved)
         if bias is not None:
             bias = bias.detach().clone() if bias is self.base.bias else bias.detach()
