@@ -238,6 +238,29 @@ def require_ray():
 
 
 # -- devices -----------------------------------------------------------------------------------
+@dataclass
+class TimingSetup:
+    """Where and how a benchmark times its rounds (from --device, --threads, --clock, --tf32)."""
+
+    device: torch.device
+    threads: int
+    clock: str
+    sync: Callable[[], None]
+    tf32: bool
+
+    def describe(self) -> str:
+        return f"{self.device}, {self.threads} thread(s), {self.clock} clock{', TF32' if self.tf32 else ''}"
+
+
+def timing_setup(args: argparse.Namespace) -> TimingSetup:
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        set_tf32(args.tf32)
+    threads = configure_threads(device, args.threads)
+    return TimingSetup(device, threads, choose_clock(args.clock, device, threads), synchronizer(device),
+                       bool(args.tf32 and device.type == "cuda"))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

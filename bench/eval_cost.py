@@ -31,9 +31,8 @@ import numpy as np
 import torch
 
 from bench.common import (
-    CLOCKS, BenchError, add_common_args, build_supernet, check, choose_clock, configure_threads, machine_info,
-    make_spec, measure_interleaved, prepare_environment, preset, random_labels, resolve_device, run_bench, say, set_tf32,
-    synchronizer, synthetic_images,
+    CLOCKS, BenchError, add_common_args, build_supernet, check, machine_info, make_spec, measure_interleaved,
+    prepare_environment, preset, random_labels, run_bench, say, synthetic_images, timing_setup,
 )
 
 GOAL = 1.05
@@ -68,21 +67,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from glora_ray.search.evaluator import Evaluator, _count_correct
 
     size = preset(args.size)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        set_tf32(args.tf32)
-    threads = configure_threads(device, args.threads)
-    clock = choose_clock(args.clock, device, threads)
+    timing = timing_setup(args)
+    device, threads, clock, sync = timing.device, timing.threads, timing.clock, timing.sync
     repeats = args.repeats or size.eval_repeats
     count = args.val_images or size.val_images
     batch = args.batch_size or size.eval_batch
     if count < 1 or batch < 1 or args.subnets < 1:
         raise BenchError("--val-images, --batch-size and --subnets must be >= 1")
-    sync = synchronizer(device)
 
-    say(f"[eval_cost] {size.model.describe()} | {count} images, batch {batch} | {device}, {threads} thread(s), "
-        f"{clock} clock"
-        f"{', TF32' if args.tf32 and device.type == 'cuda' else ''} | {repeats} rounds")
+    say(f"[eval_cost] {size.model.describe()} | {count} images, batch {batch} | {timing.describe()} | {repeats} rounds")
     spec = make_spec(size.model, seed=args.seed)
     state = numpy_state(build_supernet(spec, seed=args.seed))
     images = synthetic_images(count, size.model.img_size, args.seed)
@@ -123,7 +116,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     say(f"unmerged / backbone {unmerged_ratio.text()}")
     say(f"merge / merged      {merge_share.text()}   (the merge's share of one candidate; "
         f"implies merged / backbone {implied:.3f}x)")
-    say(f"images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in per_second.items()))
+    say("images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in per_second.items()))
     say(f"merged vs unmerged logits: relative error {rel_err:.2e} (tolerance {tolerance:g})")
     return {
         "size": size.name,

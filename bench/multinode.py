@@ -144,8 +144,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     per_node = collections.Counter(node_of_actor.get(a, "?") for a in frame_multi["actor"])
     used = sorted(set(placement.values()))
     want = min(actors, workers)
-    say(f"  placement: " + ", ".join(f"{a} on {n}" for a, n in sorted(placement.items())))
-    say(f"  candidates evaluated per node: " + ", ".join(f"{n} {c}" for n, c in sorted(per_node.items())))
+    say("  placement: " + ", ".join(f"{a} on {n}" for a, n in sorted(placement.items())))
+    say("  candidates evaluated per node: " + ", ".join(f"{n} {c}" for n, c in sorted(per_node.items())))
     say(f"  same population as the single-node run: {same_population}; same result.json: {same_result}; "
         f"best {multi['result'].best.key[:16]}... val_acc {multi['result'].best.val_acc:.4f}")
     say(f"  wall: cluster {multi['seconds']:.1f} s vs single node {single_seconds:.1f} s "

@@ -31,10 +31,8 @@ import numpy as np
 import torch
 
 from bench.common import (
-    CLOCKS, BenchError, add_common_args, choose_clock, configure_threads, machine_info, make_spec,
-    measure_interleaved,
-    prepare_environment, preset, random_labels, resolve_device, run_bench, say, set_tf32, synchronizer,
-    synthetic_images,
+    CLOCKS, BenchError, add_common_args, machine_info, make_spec, measure_interleaved, prepare_environment, preset,
+    random_labels, run_bench, say, synthetic_images, timing_setup,
 )
 from glora_ray.supernet import Supernet
 
@@ -85,19 +83,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from glora_ray.train import SupernetTraining, TrainConfig
 
     size = preset(args.size)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        set_tf32(args.tf32)
-    threads = configure_threads(device, args.threads)
-    clock = choose_clock(args.clock, device, threads)
+    timing = timing_setup(args)
+    device, threads, clock, sync = timing.device, timing.threads, timing.clock, timing.sync
     repeats = args.repeats or size.train_repeats
     batch = args.batch_size or size.train_batch
     steps = args.steps or size.train_steps
     if batch < 1 or steps < 1 or args.warmup < 0:
         raise BenchError("--batch-size and --steps must be >= 1, --warmup >= 0")
-    sync = synchronizer(device)
-    say(f"[train_step] {size.model.describe()} | batch {batch}, {steps} steps per timed epoch | {device}, "
-        f"{threads} thread(s), {clock} clock{', TF32' if args.tf32 and device.type == 'cuda' else ''} | {repeats} rounds")
+    say(f"[train_step] {size.model.describe()} | batch {batch}, {steps} steps per timed epoch | {timing.describe()} "
+        f"| {repeats} rounds")
 
     spec = make_spec(size.model, drop_path_rate=DROP_PATH_RATE, seed=args.seed)
     count = batch * steps

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from ..budget import parse_param_count
+from ..settings import from_known_fields
 
 
 class SearchConfigError(ValueError):
@@ -165,11 +166,7 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SearchConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SearchConfigError(f"unknown search setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
+        return from_known_fields(cls, data, SearchConfigError, "search")
 
     def result_identity(self) -> dict[str, Any]:
         """The settings that determine the search's results (compared on resume)."""

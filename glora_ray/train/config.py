@@ -1,10 +1,11 @@
 """Stage-1 training settings (SPEC §2 defaults) and how the job is spread over Ray Train workers."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from ..data.vtab import SPLITS
+from ..settings import from_known_fields
 
 
 class TrainConfigError(ValueError):
@@ -90,8 +91,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainConfigError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data, TrainConfigError, "training")
