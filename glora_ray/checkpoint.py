@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import storage
 from .backbone import BackboneConfig, create_backbone, empty_backbone
 from .space import SearchSpace
 from .supernet import Supernet
@@ -83,17 +84,11 @@ class SupernetSpec:
                 raise CheckpointMismatchError(f"{where}: checkpoint has {name}={have!r}, expected {want!r}")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_supernet(directory: str | os.PathLike, supernet: Supernet, spec: SupernetSpec) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     supernet.save_adapters(directory / ADAPTERS_FILE, metadata={"model": spec.backbone.name, "dataset": spec.dataset})
-    _atomic_write_text(directory / SPEC_FILE, json.dumps(spec.to_dict(), indent=2))
+    storage.write_bytes(str(directory / SPEC_FILE), json.dumps(spec.to_dict(), indent=2).encode())
     return directory
 
 

@@ -2,21 +2,44 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
-from typing import Any
+import uuid
+from typing import Any, BinaryIO, Callable
 
 import pyarrow.fs as pafs
 
 
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI such as s3://bucket/run or file:///mnt/x."""
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), _absolute(uri))
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI such as s3://bucket/run or file:///mnt/x.
+
+    A plain local path (relative, with "~", spaces or "%") is never parsed as a URI.
+    """
+    uri = os.fspath(uri)
+    if "://" in uri:  # s3://, gs://, hdfs://, file://: pyarrow picks the filesystem
+        fs, path = pafs.FileSystem.from_uri(uri)
+    else:
+        fs, path = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    return fs, path.rstrip("/") or "/"
 
 
-def _absolute(path: str) -> str:
-    import os
+def atomic_write(fs: pafs.FileSystem, path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write under a hidden temporary name beside ``path``, then move it into place.
 
-    return os.path.abspath(os.path.expanduser(path))
+    Readers (and Parquet dataset scans, which skip names starting with ".") never see half a
+    file; a failed write leaves no temporary behind.
+    """
+    folder, name = posixpath.split(path)
+    fs.create_dir(folder, recursive=True)
+    tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with fs.open_output_stream(tmp) as stream:
+            write(stream)
+        fs.move(tmp, path)  # a rename on local and POSIX-like stores
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
 
 
 def join(base: str, *parts: str) -> str:
@@ -38,13 +61,8 @@ def is_empty_dir(uri: str) -> bool:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write atomically: a temporary name first, then a rename, so readers never see half a file."""
     fs, path = resolve(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    tmp = f"{path}.tmp"
-    with fs.open_output_stream(tmp) as stream:
-        stream.write(data)
-    fs.move(tmp, path)
+    atomic_write(fs, path, lambda stream: stream.write(data))
 
 
 def read_bytes(uri: str) -> bytes:

@@ -173,10 +173,9 @@ class Supernet(nn.Module):
 
     def save_adapters(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
         """Write the adapter state as safetensors, atomically (temporary name, then rename)."""
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "wb") as handle:
-            handle.write(self.adapter_bytes(metadata))
-        os.replace(tmp, path)
+        from . import storage  # pyarrow only when saving
+
+        storage.write_bytes(os.fspath(path), self.adapter_bytes(metadata))
 
     def load_adapters(self, path: str | os.PathLike) -> dict[str, str]:
         """Load adapters saved by ``save_adapters``; refuses a different space or layer set."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -40,6 +39,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .. import storage
 from ..space import TENSORS, SearchSpace
 from .evaluator import EvalResult
 from .evolution import Scored
@@ -150,14 +150,8 @@ class ResultStore:
 
     def __init__(self, uri: str | os.PathLike):
         uri = os.fspath(uri)
-        if "://" in uri:  # s3://, gs://, hdfs://, file://: pyarrow picks the filesystem
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
-            self.uri = uri
-        else:
-            # A plain local path (relative, with "~", spaces or "%"): not parsed as a URI.
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-            self.uri = self.root
-        self.root = self.root.rstrip("/") or "/"
+        self.fs, self.root = storage.resolve(uri)
+        self.uri = uri if "://" in uri else self.root
 
     # -- paths --------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -175,17 +169,7 @@ class ResultStore:
 
     # -- atomic writes ------------------------------------------------------------------
     def _atomic(self, parts: tuple[str, ...], write) -> None:
-        *folder, name = parts
-        self.fs.create_dir(self.path(*folder) if folder else self.root, recursive=True)
-        tmp = self.path(*folder, f".{name}.tmp-{uuid.uuid4().hex}")
-        try:
-            with self.fs.open_output_stream(tmp) as stream:
-                write(stream)
-            self.fs.move(tmp, self.path(*parts))  # a rename on local and POSIX-like stores
-        except BaseException:
-            if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-                self.fs.delete_file(tmp)
-            raise
+        storage.atomic_write(self.fs, self.path(*parts), write)
 
     def write_table(self, table: pa.Table, *parts: str) -> None:
         self._atomic(parts, lambda stream: pq.write_table(table, stream))

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .. import storage
 from ..checkpoint import CheckpointMismatchError, SupernetSpec, read_spec, save_supernet
 from ..data.vtab import DataConfig, canonical_dataset_name, validate_dataset
 from .config import TrainConfig, TrainConfigError
@@ -104,12 +105,6 @@ def check_cluster_fits(train: TrainConfig) -> None:
             )
 
 
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def _install_dir(source: Path, destination: Path) -> None:
     """Copy ``source`` to ``destination``, replacing it whole (never a half-written mix)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +126,7 @@ def _check_rerun(run_dir: Path, spec: SupernetSpec) -> None:
         SupernetSpec.from_dict(json.loads(path.read_text())).check_matches(spec, f"run {run_dir}")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(path, spec.to_dict())
+        storage.write_json(str(path), spec.to_dict())
 
 
 def train_supernet(
@@ -216,8 +211,8 @@ def train_supernet(
         _install_dir(Path(directory) / SUPERNET_DIR, final_dir)
         history = load_training_state(directory)["history"]
     read_spec(final_dir).check_matches(spec, str(final_dir))
-    _atomic_write_json(final_dir / HISTORY_FILE, history)
-    _atomic_write_json(final_dir / TRAIN_CONFIG_FILE, _result_settings(train))
+    storage.write_json(str(final_dir / HISTORY_FILE), history)
+    storage.write_json(str(final_dir / TRAIN_CONFIG_FILE), _result_settings(train))
     outcome = result.return_value or {}
     return TrainResult(
         checkpoint_dir=str(final_dir),
