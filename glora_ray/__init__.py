@@ -1,4 +1,5 @@
 """glora-ray: GLoRA supernets, trained with Ray Train and searched on a Ray actor pool."""
+from .errors import GLoRARayError, GLoRARayTypeError
 from .budget import Budget, InfeasibleBudgetError, parse_param_count, sample_within_budget
 from .layer import GLoRALinear, GLoRASupport
 from .params import ParamCounter
@@ -9,6 +10,8 @@ __all__ = [
     "TENSORS",
     "Budget",
     "GLoRALinear",
+    "GLoRARayError",
+    "GLoRARayTypeError",
     "GLoRASupport",
     "InfeasibleBudgetError",
     "ParamCounter",

@@ -1,6 +1,8 @@
 """Backbones: a timm model by name, with weights from the hub or a local checkpoint file."""
 from __future__ import annotations
 
+from .errors import GLoRARayError
+
 import os
 import socket
 from contextlib import contextmanager, nullcontext
@@ -16,7 +18,7 @@ CHECKPOINT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
 _HUB_HOST, _HUB_PORT = "huggingface.co", 443
 
 
-class BackboneError(ValueError):
+class BackboneError(GLoRARayError):
     """An unknown model, an unreadable checkpoint, or weights that cannot be had offline."""
 
 

@@ -1,6 +1,8 @@
 """Parameter budgets: the reachable range, a feasibility check, and bounded sampling within it."""
 from __future__ import annotations
 
+from .errors import GLoRARayError
+
 import re
 from dataclasses import dataclass
 
@@ -12,7 +14,7 @@ _SUFFIXES = {"": 1, "k": 1_000, "K": 1_000, "m": 1_000_000, "M": 1_000_000, "b":
 _COUNT_PATTERN = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbB]?)\s*")
 
 
-class InfeasibleBudgetError(ValueError):
+class InfeasibleBudgetError(GLoRARayError):
     """A budget that no subnet of the space can meet."""
 
 

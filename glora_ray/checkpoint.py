@@ -6,6 +6,8 @@ rebuilt from its recorded source, so a checkpoint stays small.
 """
 from __future__ import annotations
 
+from .errors import GLoRARayError
+
 import json
 import os
 import warnings
@@ -25,7 +27,7 @@ SPEC_FILE = "supernet.json"
 ADAPTERS_FILE = "adapters.safetensors"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(GLoRARayError):
     """A checkpoint trained for another model, space, dataset or class count."""
 
 

@@ -7,6 +7,8 @@ hashable canonical form (as a short string) and the Parquet form.
 """
 from __future__ import annotations
 
+from .errors import GLoRARayError
+
 import enum
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
@@ -22,7 +24,7 @@ LayerChoice = Mapping[str, str]  # tensor name -> choice name, e.g. {"A": "lora8
 Subnet = Mapping[str, LayerChoice]  # layer name -> LayerChoice
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(GLoRARayError):
     """A choice, encoding or subnet that the space does not contain."""
 
 

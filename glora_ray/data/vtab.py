@@ -10,6 +10,8 @@ mean/std, no augmentation.  Every problem with the input is a ``DataError`` nami
 """
 from __future__ import annotations
 
+from ..errors import GLoRARayError
+
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ _LINE = re.compile(r"(?P<path>\S(?:.*\S)?)\s+(?P<label>[+-]?\d+)")
 _MAX_REPORTED_PROBLEMS = 5
 
 
-class DataError(ValueError):
+class DataError(GLoRARayError):
     """Bad input data: a missing folder or file, an unparsable line, a bad path or label."""
 
 

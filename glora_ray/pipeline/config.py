@@ -1,6 +1,8 @@
 """The pipeline's configuration: presets, per-dataset resolution, and the stored run identity."""
 from __future__ import annotations
 
+from ..errors import GLoRARayError
+
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
@@ -15,7 +17,7 @@ from .paper import DEFAULT_LR, PAPER_LR
 ALL_DATASETS = "all"  # the CLI word for the 19 VTAB-1k datasets
 
 
-class PipelineConfigError(ValueError):
+class PipelineConfigError(GLoRARayError):
     """A pipeline option that cannot work; the message names the option and what would be valid."""
 
 

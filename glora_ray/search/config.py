@@ -1,6 +1,8 @@
 """Settings of the evolutionary search (SPEC §3 defaults), validated when constructed."""
 from __future__ import annotations
 
+from ..errors import GLoRARayError
+
 import enum
 import math
 from dataclasses import asdict, dataclass
@@ -10,7 +12,7 @@ from ..budget import parse_param_count
 from ..settings import from_known_fields
 
 
-class SearchConfigError(ValueError):
+class SearchConfigError(GLoRARayError):
     """A search setting out of range; the message names the field and what would be valid."""
 
 

@@ -13,6 +13,8 @@ exactly one generation.  The last generation is ranked like every other.
 """
 from __future__ import annotations
 
+from ..errors import GLoRARayError
+
 import enum
 import warnings
 from dataclasses import dataclass, field
@@ -218,5 +220,5 @@ class EvolutionPlanner:
             self.tell({key: acc for _, key, acc in stored})
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(GLoRARayError):
     """Stored results that this run cannot continue (other settings, data or model)."""

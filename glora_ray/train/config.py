@@ -1,6 +1,8 @@
 """Stage-1 training settings (SPEC §2 defaults) and how the job is spread over Ray Train workers."""
 from __future__ import annotations
 
+from ..errors import GLoRARayError
+
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -8,7 +10,7 @@ from ..data.vtab import SPLITS
 from ..settings import from_known_fields
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(GLoRARayError):
     """A training setting that cannot work, named with the values that would."""
 
 

@@ -1,0 +1,15 @@
+"""The one family of errors glora-ray raises on bad input.
+
+Every error about what a user passed in (an option, a file, a dataset, a subnet, a budget) derives
+from ``GLoRARayError``, so a command line can report those in one line and let anything else (a bug,
+a failure after compute started) keep its traceback.
+"""
+from __future__ import annotations
+
+
+class GLoRARayError(ValueError):
+    """Bad input: the message names the option, file, field or value and what would be valid."""
+
+
+class GLoRARayTypeError(GLoRARayError, TypeError):
+    """Bad input of the wrong type (a model, a layer, a space where another was expected)."""
