@@ -6,7 +6,8 @@ import json
 from dataclasses import replace
 from typing import Any, Sequence
 
-from .config import ALL_DATASETS, PRESETS, PipelineConfig, expand_datasets, preset
+from .baselines import BASELINES
+from .config import ALL_DATASETS, PRESETS, PipelineConfig, PipelineConfigError, expand_datasets, preset
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="seeds backbone init, adapters, training and search")
     g.add_argument("--max-concurrent-datasets", type=int, help="datasets run at once (default: what the cluster holds)")
     g.add_argument("--test-pareto", action="store_true", default=None, help="also test every Pareto-front subnet")
+    g.add_argument("--baselines", nargs="+", choices=sorted(BASELINES), metavar="NAME",
+                   help="fixed adapters trained like the supernet and tested once beside the winner: "
+                        + "; ".join(f"{b.name}: {b.description}" for b in BASELINES.values()))
+    g.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="repeat supernet, search and baselines per seed under <out>/seed=<s>/ and report "
+                        "mean ± std per configuration (excludes --seed)")
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", help="timm model name, e.g. vit_base_patch16_224.orig_in21k")
@@ -88,6 +95,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     """The preset's values, replaced by every option the user gave."""
     values = preset(args.preset)
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "seed" in given and "seeds" in given:
+        raise PipelineConfigError("--seed and --seeds exclude each other: give one seed or a list of seeds")
 
     backbone = values["backbone"]
     backbone_changes = {k: given[a] for a, k in (("model", "name"), ("pretrained", "pretrained"),
@@ -133,6 +142,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         test_pareto=given.get("test_pareto", False),
         resume=given.get("resume", True),
         max_concurrent_datasets=given.get("max_concurrent_datasets"),
+        baselines=tuple(given.get("baselines", ())),
+        seeds=tuple(given.get("seeds", ())),
     )
 
 

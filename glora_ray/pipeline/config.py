@@ -7,11 +7,13 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
+from .. import storage
 from ..backbone import BackboneConfig
 from ..data import VTAB_DATASETS, canonical_dataset_name
 from ..space import SearchSpace
 from ..search import SearchConfig
 from ..train import TrainConfig
+from .baselines import check_baseline_names
 from .paper import DEFAULT_LR, PAPER_LR
 
 ALL_DATASETS = "all"  # the CLI word for the 19 VTAB-1k datasets
@@ -45,11 +47,17 @@ class PipelineConfig:
     resume: bool = True  # False: refuse an output that already holds results
     max_concurrent_datasets: int | None = None  # None: as many as the cluster's CPUs allow
     write_embedded_data: bool = True  # write the bundled digits dataset when it is missing
+    baselines: tuple[str, ...] = ()  # fixed adapters trained and tested beside the search (BASELINES)
+    seeds: tuple[int, ...] = ()  # non-empty: the whole job once per seed, under <out>/seed=<s>/
 
     def __post_init__(self) -> None:
         self.datasets = tuple(canonical_dataset_name(d) for d in self.datasets)
         self.ranks = SearchSpace(self.ranks).ranks  # validates: distinct positive integers
         self.lr_sweep = tuple(float(x) for x in self.lr_sweep)
+        self.baselines = check_baseline_names(self.baselines)
+        self.seeds = tuple(self.seeds)
+        if any(not isinstance(x, int) or x < 0 for x in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise PipelineConfigError(f"seeds must be distinct integers >= 0, got {list(self.seeds)}")
         if not self.datasets:
             raise PipelineConfigError("datasets: name at least one dataset (or 'all')")
         if len(set(self.datasets)) != len(self.datasets):
@@ -72,6 +80,18 @@ class PipelineConfig:
     def train_for(self, dataset: str, lr: float | None = None) -> TrainConfig:
         return replace(self.train, lr=self.lr_for(dataset) if lr is None else lr)
 
+    def for_seed(self, seed: int) -> "PipelineConfig":
+        """The job of one seed (backbone init, adapters, training, search) in ``<out>/seed=<seed>``."""
+        return replace(self, seeds=(), out=storage.join(self.out, f"seed={seed}"),
+                       backbone=replace(self.backbone, init_seed=seed), train=replace(self.train, seed=seed),
+                       search=replace(self.search, seed=seed))
+
+    def seed_runs(self) -> list[tuple[int, "PipelineConfig"]]:
+        """(seed, job) pairs: one per ``seeds``, else this job itself with its own seed."""
+        if not self.seeds:
+            return [(self.train.seed, self)]
+        return [(seed, self.for_seed(seed)) for seed in self.seeds]
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["backbone"] = self.backbone.to_dict()
@@ -90,7 +110,8 @@ class PipelineConfig:
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run: everything but resources and resume settings."""
         data = self.to_dict()
-        for key in ("resume", "max_concurrent_datasets", "write_embedded_data", "test_pareto"):
+        # Baselines and seeds may be added to a finished run: each has its own records.
+        for key in ("resume", "max_concurrent_datasets", "write_embedded_data", "test_pareto", "baselines", "seeds"):
             data.pop(key)
         for key in ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures",
                     "inject_failure_at_step", "keep_checkpoints"):
@@ -167,6 +188,7 @@ class DatasetOutcome:
 
     dataset: str
     group: str | None
+    seed: int
     lr: float
     params: int
     head_params: int

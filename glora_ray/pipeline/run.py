@@ -21,6 +21,8 @@ from ..data.digits import write_digits_dataset
 from ..search import run_search
 from ..train import train_supernet
 from . import layout
+from .baselines import run_baselines
+from .comparison import comparison_rows, format_comparison, read_comparisons, write_comparison
 from .config import DatasetOutcome, PipelineConfig, PipelineConfigError
 from .export import export_winner
 from .holdout import split_accuracies
@@ -144,33 +146,48 @@ def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
         test_acc = _remote_accuracies(cfg, checkpoint_dir, [best.genes], data)[0]
         storage.write_json(test_uri, {"subnet": best.key, "test_acc": test_acc})
     export_winner(supernet, spec, best.genes, export_uri, val_acc=best.val_acc, test_acc=test_acc, lr=lr)
-    if cfg.test_pareto:
-        _test_front(cfg, search.pareto, checkpoint_dir, data, export_uri, supernet)
+    front = _test_front(cfg, search.pareto, checkpoint_dir, data, export_uri, supernet) if cfg.test_pareto else None
     say(f"stage 3: exported to {export_uri} (test acc {test_acc:.4f})")
+    dataset_uri = layout.dataset_uri(cfg.out, dataset)
+    baselines = run_baselines(
+        cfg.baselines, spec, data, cfg.train_for(dataset, lr), layout.train_uri(cfg.out, dataset), dataset_uri,
+        lambda checkpoint, genes, split: _remote_accuracies(cfg, checkpoint, genes, data, split), progress=say,
+    )
+    winner = {"key": best.key, "params": best.params, "val_acc": best.val_acc, "test_acc": test_acc}
+    write_comparison(dataset_uri, comparison_rows(dataset, cfg.train.seed, winner, front, baselines))
     outcome = DatasetOutcome(
-        dataset=dataset, group=dataset_info(dataset).group, lr=lr, params=best.params,
+        dataset=dataset, group=dataset_info(dataset).group, seed=cfg.train.seed, lr=lr, params=best.params,
         head_params=supernet.head_num_params, val_acc=best.val_acc, test_acc=test_acc,
         wall_seconds=time.perf_counter() - started, subnet=best.key,
     )
     return asdict(outcome)
 
 
-def _remote_accuracies(cfg: PipelineConfig, checkpoint_dir: str, genes_list, data: DataConfig) -> list[float]:
-    """Test evaluation on the resources of one evaluator actor (a GPU where actors get one)."""
+def _remote_accuracies(cfg: PipelineConfig, checkpoint_dir: str, genes_list, data: DataConfig,
+                       split: str = "test") -> list[float]:
+    """Evaluation on the resources of one evaluator actor (a GPU where actors get one)."""
     import ray
 
     task = ray.remote(split_accuracies).options(num_cpus=cfg.search.cpus_per_actor,
                                                 num_gpus=cfg.search.gpus_per_actor)
-    return ray.get(task.remote(checkpoint_dir, genes_list, data, "test", cfg.search.eval_batch_size))
+    return ray.get(task.remote(checkpoint_dir, genes_list, data, split, cfg.search.eval_batch_size))
 
 
-def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig, export_uri: str, supernet) -> None:
+def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig, export_uri: str,
+                supernet) -> pd.DataFrame:
+    """The front with its test accuracies; a front tested before is read back, never retested."""
+    uri = storage.join(export_uri, PARETO_TEST_FILE)
+    if storage.exists(uri):
+        tested = pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
+        if list(tested["key"]) == list(front["key"]):
+            return tested
     genes = [supernet.to_genes(key) for key in front["key"]]
     accuracies = _remote_accuracies(cfg, checkpoint_dir, genes, data)
     table = front.assign(test_acc=accuracies)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
-    storage.write_bytes(storage.join(export_uri, PARETO_TEST_FILE), buffer.getvalue())
+    storage.write_bytes(uri, buffer.getvalue())
+    return table
 
 
 def _progress(dataset: str) -> Callable[[str], None]:
@@ -178,6 +195,18 @@ def _progress(dataset: str) -> Callable[[str], None]:
         print(f"[{dataset}] {line}", flush=True)
 
     return say
+
+
+def _comparisons(cfg: PipelineConfig, runs: list[tuple[int, PipelineConfig]]):
+    """Every dataset's comparison table over all seeds; with --seeds also written (with the
+    mean ± std table and the plot) to ``<out>/<dataset>/``."""
+    tables = []
+    for dataset in cfg.datasets:
+        table = read_comparisons([layout.dataset_uri(run.out, dataset) for _, run in runs])
+        if cfg.seeds:
+            write_comparison(layout.dataset_uri(cfg.out, dataset), table)
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
 
 
 # -- the whole job ------------------------------------------------------------------------------
@@ -217,23 +246,25 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     init_ray()
     # The dataset driver only orchestrates: its Train workers and actors hold the resources.
     remote_dataset = ray.remote(num_cpus=0)(run_dataset)
-    limit, pending, rows = _concurrency(cfg), list(cfg.datasets), []
+    runs = cfg.seed_runs()
+    # Every (dataset, seed) is one independent job; with --seeds each seed has its own output folder.
+    limit, pending, rows = _concurrency(cfg), [(d, s, c.to_dict()) for d in cfg.datasets for s, c in runs], []
     running: dict[Any, str] = {}
-    config = cfg.to_dict()
     while pending or running:
         while pending and len(running) < limit:
-            dataset = pending.pop(0)
+            dataset, _, config = pending.pop(0)
             running[remote_dataset.remote(config, dataset)] = dataset
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
             running.pop(ref)
             rows.append(ray.get(ref))
     order = {d: i for i, d in enumerate(cfg.datasets)}
-    frame = summary_frame(sorted(rows, key=lambda r: order[r["dataset"]]))
+    frame = summary_frame(sorted(rows, key=lambda r: (order[r["dataset"]], r["seed"])))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(cfg.out, layout.SUMMARY_FILE), buffer.getvalue())
     print(format_summary(frame), flush=True)
+    print(format_comparison(_comparisons(cfg, runs)), flush=True)
     print(f"results: {cfg.out} (summary: {storage.join(cfg.out, layout.SUMMARY_FILE)}; "
           f"per dataset: <dataset>/export/merged.safetensors, subnet.json, adapters.safetensors)", flush=True)
     return frame

@@ -38,6 +38,9 @@ class TrainConfig:
     max_failures: int = 3
     wait_for_resources: bool = False  # True: let Ray wait for an autoscaler instead of refusing
     split: str = "train800"
+    # One subnet for every step (its string key, ``Supernet.subnet_key``) instead of a random one
+    # per layer and step: trains a fixed adapter such as a LoRA or SSF baseline (docs/method.md §2).
+    fixed_subnet: str | None = None
     # Test hook: raise at this global step, in an attempt that did not start from a checkpoint,
     # to exercise FailureConfig retries.
     inject_failure_at_step: int | None = None
@@ -67,6 +70,11 @@ class TrainConfig:
             raise TrainConfigError(f"split {self.split!r} is not one of {list(SPLITS)}")
         if self.split == "test":
             raise TrainConfigError("never train on 'test' (SPEC §2); use 'train800' or 'train800val200'")
+        if self.fixed_subnet is not None and (not isinstance(self.fixed_subnet, str) or not self.fixed_subnet):
+            raise TrainConfigError(
+                f"fixed_subnet must be a subnet key (Supernet.subnet_key, one character per gene) or None, "
+                f"got {self.fixed_subnet!r}"
+            )
         if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
             raise TrainConfigError(
                 f"gpus_per_worker={self.gpus_per_worker} needs use_gpu=True and a value > 0"

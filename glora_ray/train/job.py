@@ -227,7 +227,10 @@ def train_supernet(
 
 def _result_settings(train: TrainConfig) -> dict[str, Any]:
     data = train.to_dict()
-    return {name: data[name] for name in _RESULT_SETTINGS}
+    settings = {name: data[name] for name in _RESULT_SETTINGS}
+    if train.fixed_subnet is not None:  # only when set: supernets finished earlier still match
+        settings["fixed_subnet"] = train.fixed_subnet
+    return settings
 
 
 def _finished(final_dir: Path, spec: SupernetSpec, train: TrainConfig, run_dir: str) -> TrainResult | None:

@@ -3,6 +3,8 @@
 Every step every adapted layer gets its own random choice, drawn from a numpy Generator seeded
 by ``(seed, step)``: every data-parallel worker draws the same subnet in the same step without
 talking to the others, and a resumed run draws exactly what the interrupted one would have.
+With ``TrainConfig.fixed_subnet`` set, every step uses that one subnet instead (a fixed
+adapter trained with the same job, data and schedule, e.g. a LoRA baseline).
 
 Randomness, all of it reproducible from ``(seed, epoch, step, rank)``:
   * subnets: ``np.random.default_rng([seed, step])``;
@@ -180,8 +182,10 @@ def train_epoch(
     *,
     epoch: int = 0,
     on_step: StepHook | None = None,
+    fixed_genes: np.ndarray | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``, a fresh subnet every step; metrics summed over all workers."""
+    """One pass over ``loader``, a fresh subnet every step (or ``fixed_genes`` in every step);
+    metrics summed over all workers."""
     supernet = unwrap(model)
     device = torch.device(device)
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -193,7 +197,7 @@ def train_epoch(
     for images, labels in loader:
         if on_step is not None:
             on_step(step)
-        genes = subnet_for_step(seed, step, supernet)
+        genes = subnet_for_step(seed, step, supernet) if fixed_genes is None else fixed_genes
         supernet.set_subnet(genes)
         keys.append(supernet.space.genes_to_string(genes))
         images = images.to(device, non_blocking=True)
@@ -294,6 +298,8 @@ class SupernetTraining:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.resumed_from_step: int | None = None
+        # Validated against this supernet's space and layers now, not at the first step.
+        self.fixed_genes = None if cfg.fixed_subnet is None else supernet.to_genes(cfg.fixed_subnet)
 
     def setup(self, resume: Mapping[str, Any] | None = None) -> "SupernetTraining":
         """Restore ``resume`` (a payload of ``save``), then build model wrapper, optimizer, scheduler."""
@@ -334,7 +340,7 @@ class SupernetTraining:
         seed_epoch(self.cfg.seed, epoch, self.rank)
         stats = train_epoch(
             self.model, self.loader, self.optimizer, self.scheduler, self.state.step, self.cfg.seed,
-            self.device, epoch=epoch, on_step=on_step,
+            self.device, epoch=epoch, on_step=on_step, fixed_genes=self.fixed_genes,
         )
         self.state.step, self.state.epoch = stats.step, epoch + 1
         self.state.history.append(stats.to_dict())
