@@ -2,6 +2,7 @@
 
     python pipelines/vtab.py                     # embedded default: bundled digits, small ViT, local Ray
     python pipelines/vtab.py --help
+    python pipelines/vtab.py --baselines lora ssf bitfit head --test-pareto --seeds 0 1 2   # vs fixed adapters
     ray job submit --working-dir . -- python pipelines/vtab.py --preset paper --datasets cifar dtd \
         --data-root /mnt/vtab-1k --out s3://bucket/glora/run1 --train-gpus 1 --actor-gpus 0.25
 """

@@ -1,4 +1,6 @@
 """Fixed-adapter baselines: the table, their genes and counts, fixed-subnet training, the comparison."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,3 +108,26 @@ def test_comparison_table_aggregate_and_plot():
     assert "55.00 ± 7.07" in text and "pareto-1" in text
     png = comparison_png(frame)
     assert png.startswith(b"\x89PNG") and len(png) > 5_000
+
+
+def test_bench_pairs_glora_with_each_baseline_by_seed():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.compare_baselines import markdown, paired_differences
+
+    table = pd.concat([comparison_rows("digits", seed, {"key": "w", "params": 500, "val_acc": 0.8,
+                                                        "test_acc": 0.7 + seed / 10},
+                                       None, [_outcome("lora", 1000, 0.6, 0.72, seed)]) for seed in (0, 1)])
+    (pair,) = paired_differences(table, ["lora"])
+    assert pair["per_seed"] == pytest.approx([-0.02, 0.08]) and pair["glora_wins"] == 1 and pair["seeds"] == 2
+    assert pair["test_diff_mean"] == pytest.approx(0.03) and pair["baseline_params"] == 1000
+    setting = {"backbone": "vit", "weights": "random init", "ranks": [4, 2], "adapted_layers": 8, "datasets": ["digits"],
+               "seeds": [0, 1], "epochs": 1, "lr": 1e-3, "budget": {}, "population": 8, "generations": 2}
+    result = {"tag": "t", "setting": setting, "argv": [], "wall_seconds": 1.0, "paired": [pair],
+              "machine": {"cpu": "x", "torch": "t", "ray": "r", "date_utc": "d"},
+              "mean": json.loads(aggregate(table).to_json(orient="records")),
+              "rows": json.loads(table.to_json(orient="records"))}
+    text = markdown(result)
+    assert "| digits | lora | 500 | 1,000 | +3.00 ± 7.07 | 1/2 seeds |" in text and "random init" in text

@@ -18,7 +18,8 @@ from glora_ray.pipeline import layout
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.config import PipelineConfigError
 from glora_ray.pipeline.lr_sweep import run_name_for
-from glora_ray.pipeline.run import preflight, run_pipeline
+from glora_ray.pipeline.baselines import baseline
+from glora_ray.pipeline.run import preflight, run_pipeline, spec_for
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = json.dumps({"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2})
@@ -103,7 +104,9 @@ def finished_run(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("pipeline")
     # With the paper's lr search: two Tune trials, each a Ray Train run, on the 2-CPU test cluster
     # (their trial drivers reserve no CPU, or the second trial's worker could never start).
-    cfg = parse_config(tiny_args(root / "data", root / "out", "--lr-sweep", "1e-5", "3e-3"))
+    # Two fixed-adapter baselines trained and tested beside the search, and the tested front.
+    cfg = parse_config(tiny_args(root / "data", root / "out", "--lr-sweep", "1e-5", "3e-3",
+                                 "--baselines", "lora", "head", "--test-pareto"))
     frame = run_pipeline(cfg)
     return cfg, frame
 
@@ -124,6 +127,30 @@ def test_end_to_end_outputs(finished_run):
     assert subnet["key"] == row["subnet"] and subnet["params"] == row["params"]
     assert sum(subnet["layer_params"].values()) == subnet["params"]
     assert subnet["test_acc"] == row["test_acc"]
+
+
+def test_baselines_are_trained_counted_and_compared(finished_run):
+    cfg, frame = finished_run
+    dataset_uri = layout.dataset_uri(cfg.out, "digits")
+    table = pd.read_parquet(storage.join(dataset_uri, "comparison.parquet"))
+    front = pd.read_parquet(storage.join(layout.export_uri(cfg.out, "digits"), "pareto_test.parquet"))
+    assert list(table["name"]) == ["glora", *[f"pareto-{i}" for i in range(len(front))], "lora", "head"]
+    assert (table["seed"] == 0).all() and table["test_acc"].between(0, 1).all() and table["val_acc"].between(0, 1).all()
+    winner = table.iloc[0]
+    assert (winner["key"], winner["test_acc"]) == (frame.iloc[0]["subnet"], frame.iloc[0]["test_acc"])
+    supernet = spec_for(cfg, "digits").build_empty()
+    for name in ("lora", "head"):
+        record = storage.read_json(storage.join(dataset_uri, "baselines", f"{name}.json"))
+        genes = baseline(name).genes(supernet)
+        assert record["key"] == supernet.subnet_key(genes) and record["params"] == supernet.num_params(genes)
+        assert record["lr"] == frame.iloc[0]["lr"] and record["epochs"] == cfg.train.epochs
+        history = json.loads((Path(record["checkpoint_dir"]) / "history.json").read_text())
+        assert len(history) == cfg.train.epochs
+        row = table.set_index("name").loc[name]
+        assert (row["params"], row["test_acc"]) == (record["params"], record["test_acc"])
+    assert table.set_index("name").loc["head", "params"] == 0
+    plot = Path(dataset_uri) / "comparison.png"
+    assert plot.read_bytes().startswith(b"\x89PNG") and plot.stat().st_size > 5_000
 
 
 def test_lr_sweep_trains_one_run_per_lr_and_keeps_the_best(finished_run):
@@ -171,9 +198,18 @@ def test_rerun_resumes_without_recomputing(finished_run):
     cfg, frame = finished_run
     population = storage.join(layout.search_uri(cfg.out, "digits"), "population")
     before = pd.read_parquet(population)
+    dataset_dir = Path(layout.dataset_uri(cfg.out, "digits"))
+    # Baselines and the tested front: neither retrained nor retested (their files stay as they are).
+    once = [dataset_dir / "baselines" / "lora.json", dataset_dir / "baselines" / "head.json",
+            dataset_dir / "train" / "baseline-lora" / "supernet" / "history.json",
+            dataset_dir / "export" / "pareto_test.parquet", dataset_dir / "export" / "test.json"]
+    stamps = [p.stat().st_mtime_ns for p in once]
+    comparison = pd.read_parquet(dataset_dir / "comparison.parquet")
     again = run_pipeline(cfg)
     pd.testing.assert_frame_equal(again.drop(columns="wall_seconds"), frame.drop(columns="wall_seconds"))
     pd.testing.assert_frame_equal(pd.read_parquet(population), before)
+    assert [p.stat().st_mtime_ns for p in once] == stamps
+    pd.testing.assert_frame_equal(pd.read_parquet(dataset_dir / "comparison.parquet"), comparison)
 
 
 def test_output_of_another_run_is_refused(finished_run):
