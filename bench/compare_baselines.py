@@ -82,7 +82,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{setting['generations']} generations",
         f"- command: `python -m bench.compare_baselines {' '.join(result['argv'])}`",
         f"- machine: {result['machine']['cpu']}, torch {result['machine']['torch']}, ray {result['machine']['ray']}, "
-        f"{result['machine']['date_utc']} UTC; wall {result['wall_seconds']:.0f} s", "",
+        f"{result['machine']['date_utc']} UTC; wall {result['wall_seconds_this_invocation']:.0f} s "
+        "(this invocation; a resumed run skips finished stages)", "",
         "| dataset | configuration | adapter params | val acc % | test acc % | seeds |", "|---|---|---:|---:|---:|---:|",
     ]
     for row in result["mean"]:
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stored = storage.read_json(storage.join(cfg.out, layout.CONFIG_FILE))
     result = {
         "bench": "compare_baselines", "tag": tag, "argv": list(argv if argv is not None else sys.argv[1:]),
-        "pipeline_out": cfg.out, "wall_seconds": wall, "machine": machine_info(),
+        "pipeline_out": cfg.out, "wall_seconds_this_invocation": wall, "machine": machine_info(),
         "setting": _setting(cfg, stored.get("budgets", {})),
         "rows": _records(table), "mean": _records(aggregate(table)),
         "paired": paired_differences(table, cfg.baselines),

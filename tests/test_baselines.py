@@ -125,7 +125,7 @@ def test_bench_pairs_glora_with_each_baseline_by_seed():
     assert pair["test_diff_mean"] == pytest.approx(0.03) and pair["baseline_params"] == 1000
     setting = {"backbone": "vit", "weights": "random init", "ranks": [4, 2], "adapted_layers": 8, "datasets": ["digits"],
                "seeds": [0, 1], "epochs": 1, "lr": 1e-3, "budget": {}, "population": 8, "generations": 2}
-    result = {"tag": "t", "setting": setting, "argv": [], "wall_seconds": 1.0, "paired": [pair],
+    result = {"tag": "t", "setting": setting, "argv": [], "wall_seconds_this_invocation": 1.0, "paired": [pair],
               "machine": {"cpu": "x", "torch": "t", "ray": "r", "date_utc": "d"},
               "mean": json.loads(aggregate(table).to_json(orient="records")),
               "rows": json.loads(table.to_json(orient="records"))}

@@ -36,6 +36,7 @@ def comparison_png(frame: pd.DataFrame, title: str | None = None) -> bytes:
     seeds = sorted(frame["seed"].unique())
     datasets = ", ".join(sorted(frame["dataset"].unique()))
     axes.set_title(title or f"{datasets}: GLoRA vs fixed adapters (seeds {', '.join(map(str, seeds))})")
+    axes.margins(x=0.1)  # room for the labels of the outermost points
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="lower right", fontsize=8)
