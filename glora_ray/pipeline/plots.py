@@ -14,7 +14,7 @@ from .comparison import BASELINE, PARETO, WINNER
 
 def comparison_png(frame: pd.DataFrame, title: str | None = None) -> bytes:
     """PNG bytes: each seed's tested front as a line, the winner and every baseline as labelled
-    points (one point per seed; the label at the mean over seeds)."""
+    points (over several seeds: mean ± std, each seed's point faint beside it)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -25,12 +25,19 @@ def comparison_png(frame: pd.DataFrame, title: str | None = None) -> bytes:
         rows = rows.sort_values("params")
         axes.plot(rows["params"], rows["test_acc"] * 100, "o-", color="tab:blue", alpha=0.5, markersize=3,
                   label="Pareto front (tested)" if i == 0 else None)
-    styles = {WINNER: dict(marker="*", s=160, color="tab:red"), BASELINE: dict(marker="s", s=45, color="tab:gray")}
+    colors = {WINNER: "tab:red", BASELINE: "tab:gray"}
+    markers = {WINNER: ("*", 16), BASELINE: ("s", 7)}
+    several = frame["seed"].nunique() > 1
     for (name, kind), rows in frame[frame["kind"] != PARETO].groupby(["name", "kind"], sort=False):
-        axes.scatter(rows["params"], rows["test_acc"] * 100, zorder=3, **styles[kind])
+        marker, size = markers[kind]
+        x, y = rows["params"].mean(), rows["test_acc"].mean() * 100
+        if several:  # each seed faint, the mean ± std over seeds solid
+            axes.scatter(rows["params"], rows["test_acc"] * 100, marker=marker, s=size**2 / 3, alpha=0.35,
+                         color=colors[kind], zorder=2)
+        axes.errorbar(x, y, yerr=rows["test_acc"].std() * 100 if several else None, fmt=marker, markersize=size,
+                      color=colors[kind], capsize=3, zorder=3)
         label = "GLoRA (searched)" if kind == WINNER else name
-        axes.annotate(label, (rows["params"].mean(), rows["test_acc"].mean() * 100), textcoords="offset points",
-                      xytext=(6, 4), fontsize=9)
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(7, 4), fontsize=9)
     axes.set_xlabel("adapter parameters (classifier head not counted)")
     axes.set_ylabel("test accuracy (%)")
     seeds = sorted(frame["seed"].unique())
