@@ -17,13 +17,14 @@ from glora_ray.train import SupernetTraining, TrainConfig, TrainConfigError, sub
 from helpers import tiny_supernet
 
 
-def _dims(net):
-    return [(layer.in_features, layer.out_features) for layer in net.layers()]
+# (d_in, d_out) of the adapted layers of helpers.tiny_vit (embed 32, MLP ratio 4, depth 2), by hand.
+TINY_VIT_DIMS = [(32, 96), (32, 32), (32, 128), (128, 32)] * 2
 
 
 def test_each_baseline_is_one_choice_in_every_layer_counted_by_the_search_counter():
     net = tiny_supernet(ranks=(4, 2))
-    dims = _dims(net)
+    dims = TINY_VIT_DIMS
+    assert net.num_layers == len(dims)
     expected = {  # docs/method.md §1 counts, by hand
         "lora": sum(4 * (d_in + d_out) for d_in, d_out in dims),
         "ssf": sum(2 * d_out for _, d_out in dims),

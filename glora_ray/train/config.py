@@ -72,7 +72,7 @@ class TrainConfig:
             raise TrainConfigError("never train on 'test' (SPEC §2); use 'train800' or 'train800val200'")
         if self.fixed_subnet is not None and (not isinstance(self.fixed_subnet, str) or not self.fixed_subnet):
             raise TrainConfigError(
-                f"fixed_subnet must be a subnet key (Supernet.subnet_key, one character per gene) or None, "
+                f"fixed_subnet must be a subnet key (Supernet.subnet_key) or None, "
                 f"got {self.fixed_subnet!r}"
             )
         if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
