@@ -22,7 +22,7 @@ from .config import DatasetOutcome, PipelineConfig
 from .export import export_winner
 from .holdout import split_accuracies
 from .lr_sweep import sweep_learning_rate
-from .preflight import preflight
+from .preflight import check_cluster, preflight
 from .summary import format_summary, summary_frame
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,11 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     import ray
 
     budgets = preflight(cfg)
+    init_ray()
+    check_cluster(cfg)  # the last check: config.json marks a run that passed every one
     storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
                        {"config": cfg.to_dict(), "identity": cfg.identity(), "run_id": run_id_for(cfg),
                         "budgets": {d: list(b) for d, b in budgets.items()}})
-    init_ray()
     # The dataset driver only orchestrates: its Train workers and actors hold the resources.
     remote_dataset = ray.remote(num_cpus=0)(run_dataset)
     limit, pending, rows = _concurrency(cfg), list(cfg.datasets), []
