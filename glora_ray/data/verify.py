@@ -24,7 +24,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 from PIL import Image
 
-from .vtab import DataError, read_split
+from .vtab import DataError, Sample, read_split
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,11 @@ def check_images(refs: Iterable[ImageRef | tuple[str | os.PathLike, str | os.Pat
     return len({Path(item[0]) for item in refs})
 
 
+def sample_refs(samples: Iterable[Sample]) -> list[ImageRef]:
+    """``ImageRef`` of parsed list-file samples (``parse_list_file``, ``read_split``)."""
+    return [ImageRef(s.path, s.list_file, s.line) for s in samples]
+
+
 def split_images(root: str | os.PathLike, dataset: str, splits: Sequence[str]) -> list[ImageRef]:
     """The images that VTAB-1k style list files of ``splits`` name, with list file and line."""
-    refs: list[ImageRef] = []
-    for split in splits:
-        refs.extend(ImageRef(s.path, s.list_file, s.line) for s in read_split(root, dataset, split))
-    return refs
+    return [ref for split in splits for ref in sample_refs(read_split(root, dataset, split))]

@@ -195,13 +195,10 @@ def validate_dataset(
     for split in splits:
         samples = read_split(root, dataset, split)
         if open_images:
-            problems = []
-            for sample in samples:
-                try:
-                    with Image.open(sample.path) as image:
-                        image.verify()
-                except (OSError, UnidentifiedImageError, SyntaxError) as err:
-                    problems.append(f"{sample.source}: cannot decode image {str(sample.path)!r}: {err}")
+            from .verify import sample_refs, verify_images  # verify.py builds on this module
+
+            found = verify_images(sample_refs(samples))
+            problems = [f"{p.ref.where}: cannot decode image {str(p.ref.path)!r}: {p.problem}" for p in found]
             _raise_problems(list_file(root, dataset, split), problems)
         counts[split] = len(samples)
     return counts

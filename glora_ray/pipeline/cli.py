@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -141,13 +142,27 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record (callers such as tests replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+_LOG_HANDLER = _StderrHandler()
+_LOG_HANDLER.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+
+
 def show_library_logs(level: int = logging.INFO) -> None:
     """The library's log lines (preflight progress, budget warnings) on stderr; idempotent."""
     logger = logging.getLogger("glora_ray")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        logger.addHandler(handler)
+    if _LOG_HANDLER not in logger.handlers:
+        logger.addHandler(_LOG_HANDLER)
     logger.setLevel(level)
 
 
