@@ -24,6 +24,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 from PIL import Image
 
+from ..errors import one_line
 from .vtab import DataError, Sample, read_split
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,7 @@ def image_problem(path: str | os.PathLike) -> str | None:
         if image_format == "JPEG" and not _jpeg_is_complete(path):
             return "truncated JPEG: no end-of-image marker"
     except Exception as err:  # noqa: BLE001 - whatever PIL raises, the file is not a readable image
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        return f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+        return one_line(err)
     return None
 
 

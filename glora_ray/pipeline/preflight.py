@@ -22,9 +22,10 @@ import pyarrow.fs as pafs
 from .. import storage
 from ..backbone import BackboneError, create_backbone, empty_backbone
 from ..budget import Budget
-from ..data import EMBEDDED_DATASETS, dataset_info, validate_dataset
+from ..data import EMBEDDED_DATASETS, validate_dataset
 from ..data.digits import write_digits_dataset
 from ..data.verify import check_images, split_images
+from ..errors import one_line
 from ..params import ParamCounter
 from ..space import TENSORS, Kind
 from ..train.loop import steps_per_epoch
@@ -39,11 +40,6 @@ _SET_ELSEWHERE = {"img_size": "--img-size", "num_classes": "the dataset's class 
 _WAIT_POLL_S = 5.0  # seconds between looks at an autoscaling cluster
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
 def _check_backbone_weights(cfg: PipelineConfig) -> None:
     """Checkpoint file and (offline) hub cache: loads the weights once on the CPU."""
     if cfg.backbone.pretrained or cfg.backbone.checkpoint_path:
@@ -56,7 +52,7 @@ def _check_output_location(out: str) -> None:
         fs, path = storage.resolve(out)
         info = fs.get_file_info(path)
     except (OSError, pa.ArrowException) as err:  # an unknown scheme, a missing driver, no credentials
-        raise PipelineConfigError(f"--out {out}: its filesystem is not available ({_one_line(err)})") from err
+        raise PipelineConfigError(f"--out {out}: its filesystem is not available ({one_line(err)})") from err
     if info.type == pafs.FileType.File:
         raise PipelineConfigError(f"--out {out} is a file; give a folder (new or empty) or a URI")
     if not isinstance(fs, pafs.LocalFileSystem):
@@ -69,7 +65,7 @@ def _check_output_location(out: str) -> None:
     try:  # os.access says yes to root even where nothing can be made (read-only or virtual mounts)
         os.rmdir(tempfile.mkdtemp(prefix=".glora-ray-probe-", dir=existing))
     except OSError as err:
-        raise PipelineConfigError(f"--out {out}: cannot create anything in {existing} ({_one_line(err)})") from err
+        raise PipelineConfigError(f"--out {out}: cannot create anything in {existing} ({one_line(err)})") from err
 
 
 def _check_output(cfg: PipelineConfig) -> None:
@@ -112,12 +108,12 @@ def _check_model(cfg: PipelineConfig) -> None:
     except Exception as err:  # noqa: BLE001 - timm rejects bad arguments with any exception type
         raise PipelineConfigError(
             f"--model {backbone.name} does not build with --model-kwargs {json.dumps(backbone.model_kwargs)} "
-            f"and --img-size {backbone.img_size} ({_one_line(err)})"
+            f"and --img-size {backbone.img_size} ({one_line(err)})"
         ) from err
 
 
 def _check_batch_size(cfg: PipelineConfig, dataset: str, train_size: int) -> None:
-    """SPEC §2 drops the last partial batch: a batch larger than a worker's share trains nothing."""
+    """docs/method.md §2 drops the last partial batch: a batch larger than a worker's share trains nothing."""
     train, world = cfg.train, cfg.train.world_size
     if steps_per_epoch(train_size, train, world) == 0:
         raise PipelineConfigError(
