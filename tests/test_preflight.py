@@ -11,7 +11,7 @@ from PIL import Image
 from glora_ray.data import DataError
 from glora_ray.data.digits import write_digits_dataset
 from glora_ray.data.verify import ImageRef, check_images, split_images, verify_images
-from glora_ray.pipeline import layout, preflight as preflight_module
+from glora_ray.pipeline import layout, preflight as preflight_module, run as run_module
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.config import PipelineConfigError
 from glora_ray.pipeline.preflight import budget_warning, check_cluster, preflight, resource_shortfalls
@@ -73,7 +73,12 @@ def test_verify_finds_undecodable_and_truncated_images_with_list_and_line(tmp_pa
     assert check_images([ImageRef(paths["ok.png"], listing, 1)]) == 1
 
 
-def test_a_bad_test_image_is_refused_before_ray_naming_list_and_line(digits_root, tmp_path, entry, capsys):
+def test_a_bad_test_image_is_refused_before_ray_naming_list_and_line(digits_root, tmp_path, entry, capsys,
+                                                                     monkeypatch):
+    def no_ray():
+        raise AssertionError("Ray started before the images were checked")
+
+    monkeypatch.setattr(run_module, "init_ray", no_ray)
     refs = split_images(digits_root, "digits", ("test",))
     victim = refs[-1].path
     original = victim.read_bytes()
