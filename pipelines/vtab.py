@@ -13,13 +13,14 @@ import sys
 # Runnable from a checkout (and from `ray job submit --working-dir .`) without installing.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from glora_ray.pipeline.cli import parse_config  # noqa: E402
+from glora_ray.pipeline.cli import parse_config, show_library_logs  # noqa: E402
 from glora_ray.pipeline.config import PipelineConfigError  # noqa: E402
 from glora_ray.pipeline.run import run_pipeline  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
+    show_library_logs()
     try:
         run_pipeline(config)
     except (PipelineConfigError, ValueError, FileNotFoundError) as err:

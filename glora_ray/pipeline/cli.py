@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse to continue: fail if --out already holds results (default: continue them)")
     g.add_argument("--seed", type=int, help="seeds backbone init, adapters, training and search")
     g.add_argument("--max-concurrent-datasets", type=int, help="datasets run at once (default: what the cluster holds)")
+    g.add_argument("--wait-for-resources", type=float, metavar="SECONDS",
+                   help="when the cluster lacks the CPUs/GPUs asked for, wait this long for it to autoscale "
+                        "(default: refuse at once)")
     g.add_argument("--test-pareto", action="store_true", default=None, help="also test every Pareto-front subnet")
 
     g = parser.add_argument_group("model")
@@ -133,7 +138,32 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         test_pareto=given.get("test_pareto", False),
         resume=given.get("resume", True),
         max_concurrent_datasets=given.get("max_concurrent_datasets"),
+        wait_for_resources_s=given.get("wait_for_resources", 0.0),
     )
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record (callers such as tests replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+_LOG_HANDLER = _StderrHandler()
+_LOG_HANDLER.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+
+
+def show_library_logs(level: int = logging.INFO) -> None:
+    """The library's log lines (preflight progress, budget warnings) on stderr; idempotent."""
+    logger = logging.getLogger("glora_ray")
+    if _LOG_HANDLER not in logger.handlers:
+        logger.addHandler(_LOG_HANDLER)
+    logger.setLevel(level)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> PipelineConfig:

@@ -45,6 +45,7 @@ class PipelineConfig:
     resume: bool = True  # False: refuse an output that already holds results
     max_concurrent_datasets: int | None = None  # None: as many as the cluster's CPUs allow
     write_embedded_data: bool = True  # write the bundled digits dataset when it is missing
+    wait_for_resources_s: float = 0.0  # > 0: wait this long for an autoscaling cluster to fit the run
 
     def __post_init__(self) -> None:
         self.datasets = tuple(canonical_dataset_name(d) for d in self.datasets)
@@ -62,6 +63,8 @@ class PipelineConfig:
             raise PipelineConfigError(f"lr_sweep_subnets must be >= 1, got {self.lr_sweep_subnets}")
         if self.max_concurrent_datasets is not None and self.max_concurrent_datasets < 1:
             raise PipelineConfigError(f"max_concurrent_datasets must be >= 1, got {self.max_concurrent_datasets}")
+        if not self.wait_for_resources_s >= 0:
+            raise PipelineConfigError(f"wait_for_resources_s must be >= 0 seconds, got {self.wait_for_resources_s}")
         self.train.validate()
 
     def lr_for(self, dataset: str) -> float:
@@ -90,7 +93,7 @@ class PipelineConfig:
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run: everything but resources and resume settings."""
         data = self.to_dict()
-        for key in ("resume", "max_concurrent_datasets", "write_embedded_data", "test_pareto"):
+        for key in ("resume", "max_concurrent_datasets", "write_embedded_data", "test_pareto", "wait_for_resources_s"):
             data.pop(key)
         for key in ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures",
                     "inject_failure_at_step", "keep_checkpoints"):

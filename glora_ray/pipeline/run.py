@@ -13,22 +13,19 @@ from typing import Any, Callable
 import pandas as pd
 
 from .. import storage
-from ..backbone import BackboneError, create_backbone
-from ..budget import Budget
 from ..checkpoint import SupernetSpec, load_supernet, numpy_state
-from ..data import EMBEDDED_DATASETS, DataConfig, dataset_info, load_split_arrays, validate_dataset
-from ..data.digits import write_digits_dataset
+from ..data import DataConfig, dataset_info, load_split_arrays
 from ..search import run_search
 from ..train import train_supernet
 from . import layout
-from .config import DatasetOutcome, PipelineConfig, PipelineConfigError
+from .config import DatasetOutcome, PipelineConfig
 from .export import export_winner
 from .holdout import split_accuracies
 from .lr_sweep import sweep_learning_rate
+from .preflight import check_cluster, preflight
 from .summary import format_summary, summary_frame
 
 log = logging.getLogger(__name__)
-EVAL_SPLITS = ("val200", "test")
 TEST_FILE = "test.json"  # the winner's single test result; present means "tested once already"
 PARETO_TEST_FILE = "pareto_test.parquet"
 LR_SWEEP_FILE = "lr_sweep.json"
@@ -47,60 +44,6 @@ def spec_for(cfg: PipelineConfig, dataset: str) -> SupernetSpec:
 
 def data_for(cfg: PipelineConfig, dataset: str) -> DataConfig:
     return DataConfig(root=os.path.abspath(cfg.data_root), dataset=dataset, img_size=cfg.backbone.img_size)
-
-
-# -- before any compute ----------------------------------------------------------------------
-def _check_backbone_weights(cfg: PipelineConfig) -> None:
-    """Checkpoint file and (offline) hub cache: loads the weights once on the CPU."""
-    if cfg.backbone.pretrained or cfg.backbone.checkpoint_path:
-        create_backbone(cfg.backbone, num_classes=2)
-
-
-def _check_output(cfg: PipelineConfig) -> None:
-    config_uri = storage.join(cfg.out, layout.CONFIG_FILE)
-    if storage.exists(config_uri):
-        stored = storage.read_json(config_uri)
-        if not cfg.resume:
-            raise PipelineConfigError(f"--out {cfg.out} already holds a run; drop --no-resume to continue it, "
-                                      f"or choose another --out")
-        stored_identity, identity = stored.get("identity", {}), json.loads(json.dumps(cfg.identity(), default=str))
-        differing = sorted(_differences(stored_identity, identity))
-        if differing:
-            raise PipelineConfigError(
-                f"--out {cfg.out} holds a different run's results (differs in {', '.join(differing[:6])}); "
-                f"choose another --out"
-            )
-    elif not storage.is_empty_dir(cfg.out):
-        raise PipelineConfigError(f"--out {cfg.out} is not empty and holds no glora-ray run ({layout.CONFIG_FILE}); "
-                                  f"choose an empty or new folder")
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
-    """Every check that needs no training, in order of cost; returns each dataset's budget."""
-    _check_output(cfg)
-    try:
-        cfg.backbone.validate()  # model name and checkpoint path: before anything builds a model
-    except BackboneError as err:
-        raise PipelineConfigError(str(err)) from err
-    for dataset in cfg.datasets:
-        if dataset in EMBEDDED_DATASETS and cfg.write_embedded_data:
-            write_digits_dataset(cfg.data_root)
-        validate_dataset(cfg.data_root, dataset, (cfg.train.split, *EVAL_SPLITS))
-    budgets = {}
-    for dataset in cfg.datasets:
-        counter = spec_for(cfg, dataset).build_empty().counter
-        budgets[dataset] = Budget(cfg.search.min_params, cfg.search.max_params).resolve(counter)
-    try:
-        _check_backbone_weights(cfg)
-    except BackboneError as err:
-        raise PipelineConfigError(str(err)) from err
-    return budgets
 
 
 # -- one dataset -------------------------------------------------------------------------------
@@ -211,10 +154,11 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     import ray
 
     budgets = preflight(cfg)
+    init_ray()
+    check_cluster(cfg)  # the last check: config.json marks a run that passed every one
     storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
                        {"config": cfg.to_dict(), "identity": cfg.identity(), "run_id": run_id_for(cfg),
                         "budgets": {d: list(b) for d, b in budgets.items()}})
-    init_ray()
     # The dataset driver only orchestrates: its Train workers and actors hold the resources.
     remote_dataset = ray.remote(num_cpus=0)(run_dataset)
     limit, pending, rows = _concurrency(cfg), list(cfg.datasets), []
