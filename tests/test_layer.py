@@ -138,16 +138,15 @@ def test_weight_entanglement():
     space = SearchSpace((4, 2))
     layer = make_layer(space)
     s = layer.glora
+    term = {t: dict(zip(space.choices(t), (s.term(t, c) for c in space.choice_objects(t)))) for t in TENSORS}
     for tensor in ("A", "B"):
-        vec = s.dense(tensor, space.choice_objects(tensor)[2])
-        sca = s.dense(tensor, space.choice_objects(tensor)[3])
-        assert torch.equal(sca, vec[0, 0]), "a scalar is element 0 of its vector"
-        lora4 = s.factors(tensor, 4)
-        lora2 = s.factors(tensor, 2)
-        assert torch.equal(lora2[0], lora4[0][:, :2]) and torch.equal(lora2[1], lora4[1][:2])
-        assert lora4[0].data_ptr() == getattr(s, f"{tensor}_down").data_ptr(), "slices share storage"
+        vec, sca = term[tensor]["vector"], term[tensor]["scalar"]
+        assert torch.equal(sca.value, vec.value[0]), "a scalar is element 0 of its vector"
+        lora4, lora2 = term[tensor]["lora4"], term[tensor]["lora2"]
+        assert torch.equal(lora2.down, lora4.down[:, :2]) and torch.equal(lora2.up, lora4.up[:2])
+        assert lora4.down.data_ptr() == getattr(s, f"{tensor}_down").data_ptr(), "slices share storage"
     for tensor in ("D", "E"):
-        assert torch.equal(s.scalar(tensor), s.vector(tensor)[0])
+        assert torch.equal(term[tensor]["scalar"].value, term[tensor]["vector"].value[0])
     # A gradient reaches only the slice the choice uses.
     layer.set_choice({"A": "lora2", "B": "none", "C": "none", "D": "none", "E": "none"})
     layer(torch.randn(3, D_IN)).sum().backward()

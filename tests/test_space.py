@@ -31,7 +31,7 @@ def test_encode_decode_round_trip_and_string_key():
     assert genes.dtype == np.int8 and genes.shape == (7 * len(TENSORS),)
     assert space.decode(genes, names) == subnet
     key = space.genes_to_string(genes)
-    assert len(key) == genes.size
+    assert key.startswith("r8r4:") and len(key) == len("r8r4:") + genes.size
     assert np.array_equal(space.genes_from_string(key, len(names)), genes)
     # Hashable and canonical: dict order of the mapping does not change the key.
     reordered = {n: dict(reversed(list(subnet[n].items()))) for n in reversed(names)}
@@ -52,7 +52,7 @@ def test_bad_choice_names_layer_tensor_and_allowed_values():
     with pytest.raises(SearchSpaceError, match="out of range"):
         space.validate_genes(np.array([0, 0, 9, 0, 0]), 1)
     with pytest.raises(SearchSpaceError, match="outside"):
-        space.genes_from_string("00!00", 1)
+        space.genes_from_string("r8r4:00!00", 1)
     with pytest.raises(SearchSpaceError):
         SearchSpace((4, 4))
 
