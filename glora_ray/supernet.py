@@ -46,7 +46,7 @@ def resolve_layer_types(layer_types: LayerTypes) -> tuple[type[GLoRALayer], ...]
     """The GLoRA layer classes for ``layer_types``: names of ``ADAPTABLE_LAYER_TYPES`` and/or
     base module classes (``nn.Linear``, ``nn.Conv2d`` or subclasses of them)."""
     valid = f"names {sorted(ADAPTABLE_LAYER_TYPES)} or the classes " + ", ".join(
-        f"{a.base_type.__module__.split('.')[0]}.{a.base_type.__name__}" for a in ADAPTABLE_LAYER_TYPES.values())
+        f"torch.nn.{a.base_type.__name__}" for a in ADAPTABLE_LAYER_TYPES.values())
     if isinstance(layer_types, (str, type)) or not isinstance(layer_types, Sequence) or not layer_types:
         raise GLoRARayTypeError(f"layer_types must be a non-empty sequence of {valid}, got {layer_types!r}")
     adapters = []
@@ -236,10 +236,10 @@ class Supernet(nn.Module):
         own = self.adapter_state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"adapter state does not match this supernet: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise GLoRARayError(f"adapter state does not match this supernet: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for key, value in state.items():
             if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+                raise GLoRARayError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
         self.model.load_state_dict(dict(state), strict=False)
 
     def adapter_metadata(self) -> dict[str, str]:
@@ -269,7 +269,7 @@ class Supernet(nn.Module):
         if "space" in meta and SearchSpace.from_dict(json.loads(meta["space"])) != self.space:
             raise SearchSpaceError(f"{path}: adapters were trained for space {meta['space']}, this supernet has {self.space.to_dict()}")
         if "layers" in meta and tuple(json.loads(meta["layers"])) != self.layer_names:
-            raise ValueError(f"{path}: adapters were saved for other adapted layers than this supernet's")
+            raise GLoRARayError(f"{path}: adapters were saved for other adapted layers than this supernet's")
         device = next(iter(self.adapter_state_dict().values())).device
         self.load_adapter_state_dict(load_file(os.fspath(path), device=str(device)))
         return meta

@@ -9,7 +9,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from glora_ray import TENSORS, GLoRARayError, GLoRAConv2d, GLoRALinear, SearchSpace, Supernet, load_merged_state_dict
-from helpers import randomize_adapters
+from helpers import randomize_adapters, spec_support
 
 # (name, constructor): every geometry the layer must reproduce.
 CONVS = {
@@ -33,24 +33,13 @@ def make_conv(name, space, seed=0):
 
 
 def spec_conv(layer, choice, x):
-    """docs/method.md §7 written out: §1 over the (out, in/groups*kh*kw) view, run by a copy of the base."""
+    """docs/method.md §7 written out: §1 over the (out, in/groups*kh*kw) view, run by the base's own forward."""
     s, base = layer.glora, layer.base
     w0 = base.weight.reshape(base.out_channels, -1)
 
     def support(tensor):
-        name = choice[tensor]
-        if name == "none":
-            return torch.zeros(())
-        if tensor in ("D", "E"):
-            full = getattr(s, tensor)
-            return full if name == "vector" else full[0]
-        down, up = getattr(s, f"{tensor}_down"), getattr(s, f"{tensor}_up")
-        if name == "scalar":
-            return down[0, 0]
-        if name == "vector":
-            return down[:, 0:1]
-        rank = int(name.removeprefix("lora"))
-        return down[:, :rank] @ up[:rank, :]
+        value = spec_support(s, tensor, choice[tensor])
+        return torch.zeros(()) if value is None else value
 
     A, B, C, D, E = (support(t) for t in TENSORS)
     b0 = base.bias if base.bias is not None else torch.zeros(base.out_channels)
@@ -205,3 +194,20 @@ def test_backbone_norm_statistics_never_change_in_training():
     plain = tiny_cnn(seed=2).train()
     plain(torch.randn(4, 3, 32, 32))
     assert not torch.equal(plain.bn1.running_mean, stats["bn1.running_mean"])
+
+
+def test_evaluator_merge_path_handles_convs():
+    from glora_ray.search.evaluator import MergedModel
+
+    net = Supernet(tiny_cnn(seed=4), SearchSpace((2,)), targets=r"blocks\.[01]\..*|conv_stem", layer_types=("conv2d",))
+    randomize_adapters(net, seed=6)
+    net.eval()
+    merged = MergedModel(net, tiny_cnn(seed=8))
+    x = torch.randn(2, 3, 32, 32)
+    rng = np.random.default_rng(1)
+    for genes in (net.sample_genes(rng), net.sample_genes(rng)):
+        merged.load(genes)
+        net.set_subnet(genes)
+        with torch.no_grad():
+            want, got = net(x), merged(x)
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from glora_ray import TENSORS, GLoRALinear, SearchSpace
+from glora_ray import TENSORS, GLoRALinear, GLoRARayError, GLoRARayTypeError, SearchSpace
 from glora_ray.params import tensor_param_count
-from helpers import randomize_adapters
+from helpers import randomize_adapters, spec_support
 
 D_IN, D_OUT = 6, 5
 
@@ -19,27 +19,10 @@ def make_layer(space, bias=True, seed=0):
     return layer
 
 
-def spec_support(layer, tensor, name):
-    """SPEC §1 written out from the raw stored tensors, independent of the layer's helpers."""
-    s = layer.glora
-    if name == "none":
-        return None
-    if tensor in ("D", "E"):
-        full = getattr(s, tensor)
-        return full if name == "vector" else full[0]
-    down, up = getattr(s, f"{tensor}_down"), getattr(s, f"{tensor}_up")
-    if name == "scalar":
-        return down[0, 0]
-    if name == "vector":
-        return down[:, 0:1]
-    rank = {f"lora{r}": r for r in layer.space.ranks}[name]
-    return down[:, :rank] @ up[:rank, :]
-
-
 def spec_forward(layer, choice, x):
     w0 = layer.base.weight
     b0 = layer.base.bias if layer.base.bias is not None else torch.zeros(D_OUT)
-    A, B, C, D, E = (spec_support(layer, t, choice[t]) for t in TENSORS)
+    A, B, C, D, E = (spec_support(layer.glora, t, choice[t]) for t in TENSORS)
     zero = torch.zeros(())
     w_eff = w0 + w0 * (A if A is not None else zero) + (B if B is not None else zero)
     b_eff = b0 + b0 * (D if D is not None else zero) + (E if E is not None else zero)
@@ -191,3 +174,35 @@ def test_vector_and_scalar_paths_broadcast_like_spec(a, b):
     layer.set_choice(choice)
     x = torch.randn(2, 3, D_IN)
     torch.testing.assert_close(layer(x), spec_forward(layer, choice, x), rtol=1e-5, atol=1e-6)
+
+
+# -- misuse: refused with a GLoRARayError naming the argument and what is valid ----------------
+def test_set_choice_genes_refuses_a_negative_gene():
+    layer = make_layer(SearchSpace((4, 2)))
+    with pytest.raises(GLoRARayError, match=r"tensor 'E': gene -1 out of range 0..2 \(vector, scalar, none\)"):
+        layer.set_choice_genes([0, 0, 0, 0, -1])
+
+
+def test_set_choice_genes_refuses_a_wrong_gene_count():
+    layer = make_layer(SearchSpace((4, 2)))
+    with pytest.raises(GLoRARayError, match=r"genes must be 5 integers .*got shape \(7,\)"):
+        layer.set_choice_genes([0] * 7)
+
+
+def test_set_choice_genes_refuses_a_gene_beyond_the_choices():
+    layer = make_layer(SearchSpace((4, 2)))
+    with pytest.raises(GLoRARayError, match=r"tensor 'A': gene 9 out of range 0..4 \(lora4, lora2, vector, scalar, none\)"):
+        layer.set_choice_genes([9, 0, 0, 0, 0])
+    assert layer.choice == SearchSpace((4, 2)).largest_layer_choice()  # unchanged by the refused call
+
+
+def test_layer_refuses_a_tuple_as_space():
+    with pytest.raises(GLoRARayTypeError, match=r"space must be a glora_ray.SearchSpace .*got tuple \(8, 4\)"):
+        GLoRALinear(nn.Linear(D_IN, D_OUT), (8, 4))
+
+
+def test_layer_refuses_a_wrong_base():
+    with pytest.raises(GLoRARayTypeError, match="base must be a torch.nn.Linear, got Conv2d"):
+        GLoRALinear(nn.Conv2d(3, 4, 3), SearchSpace((2,)))
+    with pytest.raises(GLoRARayTypeError, match="already a GLoRALinear"):
+        GLoRALinear(make_layer(SearchSpace((2,))), SearchSpace((2,)))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from glora_ray import TENSORS, SearchSpace, SearchSpaceError
+from glora_ray import TENSORS, GLoRARayTypeError, SearchSpace, SearchSpaceError
 
 
 def test_choices_follow_spec_table():
@@ -68,3 +68,20 @@ def test_sampling_is_driven_by_the_generator_only():
     card = space.gene_cardinalities(1)
     for g in range(len(TENSORS)):
         assert set(many[:, g]) == set(range(card[g]))
+
+
+# -- misuse: ranks are distinct positive integers, nothing is coerced into one ----------------
+def test_fractional_rank_is_refused():
+    with pytest.raises(GLoRARayTypeError, match=r"ranks must be a sequence of distinct positive integers.*8.7"):
+        SearchSpace(ranks=(8.7, 4))
+
+
+def test_string_ranks_are_refused():
+    with pytest.raises(GLoRARayTypeError, match=r"ranks must be .*got str '84'"):
+        SearchSpace(ranks="84")
+
+
+def test_bool_rank_is_refused():
+    with pytest.raises(GLoRARayTypeError, match=r"True in \(True, 4\) is not an integer"):
+        SearchSpace(ranks=(True, 4))
+    assert SearchSpace(np.array([8, 4])).ranks == (8, 4)  # numpy integers are integers

@@ -24,6 +24,7 @@ class GLoRALayer(nn.Module):
     """A frozen base layer plus GLoRA support tensors; ``set_choice`` fixes the subnet."""
 
     base_type: ClassVar[type[nn.Module]]
+    groups: int = 1  # independent input groups of the weight (a grouped convolution has more)
 
     def __init__(
         self,
@@ -37,8 +38,8 @@ class GLoRALayer(nn.Module):
         if isinstance(base, GLoRALayer):
             raise GLoRARayTypeError(f"{cls}: base is already a {type(base).__name__}; wrap the plain layer once")
         if not isinstance(base, self.base_type):
-            raise GLoRARayTypeError(f"{cls}: base must be an {self.base_type.__module__.split('.')[0]}."
-                                    f"{self.base_type.__name__}, got {type(base).__name__}")
+            raise GLoRARayTypeError(f"{cls}: base must be a torch.nn.{self.base_type.__name__}, "
+                                    f"got {type(base).__name__}")
         if not isinstance(space, SearchSpace):
             raise GLoRARayTypeError(f"{cls}: space must be a glora_ray.SearchSpace (e.g. SearchSpace((8, 4))), "
                                     f"got {type(space).__name__} {space!r}")
@@ -52,9 +53,7 @@ class GLoRALayer(nn.Module):
         )
         self._choice: tuple[Choice, ...] = space.largest_layer_choices()
 
-    # -- geometry (overridden by layers whose weight is not a matrix) -----------------------
-    groups: int = 1  # how many independent input groups the weight sees (convolutions)
-
+    # -- geometry --------------------------------------------------------------------------
     @property
     def d_in(self) -> int:
         return self.glora.d_in

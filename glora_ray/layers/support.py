@@ -106,13 +106,3 @@ class GLoRASupport(nn.Module):
             return LowRank(down[:, :choice.rank], up[:choice.rank, :])
         vector = getattr(self, tensor) if tensor in _WITHOUT_FACTORS else getattr(self, f"{tensor}_down")[:, 0]
         return PerRow(vector if choice.kind is Kind.VECTOR else vector[0])
-
-    def dense(self, tensor: str, choice: Choice) -> torch.Tensor | None:
-        """The term as a matrix broadcastable to its shape in docs/method.md §1, or None.
-
-        A, B -> (d_out, d_in) / (d_out, 1) / (); C -> (d_in, 1); D, E -> (d_out,) / ().
-        """
-        term = self.term(tensor, choice)
-        if term is None:
-            return None
-        return term.value if tensor in _WITHOUT_FACTORS else term.matrix()
