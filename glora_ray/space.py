@@ -1,9 +1,11 @@
-"""The GLoRA search space: which form each support tensor A..E may take (SPEC §1).
+"""The GLoRA search space: which form each support tensor A..E may take (docs/method.md §1).
 
 A choice is a typed ``Choice`` (kind plus rank); its user-facing name ("lora8", "vector", ...)
-is generated from it and looked up in a table, never parsed.  A subnet is encoded as a
-fixed-length integer array (one gene per layer and tensor, layer-major), which is both the
-hashable canonical form (as a short string) and the Parquet form.
+is generated from it and looked up in a table, never parsed.  Inside, a subnet is a
+fixed-length integer array (one gene per layer and tensor, layer-major) and a layer's choice a
+tuple of ``Choice``; names appear only at the edges (the user API, Parquet columns, JSON).  The
+canonical string form, the *key*, is the space's identity (``"r8r4:"``) followed by one
+character per gene, so a key is never read by a space it was not made for.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ class Choice:
         return f"lora{self.rank}" if self.kind is Kind.LORA else self.kind.value
 
 
-# Which kinds each tensor allows (SPEC §1 table); LoRA expands to one choice per rank.
+# Which kinds each tensor allows (docs/method.md §1 table); LoRA expands to one choice per rank.
 _ALLOWED_KINDS: dict[str, tuple[Kind, ...]] = {
     "A": (Kind.LORA, Kind.VECTOR, Kind.SCALAR, Kind.NONE),
     "B": (Kind.LORA, Kind.VECTOR, Kind.SCALAR, Kind.NONE),

@@ -6,7 +6,7 @@ import torch
 from timm.layers import Conv2dSame
 from torch import nn
 from torch.func import functional_call
-from torch.utils.flop_counter import FlopCounterMode
+from torch.overrides import TorchFunctionMode
 
 from glora_ray import TENSORS, GLoRARayError, GLoRAConv2d, GLoRALinear, SearchSpace, Supernet, load_merged_state_dict
 from helpers import randomize_adapters, spec_support
@@ -112,27 +112,44 @@ def test_counts_over_the_kernel_view():
         assert depthwise.num_params(choice) == linear_view.num_params(choice)
 
 
-def _flops(layer, choice, x):
+class ConvWeights(TorchFunctionMode):
+    """Records the weight of every conv2d call."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.conv2d:
+            self.weights.append(args[1])
+        return func(*args, **(kwargs or {}))
+
+
+def _conv_weights(layer, choice, x):
     layer.set_choice(choice)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with ConvWeights() as recorder, torch.no_grad():
         layer(x)
-    return counter.get_total_flops()
+    return recorder.weights
 
 
 def test_per_row_a_and_b_never_rebuild_the_kernel():
-    space = SearchSpace((4,))
-    layer = GLoRAConv2d(nn.Conv2d(64, 64, 3, padding=1), space)
-    x = torch.randn(1, 64, 16, 16)
+    layer = GLoRAConv2d(nn.Conv2d(16, 16, 3, padding=1, groups=2), SearchSpace((4,)))
+    x = torch.randn(1, 16, 6, 6)
     none = {t: "none" for t in TENSORS}
-    base = _flops(layer, none, x)
-    per_row = _flops(layer, {**none, "A": "vector", "B": "scalar"}, x)
-    low_rank_a = _flops(layer, {**none, "A": "lora4"}, x)
-    kernel = 64 * 64 * 9
-    # Per-row terms: the base conv plus a one-channel window sum, far below a second conv.
-    assert per_row < base + 2 * 16 * 16 * 9 + 64 * kernel // 64
-    assert low_rank_a >= base + 2 * 4 * kernel  # a LoRA A builds the (out, in*kh*kw) product
-    thin = _flops(layer, {**none, "B": "lora4"}, x)
-    assert thin < 1.5 * base  # two thin convs, not a second full conv
+    w0 = layer.base.weight
+    # Vector A scales the base output; scalar B is a window sum over each group: (groups, 1, kh, kw).
+    weights = _conv_weights(layer, {**none, "A": "vector", "B": "scalar", "C": "vector"}, x)
+    assert weights[0] is w0 and [tuple(w.shape) for w in weights[1:]] == [(2, 1, 3, 3)]
+    # LoRA B beside the base: two thin convs, rank 4 per group, then a grouped 1x1.
+    weights = _conv_weights(layer, {**none, "A": "scalar", "B": "lora4"}, x)
+    assert weights[0] is w0 and [tuple(w.shape) for w in weights[1:]] == [(8, 8, 3, 3), (16, 4, 1, 1)]
+    # A LoRA A needs the rebuilt kernel, and B is folded into it: one conv, not with W0.
+    weights = _conv_weights(layer, {**none, "A": "lora4", "B": "vector"}, x)
+    assert len(weights) == 1 and weights[0] is not w0 and weights[0].shape == w0.shape
+    # Depthwise: a rank-4 LoRA beside the base would cost more than the kernel, so it is folded.
+    depthwise = GLoRAConv2d(nn.Conv2d(8, 8, 3, groups=8), SearchSpace((4,)))
+    weights = _conv_weights(depthwise, {**none, "B": "lora4"}, torch.randn(1, 8, 5, 5))
+    assert len(weights) == 1 and weights[0] is not depthwise.base.weight
 
 
 def tiny_cnn(seed=0, num_classes=3):

@@ -186,13 +186,12 @@ class GLoRALayer(nn.Module):
     def merged(self, choice: LayerChoiceLike | None = None) -> nn.Module:
         """A new plain layer of the base's own class equal to this layer under ``choice``.
 
-        The base is untouched: the copy gets fresh weight and bias tensors.
+        The base is untouched: the copy gets fresh weight and bias tensors (a bias-less base
+        gains a bias when E or C is chosen, docs/method.md §1).
         """
         weight, bias = self.merged_weight_and_bias(choice)
-        plain = copy.copy(self.base)  # same class and settings; parameter dicts replaced below
-        plain._parameters = {}
-        plain._buffers = dict(self.base._buffers)
-        plain._modules = dict(self.base._modules)
+        # A copy of the base's class, settings and hooks without copying its tensors (memo: None).
+        plain = copy.deepcopy(self.base, memo={id(p): None for p in self.base.parameters(recurse=False)})
         plain.register_parameter("weight", nn.Parameter(weight.contiguous(), requires_grad=False))
         plain.register_parameter("bias", None if bias is None else nn.Parameter(bias.contiguous(), requires_grad=False))
         return plain
