@@ -92,10 +92,6 @@ class SearchSpace:
         return len(self._tensor_choices(tensor))
 
     @property
-    def genes_per_layer(self) -> int:
-        return len(TENSORS)
-
-    @property
     def layer_space_size(self) -> int:
         size = 1
         for t in TENSORS:

@@ -1,11 +1,14 @@
 """Output storage through pyarrow filesystems: a local path, a shared mount or a cloud URI."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import shutil
 import uuid
-from typing import Any, BinaryIO, Callable
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -40,6 +43,39 @@ def atomic_write(fs: pafs.FileSystem, path: str, write: Callable[[BinaryIO], Non
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(destination: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """A local folder filled under a hidden temporary name beside ``destination``, then renamed
+    into place whole (the folder counterpart of ``atomic_write``).
+
+    ``replace``: an existing ``destination`` is swapped out; otherwise it stays and the rename
+    raises ``FileExistsError`` (another writer was first).  A failure leaves no temporary behind.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.with_name(f".{destination.name}.tmp-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        yield staging
+        if destination.exists():
+            if not replace:
+                raise FileExistsError(f"{destination} already exists")
+            old = destination.with_name(f".{destination.name}.old-{uuid.uuid4().hex}")
+            os.replace(destination, old)
+            os.replace(staging, destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def install_dir(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Copy the local folder ``source`` to ``destination``, replacing it whole."""
+    with staged_dir(destination) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
 
 
 def join(base: str, *parts: str) -> str:

@@ -1,4 +1,8 @@
 """Small shared builders for the tests."""
+import contextlib
+import json
+import os
+
 import timm
 import torch
 
@@ -25,3 +29,17 @@ def randomize_adapters(supernet_or_layer, seed: int = 0) -> None:
 
 def tiny_supernet(ranks=(4, 2), seed: int = 0, **vit_kw) -> Supernet:
     return Supernet(tiny_vit(seed=seed, **vit_kw), SearchSpace(ranks))
+
+
+@contextlib.contextmanager
+def injected_faults(**plan):
+    """Faults for the code inside the block, in this process and every Ray worker (glora_ray.faults)."""
+    from glora_ray import faults
+
+    path = os.environ[faults.ENV_VAR]
+    with open(path, "w") as handle:
+        json.dump(plan, handle)
+    try:
+        yield
+    finally:
+        os.remove(path)

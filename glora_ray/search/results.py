@@ -55,9 +55,6 @@ _GENERATION_FILE = re.compile(r"gen=(\d{4,})\.parquet")
 _TEMPORARY_FILE = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
 TIMING_COLUMNS = ("eval_seconds", "actor")  # the columns that differ between equal runs
 
-LEADING_COLUMNS = ("run_id", "dataset", "generation", "candidate_id", "parent_ids", "origin", "subnet")
-TRAILING_COLUMNS = ("params", "val_acc", "eval_seconds", "actor", "seed")
-
 
 def gene_column(layer: str, tensor: str) -> str:
     return f"{layer}/{tensor}"
