@@ -31,6 +31,10 @@ class CheckpointMismatchError(GLoRARayError):
     """A checkpoint trained for another model, space, dataset or class count."""
 
 
+class MissingCheckpointError(GLoRARayError, FileNotFoundError):
+    """No checkpoint (or training state) where one was expected."""
+
+
 @dataclass
 class SupernetSpec:
     """Everything needed to rebuild a supernet's structure and frozen weights."""
@@ -98,7 +102,7 @@ def save_supernet(directory: str | os.PathLike, supernet: Supernet, spec: Supern
 def read_spec(directory: str | os.PathLike) -> SupernetSpec:
     uri = storage.join(os.fspath(directory), SPEC_FILE)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri}: no supernet checkpoint here (expected {SPEC_FILE} and {ADAPTERS_FILE})")
+        raise MissingCheckpointError(f"{uri}: no supernet checkpoint here (expected {SPEC_FILE} and {ADAPTERS_FILE})")
     return SupernetSpec.from_dict(storage.read_json(uri))
 
 
@@ -110,8 +114,9 @@ def load_supernet(directory: str | os.PathLike, expected: SupernetSpec | None = 
         spec.check_matches(expected, str(directory))
     supernet = spec.build()
     uri = storage.join(os.fspath(directory), ADAPTERS_FILE)
-    if "://" not in uri:
-        supernet.load_adapters(uri)
+    local = storage.local_path(uri)
+    if local is not None:
+        supernet.load_adapters(local)
         return supernet, spec
     with tempfile.TemporaryDirectory(prefix="glora-adapters-") as local:  # safetensors reads files
         path = os.path.join(local, ADAPTERS_FILE)

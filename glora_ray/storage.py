@@ -10,20 +10,49 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from .errors import GLoRARayError
+
+
+class StorageError(GLoRARayError):
+    """A URI no filesystem (pyarrow's own, or fsspec's) can serve."""
 
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a URI such as s3://bucket/run or file:///mnt/x.
 
-    A plain local path (relative, with "~", spaces or "%") is never parsed as a URI.
+    A plain local path (relative, with "~", spaces or "%") is never parsed as a URI.  Schemes
+    pyarrow does not know natively (memory://, az://, ...) go through an installed fsspec
+    implementation, wrapped as a pyarrow filesystem.
     """
     uri = os.fspath(uri)
     if "://" in uri:  # s3://, gs://, hdfs://, file://: pyarrow picks the filesystem
-        fs, path = pafs.FileSystem.from_uri(uri)
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+        except pa.ArrowInvalid:
+            fs, path = _fsspec(uri)
     else:
         fs, path = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     return fs, path.rstrip("/") or "/"
+
+
+def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as err:
+        raise StorageError(f"{uri}: no filesystem for this URI's scheme in pyarrow or fsspec ({err}); use a "
+                           f"local path, file://, s3://, gs://, hdfs:// or an installed fsspec protocol") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def local_path(uri: str | os.PathLike) -> str | None:
+    """The local path behind ``uri``, or None when it lives on another filesystem."""
+    fs, path = resolve(uri)
+    return path if isinstance(fs, pafs.LocalFileSystem) else None
 
 
 def atomic_write(fs: pafs.FileSystem, path: str, write: Callable[[BinaryIO], None]) -> None:

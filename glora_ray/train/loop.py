@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import storage
+from ..checkpoint import MissingCheckpointError
 from ..supernet import Supernet
 from .config import TrainConfig, TrainConfigError
 
@@ -249,7 +250,7 @@ def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
     """The payload ``SupernetTraining.save`` wrote into ``directory`` (a path or URI)."""
     uri = storage.join(os.fspath(directory), STATE_FILE)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri}: no training state here")
+        raise MissingCheckpointError(f"{uri}: no training state here")
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
