@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from ray.exceptions import RayTaskError
 
 from glora_ray import storage
 from glora_ray.checkpoint import read_spec
@@ -18,7 +19,7 @@ from glora_ray.pipeline import layout
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.config import PipelineConfigError
 from glora_ray.pipeline.lr_sweep import run_name_for
-from glora_ray.pipeline.run import preflight, run_pipeline
+from glora_ray.pipeline.run import _outcome, preflight, run_pipeline
 from glora_ray.pipeline.summary import format_summary, group_means
 from glora_ray.search import read_population, without_timing
 
@@ -78,7 +79,7 @@ def test_bad_input_fails_before_compute(tmp_path, capsys):
         assert entry.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err, err
-        assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+        assert err.startswith("error: ") and "Traceback" not in err, err  # the message alone
         return err
 
     fails(tiny_args(tmp_path / "nowhere", tmp_path / "o1", "--datasets", "cifar"), "does not exist")
@@ -209,25 +210,6 @@ assert not any(name.startswith("glora_ray") for name in sys.modules)
         assert (untrained.eval()(x) - want).abs().max() > 1e-3  # the adapters are what makes them equal
 
 
-def test_rerun_with_execution_only_changes_continues_without_recomputing(finished_run):
-    # Checkpoint frequency, workers, CPUs, actors, concurrency and --test-pareto change how a run
-    # executes, not its results: the rerun continues the stored run.
-    cfg, frame = finished_run
-    populations = {d: storage.join(layout.search_uri(cfg.out, d), "population") for d in DATASETS}
-    before = {d: pd.read_parquet(p) for d, p in populations.items()}
-    again = parse_config(run_args(cfg, "--checkpoint-every", "1", "--train-workers", "2", "--actors", "2",
-                                  "--actor-cpus", "0.5", "--max-concurrent-datasets", "1", "--test-pareto"))
-    rerun = run_pipeline(again)
-    pd.testing.assert_frame_equal(rerun.drop(columns="wall_seconds"), frame.drop(columns="wall_seconds"))
-    for dataset, row in zip(DATASETS, frame.itertuples()):
-        pd.testing.assert_frame_equal(pd.read_parquet(populations[dataset]), before[dataset])
-        # --test-pareto: every front member tested; the winner's score is the one tested before.
-        front = storage.read_json(storage.join(layout.search_uri(cfg.out, dataset), "result.json"))["pareto_size"]
-        tested = pd.read_parquet(storage.join(layout.export_uri(cfg.out, dataset), "pareto_test.parquet"))
-        assert len(tested) == front and tested["test_acc"].between(0, 1).all()
-        assert tested.set_index("key").loc[row.subnet, "test_acc"] == row.test_acc
-
-
 def test_output_of_another_run_is_refused(finished_run):
     cfg, _ = finished_run
     for option, value, message in [("--seed", "99", "train.seed: stored 0, now 99"),
@@ -237,20 +219,23 @@ def test_output_of_another_run_is_refused(finished_run):
             preflight(parse_config(run_args(cfg, option, value)))
 
 
-def test_bad_input_found_inside_a_dataset_task_is_one_line(finished_run, capsys):
-    # A stored search of another run, found by the dataset's Ray task after preflight: the
-    # pipeline reports the package's own error (exit 2, one line), not Ray's wrapper.
-    cfg, _ = finished_run
-    manifest = Path(layout.search_uri(cfg.out, DATASETS[1])) / "run.json"
-    original = manifest.read_text()
-    manifest.write_text(original.replace('"seed": 0', '"seed": 5', 1))
-    try:
-        assert load_entry_point().main(run_args(cfg)) == 2
-    finally:
-        manifest.write_text(original)
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "config.seed=5; this command has 0" in err
-    assert len(err.strip().splitlines()) == 1, err
+def test_bad_input_found_inside_a_dataset_task_is_raised_as_itself(ray_local):
+    # A dataset's stages run in a Ray task: the pipeline re-raises the package's own error (which
+    # the entry point reports in one line, exit 2), not Ray's RayTaskError around it.
+    @ray_local.remote
+    def stage():
+        raise PipelineConfigError("--max-params: bad value")
+
+    with pytest.raises(PipelineConfigError) as caught:
+        _outcome(stage.remote())
+    assert type(caught.value) is PipelineConfigError and str(caught.value) == "--max-params: bad value"
+
+    @ray_local.remote
+    def bug():
+        raise KeyError("a bug")
+
+    with pytest.raises(RayTaskError):  # anything else keeps Ray's wrapper and its traceback
+        _outcome(bug.remote())
 
 
 def test_population_notebook_runs_headless(finished_run, tmp_path):
@@ -273,16 +258,29 @@ def test_population_notebook_runs_headless(finished_run, tmp_path):
         assert image.is_file() and image.stat().st_size > 5_000, name
 
 
-def test_more_generations_extend_the_run(finished_run):
-    # Last: it changes the run.  Raising --generations continues the search where it stopped.
+def test_rerun_with_execution_changes_and_more_generations_continues_the_run(finished_run):
+    # Last: it changes the run.  Checkpoint frequency, workers, actors, CPUs, concurrency and
+    # --test-pareto change how a run executes, not its results; a higher --generations extends the
+    # search from where it stopped.  Nothing done before is recomputed.
     cfg, frame = finished_run
     before = {d: read_population(layout.search_uri(cfg.out, d)) for d in DATASETS}
-    extended = run_pipeline(parse_config(run_args(cfg, "--generations", "3")))
-    assert list(extended["dataset"]) == list(DATASETS)
-    for dataset in DATASETS:
+    supernets = {d: Path(cfg.out) / d / "train" / run_name_for(lr) / "supernet" / "adapters.safetensors"
+                 for d, lr in zip(frame["dataset"], frame["lr"])}
+    trained = {d: path.stat().st_mtime_ns for d, path in supernets.items()}
+    rerun = run_pipeline(parse_config(run_args(
+        cfg, "--checkpoint-every", "1", "--train-workers", "2", "--actors", "2", "--actor-cpus", "0.5",
+        "--max-concurrent-datasets", "1", "--test-pareto", "--generations", "3")))
+    assert list(rerun["dataset"]) == list(DATASETS) and list(rerun["lr"]) == list(frame["lr"])
+    assert (rerun["val_acc"].to_numpy() >= frame["val_acc"].to_numpy()).all()
+    for dataset, row in zip(DATASETS, rerun.itertuples()):
+        assert supernets[dataset].stat().st_mtime_ns == trained[dataset]  # training not repeated
         after = read_population(layout.search_uri(cfg.out, dataset))
         assert set(after["generation"]) == {0, 1, 2} and after["subnet"].is_unique
         first_two = after[after["generation"] < 2].reset_index(drop=True)
         pd.testing.assert_frame_equal(without_timing(first_two), without_timing(before[dataset]))
-    assert (extended["val_acc"].to_numpy() >= frame["val_acc"].to_numpy()).all()
+        # --test-pareto: every front member tested once; the winner's score is the summary's.
+        front = storage.read_json(storage.join(layout.search_uri(cfg.out, dataset), "result.json"))["pareto_size"]
+        tested = pd.read_parquet(storage.join(layout.export_uri(cfg.out, dataset), "pareto_test.parquet"))
+        assert len(tested) == front and tested["key"].is_unique
+        assert tested.set_index("key").loc[row.subnet, "test_acc"] == row.test_acc
     assert storage.read_json(storage.join(cfg.out, layout.CONFIG_FILE))["extent"] == {"search": {"generations": 3}}

@@ -235,6 +235,8 @@ def test_a_finished_run_is_not_recomputed_and_other_settings_are_refused(baselin
 
     with pytest.raises(ResumeMismatchError, match="config.m_prob=0.2; this command has 0.3"):
         search(problem, out, m_prob=0.3)
+    with pytest.raises(ResumeMismatchError, match="holds 3 generations; generations=2 cannot undo them"):
+        search(problem, out, generations=2)
     shuffled = replace(problem, labels=np.roll(problem.labels, 1))
     with pytest.raises(ResumeMismatchError, match="val_sha256"):
         search(shuffled, out)

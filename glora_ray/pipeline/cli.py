@@ -192,11 +192,26 @@ def parse_config(argv: Sequence[str] | None = None) -> PipelineConfig:
         raise  # unreachable: parser.error exits
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a line is logged (it may be replaced later)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; stdout is looked up instead
+        pass
+
+
 def show_progress(verbose: bool = False) -> None:
-    """Print the package's progress lines (INFO) to stdout, with the time of day."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    """Print the package's progress lines (INFO) to stdout, with the time of day; once per process."""
     package = logging.getLogger("glora_ray")
-    package.addHandler(handler)
+    if not any(isinstance(h, _StdoutHandler) for h in package.handlers):
+        package.addHandler(_StdoutHandler())
     package.setLevel(logging.DEBUG if verbose else logging.INFO)
     package.propagate = False

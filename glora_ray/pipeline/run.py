@@ -234,8 +234,8 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
             done, _ = ray.wait(list(running), num_returns=1, timeout=_PROGRESS_POLL_S)
             _drain(progress)
             for ref in done:
-                dataset = running.pop(ref)
-                rows.append(_outcome(ref, dataset))
+                running.pop(ref)
+                rows.append(_outcome(ref))
         _drain(progress)
     finally:
         progress.shutdown()
@@ -255,7 +255,7 @@ def _drain(progress) -> None:
         log.info(line)
 
 
-def _outcome(ref, dataset: str) -> dict[str, Any]:
+def _outcome(ref) -> dict[str, Any]:
     """A dataset's summary row; its bad-input error as itself (one line), not Ray's wrapper."""
     import ray
     from ray.exceptions import RayTaskError
@@ -264,6 +264,5 @@ def _outcome(ref, dataset: str) -> dict[str, Any]:
         return ray.get(ref)
     except RayTaskError as err:
         if isinstance(err.cause, GLoRARayError):
-            log.error("[%s] stopped: %s", dataset, err.cause)
             raise err.cause from None
         raise
