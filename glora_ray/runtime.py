@@ -1,11 +1,12 @@
 """Starting Ray: the one place glora-ray initialises it (pipeline, training and search alike).
 
 ``init_ray`` joins the cluster a ``ray job submit`` (or ``RAY_ADDRESS``) names, else starts a
-local instance, and exports that instance's address as ``RAY_ADDRESS``: processes started
-from here (Train's controller and its PlacementGroupCleaner, Tune trials) then attach to this
-instance even while another local Ray runs on the same machine ("Found multiple active Ray
-instances").  Unless ``verbose``, Ray's internal chatter stays in Ray's log files
-(``/tmp/ray/session_latest/logs``): warnings and errors of the package itself still show.
+local instance, and exports that instance's address as ``RAY_ADDRESS``; ``child_runtime_env``
+hands it to a task's children (Train's controller and its PlacementGroupCleaner, Tune trials),
+so they query this instance even while another local Ray runs on the same machine (otherwise:
+"Found multiple active Ray instances").  Unless ``verbose``, Ray's internal chatter (worker
+output, Train's per-report lines, the token-authentication notice) stays in Ray's log files
+(``/tmp/ray/session_latest/logs``); the package's own progress and errors still show.
 """
 from __future__ import annotations
 
@@ -16,12 +17,8 @@ log = logging.getLogger(__name__)
 
 # Ray Train V2 prints a deprecation banner per run unless told otherwise.
 _QUIET_ENV = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
-# Loggers of Ray internals that print at INFO/WARNING on every run of a healthy pipeline: the
-# per-report TrainingReport dumps, the PlacementGroupCleaner polling the State API (served only
-# by the dashboard), the token-authentication notice of a fresh local instance.
+# Loggers of Ray internals that print at INFO/WARNING on every run of a healthy pipeline.
 _RAY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data")
-
-
 VERBOSE_ENV = "GLORA_RAY_VERBOSE"  # "1": Ray's own INFO lines too (--verbose)
 
 
