@@ -62,11 +62,6 @@ class Budget:
             )
         return max(lo, reach_lo), min(hi, reach_hi)
 
-    def contains(self, params: int) -> bool:
-        return (self.min_params is None or params >= self.min_params) and (
-            self.max_params is None or params <= self.max_params
-        )
-
 
 def _repair(genes: np.ndarray, costs: np.ndarray, lo: int, hi: int, rng: np.random.Generator) -> np.ndarray | None:
     """Move genes one at a time toward [lo, hi]; bounded by the number of gene values."""

@@ -1,4 +1,8 @@
 """Small shared builders for the tests."""
+import contextlib
+import json
+import os
+
 import timm
 import torch
 
@@ -41,3 +45,16 @@ def spec_support(support, tensor: str, name: str):
         return down[:, 0:1]
     rank = int(name.removeprefix("lora"))
     return down[:, :rank] @ up[:rank, :]
+
+@contextlib.contextmanager
+def injected_faults(**plan):
+    """Faults for the code inside the block, in this process and every Ray worker (glora_ray.faults)."""
+    from glora_ray import faults
+
+    path = os.environ[faults.ENV_VAR]
+    with open(path, "w") as handle:
+        json.dump(plan, handle)
+    try:
+        yield
+    finally:
+        os.remove(path)

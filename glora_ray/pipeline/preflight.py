@@ -30,7 +30,7 @@ from ..params import ParamCounter
 from ..space import TENSORS, Kind
 from ..train.loop import steps_per_epoch
 from . import layout
-from .config import PipelineConfig, PipelineConfigError
+from .config import PipelineConfig, PipelineConfigError, check_same_run
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("val200", "test")
@@ -76,22 +76,10 @@ def _check_output(cfg: PipelineConfig) -> None:
         if not cfg.resume:
             raise PipelineConfigError(f"--out {cfg.out} already holds a run; drop --no-resume to continue it, "
                                       f"or choose another --out")
-        stored_identity, identity = stored.get("identity", {}), json.loads(json.dumps(cfg.identity(), default=str))
-        differing = sorted(_differences(stored_identity, identity))
-        if differing:
-            raise PipelineConfigError(
-                f"--out {cfg.out} holds a different run's results (differs in {', '.join(differing[:6])}); "
-                f"choose another --out"
-            )
+        check_same_run(cfg, stored, f"--out {cfg.out}")
     elif not storage.is_empty_dir(cfg.out):
         raise PipelineConfigError(f"--out {cfg.out} is not empty and holds no glora-ray run ({layout.CONFIG_FILE}); "
                                   f"choose an empty or new folder")
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _check_model(cfg: PipelineConfig) -> None:

@@ -8,22 +8,24 @@ import logging
 import os
 import time
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from .. import storage
 from ..checkpoint import SupernetSpec, load_supernet, numpy_state
 from ..data import DataConfig, dataset_info, load_split_arrays
+from ..errors import GLoRARayError
+from ..runtime import child_runtime_env, init_ray, quiet_ray_logs
 from ..search import run_search
 from ..train import train_supernet
 from . import layout
-from .config import DatasetOutcome, PipelineConfig
+from .config import DatasetOutcome, PipelineConfig, run_record
 from .export import export_winner
 from .holdout import split_accuracies
 from .lr_sweep import sweep_learning_rate
 from .preflight import check_cluster, preflight
-from .summary import format_summary, summary_frame
+from .summary import summary_frame
 
 log = logging.getLogger(__name__)
 TEST_FILE = "test.json"  # the winner's single test result; present means "tested once already"
@@ -33,7 +35,7 @@ LR_SWEEP_FILE = "lr_sweep.json"
 
 def run_id_for(cfg: PipelineConfig) -> str:
     """Stable across reruns of the same job, so a resumed run writes the same rows."""
-    identity = json.dumps(cfg.identity(), sort_keys=True, default=str)
+    identity = json.dumps(cfg.identity(), sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
@@ -47,10 +49,15 @@ def data_for(cfg: PipelineConfig, dataset: str) -> DataConfig:
 
 
 # -- one dataset -------------------------------------------------------------------------------
-def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """Stages 1-3 for one dataset; every stage resumes from what an earlier run completed."""
+def run_dataset(cfg_dict: dict[str, Any], dataset: str, progress: Any = None) -> dict[str, Any]:
+    """Stages 1-3 for one dataset; every stage resumes from what an earlier run completed.
+
+    ``progress``: a ``ray.util.queue.Queue`` that carries this dataset's progress lines to the
+    driver (``run_pipeline``); None: they are logged here.
+    """
     cfg = PipelineConfig.from_dict(cfg_dict)
-    say = _progress(dataset)
+    quiet_ray_logs(cfg.verbose)
+    say = _progress(dataset, progress)
     started = time.perf_counter()
     spec, data = spec_for(cfg, dataset), data_for(cfg, dataset)
     export_uri = layout.export_uri(cfg.out, dataset)
@@ -66,7 +73,8 @@ def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
     else:
         lr = cfg.lr_for(dataset)
         say(f"stage 1: training the supernet, lr {lr:g}, {cfg.train.epochs} epochs, {cfg.train.world_size} worker(s)")
-        trained = train_supernet(spec, data, cfg.train_for(dataset, lr), layout.train_uri(cfg.out, dataset), "supernet")
+        trained = train_supernet(spec, data, cfg.train_for(dataset, lr), layout.train_uri(cfg.out, dataset), "supernet",
+                                 progress=_stage(say, "stage 1"))
         checkpoint_dir = trained.checkpoint_dir
         last = trained.history[-1] if trained.history else {}
         say(f"stage 1: done, loss {last.get('loss', float('nan')):.4f}, train acc {last.get('train_acc', float('nan')):.4f}")
@@ -75,7 +83,7 @@ def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
     val_images, val_labels = load_split_arrays(data.root, dataset, "val200", data.img_size, data.mean, data.std)
     say("stage 2: evolutionary search")
     search = run_search(spec, numpy_state(supernet), val_images, val_labels, cfg.search,
-                        layout.search_uri(cfg.out, dataset), run_id_for(cfg), dataset, progress=say)
+                        layout.search_uri(cfg.out, dataset), run_id_for(cfg), dataset, progress=_stage(say, "stage 2"))
     best = search.best
     del val_images, val_labels
 
@@ -116,29 +124,32 @@ def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig,
     storage.write_bytes(storage.join(export_uri, PARETO_TEST_FILE), buffer.getvalue())
 
 
-def _progress(dataset: str) -> Callable[[str], None]:
-    def say(line: str) -> None:
-        print(f"[{dataset}] {line}", flush=True)
+class _Progress:
+    """One dataset's progress lines: to the driver's queue, else to this module's logger.
 
-    return say
+    A class rather than a closure: Ray pickles it into the training workers.
+    """
+
+    def __init__(self, prefix: str, queue: Any = None):
+        self.prefix, self.queue = prefix, queue
+
+    def __call__(self, line: str) -> None:
+        line = f"{self.prefix} {line}"
+        if self.queue is None:
+            log.info(line)
+        else:
+            self.queue.put_nowait(line)
+
+
+def _progress(dataset: str, queue: Any = None) -> _Progress:
+    return _Progress(f"[{dataset}]", queue)
+
+
+def _stage(say: _Progress, stage: str) -> _Progress:
+    return _Progress(f"{say.prefix} {stage}:", say.queue)
 
 
 # -- the whole job ------------------------------------------------------------------------------
-def init_ray() -> None:
-    """Join the cluster a `ray job submit` (or RAY_ADDRESS) names; else start a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-    else:
-        # The dashboard (when ray[default] is installed) serves the State API that Train V2's
-        # placement-group cleaner polls; without it that actor logs an error every second.
-        ray.init(address="local", logging_level=logging.WARNING)
-
-
 def _concurrency(cfg: PipelineConfig) -> int:
     import ray
 
@@ -150,34 +161,65 @@ def _concurrency(cfg: PipelineConfig) -> int:
 
 
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
-    """Check everything, then run every dataset (concurrently where the cluster has room)."""
+    """Check everything, then run every dataset (concurrently where the cluster has room).
+
+    Progress (stages, epochs, generations with elapsed time and ETA) is logged on this module's
+    logger; bad input raises a ``GLoRARayError`` before compute, also from inside a dataset's task.
+    """
     import ray
+    from ray.util.queue import Queue
 
     budgets = preflight(cfg)
+    quiet_ray_logs(cfg.verbose)
     init_ray()
     check_cluster(cfg)  # the last check: config.json marks a run that passed every one
     storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
-                       {"config": cfg.to_dict(), "identity": cfg.identity(), "run_id": run_id_for(cfg),
+                       {**run_record(cfg), "run_id": run_id_for(cfg),
                         "budgets": {d: list(b) for d, b in budgets.items()}})
     # The dataset driver only orchestrates: its Train workers and actors hold the resources.
-    remote_dataset = ray.remote(num_cpus=0)(run_dataset)
+    # Its children (Train's controller and cleaner, Tune) must find this Ray instance and no other.
+    remote_dataset = ray.remote(num_cpus=0)(run_dataset).options(runtime_env=child_runtime_env())
+    progress = Queue(actor_options={"num_cpus": 0})
     limit, pending, rows = _concurrency(cfg), list(cfg.datasets), []
     running: dict[Any, str] = {}
     config = cfg.to_dict()
-    while pending or running:
-        while pending and len(running) < limit:
-            dataset = pending.pop(0)
-            running[remote_dataset.remote(config, dataset)] = dataset
-        done, _ = ray.wait(list(running), num_returns=1)
-        for ref in done:
-            running.pop(ref)
-            rows.append(ray.get(ref))
+    try:
+        while pending or running:
+            while pending and len(running) < limit:
+                dataset = pending.pop(0)
+                running[remote_dataset.remote(config, dataset, progress)] = dataset
+            done, _ = ray.wait(list(running), num_returns=1, timeout=_PROGRESS_POLL_S)
+            _drain(progress)
+            for ref in done:
+                running.pop(ref)
+                rows.append(_outcome(ref))
+        _drain(progress)
+    finally:
+        progress.shutdown()
     order = {d: i for i, d in enumerate(cfg.datasets)}
     frame = summary_frame(sorted(rows, key=lambda r: order[r["dataset"]]))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(cfg.out, layout.SUMMARY_FILE), buffer.getvalue())
-    print(format_summary(frame), flush=True)
-    print(f"results: {cfg.out} (summary: {storage.join(cfg.out, layout.SUMMARY_FILE)}; "
-          f"per dataset: <dataset>/export/merged.safetensors, subnet.json, adapters.safetensors)", flush=True)
     return frame
+
+
+_PROGRESS_POLL_S = 0.5
+
+
+def _drain(progress) -> None:
+    for line in progress.get_nowait_batch(progress.qsize()):
+        log.info(line)
+
+
+def _outcome(ref) -> dict[str, Any]:
+    """A dataset's summary row; its bad-input error as itself (one line), not Ray's wrapper."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as err:
+        if isinstance(err.cause, GLoRARayError):
+            raise err.cause from None
+        raise

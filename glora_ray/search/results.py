@@ -40,6 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..errors import GLoRARayError
 from ..space import TENSORS, SearchSpace
 from .evaluator import EvalResult
 from .evolution import Scored
@@ -55,8 +56,13 @@ _GENERATION_FILE = re.compile(r"gen=(\d{4,})\.parquet")
 _TEMPORARY_FILE = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
 TIMING_COLUMNS = ("eval_seconds", "actor")  # the columns that differ between equal runs
 
-LEADING_COLUMNS = ("run_id", "dataset", "generation", "candidate_id", "parent_ids", "origin", "key")
-TRAILING_COLUMNS = ("params", "val_acc", "eval_seconds", "actor", "seed")
+
+class ResultFileError(GLoRARayError):
+    """A stored results file that is unreadable or was not written by this run's format."""
+
+
+class MissingResultsError(GLoRARayError, FileNotFoundError):
+    """No results where a reader was pointed."""
 
 
 def gene_column(layer: str, tensor: str) -> str:
@@ -218,13 +224,13 @@ class ResultStore:
         try:
             table = pq.read_table(path, filesystem=self.fs)
         except (OSError, pa.ArrowInvalid) as err:
-            raise ValueError(f"{path}: not a readable Parquet file ({err}); remove it to recompute that generation") from err
+            raise ResultFileError(f"{path}: not a readable Parquet file ({err}); remove it to recompute that generation") from err
         if schema is not None and not table.schema.equals(schema, check_metadata=False):
-            raise ValueError(f"{path}: its columns differ from this model's population schema "
+            raise ResultFileError(f"{path}: its columns differ from this model's population schema "
                              f"(e.g. {sorted(set(table.schema.names) ^ set(schema.names))[:5]})")
         raw = (table.schema.metadata or {}).get(METADATA_KEY)
         if raw is None:
-            raise ValueError(f"{path}: no commit record (metadata key {METADATA_KEY.decode()!r}); not written by glora_ray")
+            raise ResultFileError(f"{path}: no commit record (metadata key {METADATA_KEY.decode()!r}); not written by glora_ray")
         return StoredGeneration(generation, table, json.loads(raw))
 
 
@@ -232,7 +238,7 @@ def read_population(out_uri: str | os.PathLike) -> pd.DataFrame:
     """Every generation of a run as one DataFrame, ordered by generation and candidate."""
     store = ResultStore(out_uri)
     if not store.generation_numbers():
-        raise FileNotFoundError(f"{store.population_uri}: no generation files (gen=NNNN.parquet) here")
+        raise MissingResultsError(f"{store.population_uri}: no generation files (gen=NNNN.parquet) here")
     table = pq.read_table(store.path(POPULATION_DIR), filesystem=store.fs)
     frame = table.to_pandas()
     return frame.sort_values(["generation", "candidate_id"], kind="stable").reset_index(drop=True)
