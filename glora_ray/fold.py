@@ -30,6 +30,8 @@ from .layers import GLoRAConv2d, GLoRALayer
 logger = logging.getLogger(__name__)
 
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+# A fold target meaning: read by a BatchNorm that uses batch statistics, so the bias cancels.
+_BATCH_STATISTICS = object()
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,9 @@ def default_example_input(model: nn.Module) -> torch.Tensor | None:
     if size is None or len(size) != 3:
         return None
     channels, height, width = size
-    patch_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if patch_size is not None:
-        height, width = patch_size
+    fixed_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed_size is not None:
+        height, width = fixed_size
     reference = next(iter(model.parameters()), None)
     device = reference.device if reference is not None else None
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
@@ -113,8 +115,8 @@ class _ConsumerRecorder(TorchFunctionMode):
         self.uses[id(tensor)] = []
 
 
-def _fold_target(layer: GLoRALayer, output: torch.Tensor, uses: list, norm_names: Mapping[int, str]) -> str | None:
-    """The norm this one output's bias folds into ("" for cancelled by batch statistics), or None."""
+def _fold_target(layer: GLoRALayer, output: torch.Tensor, uses: list, norm_names: Mapping[int, str]) -> str | object | None:
+    """The name of the norm this one output's bias folds into, ``_BATCH_STATISTICS``, or None."""
     if len(uses) != 1 or uses[0][0] is not F.batch_norm:
         return None
     _, args, kwargs = uses[0]
@@ -128,7 +130,7 @@ def _fold_target(layer: GLoRALayer, output: torch.Tensor, uses: list, norm_names
         return None
     running_mean = arguments["running_mean"]
     if running_mean is None:
-        return "" if arguments["training"] else None  # batch statistics: a constant shift cancels
+        return _BATCH_STATISTICS if arguments["training"] else None
     if arguments["training"]:
         return None
     return norm_names.get(id(running_mean))
@@ -151,8 +153,8 @@ def plan_bias_folds(model: nn.Module, layers: Mapping[str, GLoRALayer],
                        "(pass example_input to Supernet.fold_plan to fold them into their BatchNorms)",
                        type(model).__name__, len(biasless))
         return FoldPlan(kept=tuple(biasless))
-    norm_names = {id(buf): name.rpartition(".")[0] for name, buf in model.named_buffers()
-                  if name.rpartition(".")[2] == "running_mean"}
+    norm_names = {id(module.running_mean): name for name, module in model.named_modules()
+                  if isinstance(getattr(module, "running_mean", None), torch.Tensor)}
     recorder = _ConsumerRecorder()
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in biasless}
 
@@ -189,7 +191,7 @@ def plan_bias_folds(model: nn.Module, layers: Mapping[str, GLoRALayer],
             for out in outputs[name]
         }
         target = targets.pop() if len(targets) == 1 else None
-        if target == "":
+        if target is _BATCH_STATISTICS:
             cancelled.add(name)
         elif target is not None and all(  # the norm reads this layer's outputs and nothing else
                 recorder.watched.get(id(x), (None, None))[1] == name for x in recorder.norm_inputs[running_means[target]]):
