@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import GLoRARayError, GLoRARayTypeError
+from .fold import FoldPlan, plan_bias_folds
 from .layers import ADAPTABLE_LAYER_TYPES, GLoRALayer
 from .params import ParamCounter
 from .space import Choice, SearchSpace, SearchSpaceError, Subnet
@@ -146,6 +147,7 @@ class Supernet(nn.Module):
             m for n, m in model.named_modules()
             if getattr(m, "track_running_stats", False) and not (n == self.head_name or head_prefix and n.startswith(head_prefix))
         ]
+        self._fold_plan: FoldPlan | None = None
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "Supernet":
@@ -278,13 +280,28 @@ class Supernet(nn.Module):
     def _merge_choices(self, subnet: SubnetLike | None) -> list[tuple[Choice, ...] | None]:
         return [None] * self.num_layers if subnet is None else self.layer_choices(subnet)
 
+    def fold_plan(self, example_input: torch.Tensor | None = None) -> FoldPlan:
+        """Which BatchNorm absorbs the merged bias of each bias-less adapted layer (docs/method.md §7).
+
+        Found once, by one forward of ``example_input`` (default: a zero image of the model's
+        configured input size) recording which function reads each such layer's output, and
+        cached: the structure never changes.  Pass ``example_input`` for a model without a timm
+        configuration; it replaces the cached plan.
+        """
+        if example_input is not None or getattr(self, "_fold_plan", None) is None:
+            self._fold_plan = plan_bias_folds(self.model, dict(zip(self.layer_names, self.layers())), example_input)
+        return self._fold_plan
+
     def merged_state_dict(self, subnet: SubnetLike | None = None) -> dict[str, torch.Tensor]:
         """State dict of the plain model with ``subnet`` (default: the current one) merged in.
 
         Adapted layers get new tensors, built out of place; every other entry is the
         supernet's own tensor (not a copy), so shared read-only weights stay shared.  A layer
-        without a bias gains one when E or C is chosen (docs/method.md §1): load such a state
-        into the plain model with ``load_merged_state_dict``.
+        without a bias gets one when E or C is chosen (docs/method.md §1.6); where that layer's
+        output goes straight into a BatchNorm, the bias is folded into a new running mean
+        instead (``fold_plan``, docs/method.md §7), so the state loads strictly into the plain
+        architecture.  Otherwise the bias stays (``added_bias_keys`` names it): load such a state
+        with ``load_merged_state_dict``.
         """
         prefixes = tuple(f"{n}." for n in self.layer_names)
         merged = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefixes)}
@@ -293,24 +310,33 @@ class Supernet(nn.Module):
             merged[f"{name}.weight"] = weight
             if bias is not None:
                 merged[f"{name}.bias"] = bias
+        self.fold_plan().fold_state(merged)
         return merged
 
+    def added_bias_keys(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Keys of a merged ``state`` that the plain architecture lacks: biases of bias-less
+        layers that could not be folded.  Empty: the state loads with plain ``load_state_dict``."""
+        return [f"{n}.bias" for n, l in zip(self.layer_names, self.layers())
+                if l.base.bias is None and f"{n}.bias" in state]
+
     def merged(self, subnet: SubnetLike | None = None) -> nn.Module:
-        """A plain copy of the model with ``subnet`` merged in: no GLoRA module is left."""
+        """A plain copy of the model with ``subnet`` merged in: no GLoRA module is left, and
+        biases are folded into BatchNorms as in ``merged_state_dict``."""
         plain = copy.deepcopy(self.model)
         for name, choices in zip(self.layer_names, self._merge_choices(subnet)):
             parent_name, _, child = name.rpartition(".")
             parent = plain.get_submodule(parent_name)
             setattr(parent, child, getattr(parent, child).merged(choices))
+        self.fold_plan().fold_module(plain)
         plain.requires_grad_(True)
         return plain
-
 
 def load_merged_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load a merged state dict (``Supernet.merged_state_dict``) into the plain model, strictly.
 
-    A bias-less layer (typically a convolution before a norm) whose merged form has a bias gets
-    a bias parameter first, so the plain model computes exactly what the subnet computes.
+    A bias-less layer whose merged bias could not be folded into a BatchNorm (``Supernet.fold_plan``,
+    docs/method.md §7) gets a bias parameter first, so the plain model computes exactly what the
+    subnet computes.  A state without such biases loads as with ``model.load_state_dict``.
     """
     own = model.state_dict()
     for key in state:
