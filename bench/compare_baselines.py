@@ -130,15 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_environment()
     import time
 
-    import pandas as pd
-
     from glora_ray import storage
     from glora_ray.errors import GLoRARayError
     from glora_ray.pipeline import layout
     from glora_ray.pipeline.cli import parse_config
-    from glora_ray.pipeline.comparison import aggregate, read_comparison
+    from glora_ray.pipeline.comparison import aggregate
     from glora_ray.pipeline.config import default_home
-    from glora_ray.pipeline.run import run_pipeline
+    from glora_ray.pipeline.run import comparison_table, run_pipeline
 
     args, extra = build_parser().parse_known_args(argv)
     tag = args.tag or args.preset + ("_quick" if args.quick else "")
@@ -151,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cannot measure: {err}", file=sys.stderr)
         return EXIT_CANNOT_MEASURE
     wall = time.perf_counter() - started
-    table = pd.concat([read_comparison(layout.dataset_uri(cfg.out, d)) for d in cfg.datasets], ignore_index=True)
+    table = comparison_table(cfg)
     stored = storage.read_json(storage.join(cfg.out, layout.CONFIG_FILE))
     result = {
         "bench": "compare_baselines", "tag": tag, "argv": list(argv if argv is not None else sys.argv[1:]),

@@ -10,9 +10,9 @@ from .errors import GLoRARayError
 
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,10 @@ ADAPTERS_FILE = "adapters.safetensors"
 
 class CheckpointMismatchError(GLoRARayError):
     """A checkpoint trained for another model, space, dataset or class count."""
+
+
+class MissingCheckpointError(GLoRARayError, FileNotFoundError):
+    """No checkpoint (or training state) where one was expected."""
 
 
 @dataclass
@@ -86,28 +90,39 @@ class SupernetSpec:
                 raise CheckpointMismatchError(f"{where}: checkpoint has {name}={have!r}, expected {want!r}")
 
 
-def save_supernet(directory: str | os.PathLike, supernet: Supernet, spec: SupernetSpec) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    supernet.save_adapters(directory / ADAPTERS_FILE, metadata={"model": spec.backbone.name, "dataset": spec.dataset})
-    storage.write_bytes(str(directory / SPEC_FILE), json.dumps(spec.to_dict(), indent=2).encode())
+def save_supernet(directory: str | os.PathLike, supernet: Supernet, spec: SupernetSpec) -> str:
+    """Write the checkpoint into ``directory`` (a path or URI), each file atomically."""
+    directory = os.fspath(directory)
+    storage.write_bytes(storage.join(directory, ADAPTERS_FILE),
+                        supernet.adapter_bytes({"model": spec.backbone.name, "dataset": spec.dataset}))
+    storage.write_bytes(storage.join(directory, SPEC_FILE), json.dumps(spec.to_dict(), indent=2).encode())
     return directory
 
 
 def read_spec(directory: str | os.PathLike) -> SupernetSpec:
-    path = Path(directory) / SPEC_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no supernet checkpoint here (expected {SPEC_FILE} and {ADAPTERS_FILE})")
-    return SupernetSpec.from_dict(json.loads(path.read_text()))
+    uri = storage.join(os.fspath(directory), SPEC_FILE)
+    if not storage.exists(uri):
+        raise MissingCheckpointError(f"{uri}: no supernet checkpoint here (expected {SPEC_FILE} and {ADAPTERS_FILE})")
+    return SupernetSpec.from_dict(storage.read_json(uri))
 
 
 def load_supernet(directory: str | os.PathLike, expected: SupernetSpec | None = None) -> tuple[Supernet, SupernetSpec]:
-    """Rebuild a trained supernet; with ``expected``, refuse a mismatched checkpoint first."""
+    """Rebuild a trained supernet from ``directory`` (a path or URI, like the results); with
+    ``expected``, refuse a mismatched checkpoint first."""
     spec = read_spec(directory)
     if expected is not None:
         spec.check_matches(expected, str(directory))
     supernet = spec.build()
-    supernet.load_adapters(Path(directory) / ADAPTERS_FILE)
+    uri = storage.join(os.fspath(directory), ADAPTERS_FILE)
+    local = storage.local_path(uri)
+    if local is not None:
+        supernet.load_adapters(local)
+        return supernet, spec
+    with tempfile.TemporaryDirectory(prefix="glora-adapters-") as local:  # safetensors reads files
+        path = os.path.join(local, ADAPTERS_FILE)
+        with open(path, "wb") as handle:
+            handle.write(storage.read_bytes(uri))
+        supernet.load_adapters(path)
     return supernet, spec
 
 

@@ -8,6 +8,7 @@ import torch
 from dataclasses import replace
 from torch.utils.data import TensorDataset
 
+from glora_ray.errors import GLoRARayError, GLoRARayTypeError
 from glora_ray.pipeline.baselines import BASELINES, BaselineError, BaselineOutcome, baseline, check_baseline_names
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.comparison import aggregate, comparison_rows, format_comparison
@@ -78,10 +79,15 @@ def test_fixed_subnet_trains_that_subnet_every_step():
     assert stats.subnet_digests == [subnet_digest([key] * stats.steps)]
     changed = {k for k, v in net.adapter_state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(".glora.B_" in k or k.startswith("head.") for k in changed), changed
-    with pytest.raises(TrainConfigError, match="fixed_subnet must be a subnet key"):
+    with pytest.raises(GLoRARayTypeError, match="fixed_subnet must be a subnet key .*got list"):
         TrainConfig(fixed_subnet=["B"]).validate()
-    with pytest.raises(ValueError, match="expected .* genes"):
+    with pytest.raises(TrainConfigError, match="fixed_subnet must be a subnet key"):
+        TrainConfig(fixed_subnet="").validate()
+    # Checked against the supernet's space and layers when training is set up, not at the first step.
+    with pytest.raises(GLoRARayError, match="keys start with 'r4r2:'"):
         SupernetTraining(net, images, TrainConfig(batch_size=16, fixed_subnet="00"), "cpu")
+    with pytest.raises(GLoRARayError, match="expected 40 genes"):
+        SupernetTraining(net, images, TrainConfig(batch_size=16, fixed_subnet="r4r2:00"), "cpu")
 
 
 def _outcome(name, params, val, test, seed):

@@ -2,7 +2,6 @@
 import copy
 import json
 from dataclasses import replace
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from glora_ray.backbone import BackboneConfig, BackboneError
 from glora_ray.checkpoint import CheckpointMismatchError, SupernetSpec, load_supernet, save_supernet
 from glora_ray.data import DataConfig, DataError, write_digits_dataset
+from glora_ray.errors import GLoRARayError
 from glora_ray.train import (
     SupernetTraining,
     TrainConfig,
@@ -24,6 +24,7 @@ from glora_ray.train import (
     train_supernet,
 )
 from glora_ray.train.job import prepare_spec
+from helpers import injected_faults
 
 # One 16x16 patch per 16-px digit and mean pooling: even a random frozen ViT then carries enough
 # of the image for the head and adapters to learn in a few epochs.
@@ -202,10 +203,9 @@ def test_bad_input_fails_before_training(data, digits_root, tmp_path):
     storage = tmp_path / "runs"
 
     def refused(exc, match, spec=None, data_cfg=data, cfg=None):
-        start = time.perf_counter()
         with pytest.raises(exc, match=match):
             train_supernet(spec or make_spec(), data_cfg, cfg or quick(), str(storage), "bad")
-        assert time.perf_counter() - start < 10 and not (storage / "bad").exists()
+        assert not (storage / "bad").exists()  # refused before anything was written
 
     refused(TrainConfigError, "num_classes=5 but dataset 'digits' has 10", spec=make_spec(num_classes=5))
     refused(TrainConfigError, "img_size=16 but data img_size=32", data_cfg=DataConfig(digits_root, "digits", 32))
@@ -214,6 +214,7 @@ def test_bad_input_fails_before_training(data, digits_root, tmp_path):
     refused(BackboneError, "does not exist", spec=make_spec(backbone=missing))
     refused(TrainConfigError, "no full batch of 1024", cfg=quick(batch_size=1024))
     refused(DataError, "data root", data_cfg=DataConfig(str(tmp_path / "none"), "digits", 16))
+    refused(GLoRARayError, "keys start with", cfg=quick(fixed_subnet="00"))  # a fixed subnet of another space
     with pytest.raises(TrainConfigError, match="is remote: pass a local output_dir"):
         train_supernet(make_spec(), data, quick(num_workers=1), "s3://bucket/runs", "remote")
     # A broken list line in the training split names its file and line.
@@ -233,8 +234,9 @@ def test_bad_input_fails_before_training(data, digits_root, tmp_path):
 @pytest.fixture(scope="module")
 def ddp_run(ray_local, data, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("ddp"))
-    cfg = quick(epochs=3, num_workers=2, max_failures=1, inject_failure_at_step=15)
-    return train_supernet(make_spec(), data, cfg, storage, "sn")
+    cfg = quick(epochs=3, num_workers=2, max_failures=1)
+    with injected_faults(train_step=15):
+        return train_supernet(make_spec(), data, cfg, storage, "sn")
 
 
 @pytest.mark.slow

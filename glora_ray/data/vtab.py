@@ -123,6 +123,8 @@ class Sample:
     path: Path
     label: int
     source: str  # "<list file>:<line>", for error messages
+    list_file: Path | None = None  # the list file and line that name this sample
+    line: int | None = None
 
 
 def _raise_problems(path: Path, problems: list[str]) -> None:
@@ -164,7 +166,7 @@ def parse_list_file(path: str | Path, num_classes: int, check_exists: bool = Tru
         if check_exists and not image.is_file():
             problems.append(f"{where}: image {str(image)!r} does not exist")
             continue
-        samples.append(Sample(image, label, where))
+        samples.append(Sample(image, label, where, path, number))
     _raise_problems(path, problems)
     if not samples:
         raise DataError(f"list file {str(path)!r} holds no samples")
@@ -193,13 +195,10 @@ def validate_dataset(
     for split in splits:
         samples = read_split(root, dataset, split)
         if open_images:
-            problems = []
-            for sample in samples:
-                try:
-                    with Image.open(sample.path) as image:
-                        image.verify()
-                except (OSError, UnidentifiedImageError, SyntaxError) as err:
-                    problems.append(f"{sample.source}: cannot decode image {str(sample.path)!r}: {err}")
+            from .verify import sample_refs, verify_images  # verify.py builds on this module
+
+            found = verify_images(sample_refs(samples))
+            problems = [f"{p.ref.where}: cannot decode image {str(p.ref.path)!r}: {p.problem}" for p in found]
             _raise_problems(list_file(root, dataset, split), problems)
         counts[split] = len(samples)
     return counts

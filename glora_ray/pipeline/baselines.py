@@ -146,7 +146,8 @@ def run_baselines(
     progress: Callable[[str], None] = log.info,
 ) -> list[BaselineOutcome]:
     """Train each named baseline like the supernet (``train``: its lr, epochs, seed), then score it
-    once on val200 and test.  A baseline with a record is neither retrained nor retested."""
+    once on val200 and test.  A baseline with a record is neither retrained nor retested.
+    ``progress`` (picklable: training's rank-0 worker calls it too) takes the progress lines."""
     structure = spec.build_empty()  # meta device: layers and counter, no weights
     outcomes = []
     for name in check_baseline_names(names):
@@ -158,7 +159,8 @@ def run_baselines(
             outcomes.append(stored)
             continue
         progress(f"baseline {name}: training {params:,} adapter params, lr {train.lr:g}, {train.epochs} epochs")
-        trained = train_supernet(spec, data, replace(train, fixed_subnet=key), train_uri, run_name(name))
+        trained = train_supernet(spec, data, replace(train, fixed_subnet=key), train_uri, run_name(name),
+                                 progress=progress)
         val_acc = evaluate(trained.checkpoint_dir, [genes], VAL_SPLIT)[0]
         test_acc = evaluate(trained.checkpoint_dir, [genes], TEST_SPLIT)[0]
         outcome = BaselineOutcome(

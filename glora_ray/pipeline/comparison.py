@@ -103,5 +103,4 @@ def read_comparison(dataset_uri: str) -> pd.DataFrame:
 
 def read_comparisons(uris: Sequence[str]) -> pd.DataFrame:
     """The tables under ``uris`` (dataset folders) as one, in the given order."""
-    return normalise(pd.concat([read_comparison(u)
-                                for u in uris], ignore_index=True))
+    return normalise(pd.concat([read_comparison(uri) for uri in uris], ignore_index=True))

@@ -1,8 +1,6 @@
 """The pipeline's configuration: presets, per-dataset resolution, and the stored run identity."""
 from __future__ import annotations
 
-from ..errors import GLoRARayError
-
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
@@ -10,6 +8,8 @@ from typing import Any, Mapping
 from .. import storage
 from ..backbone import BackboneConfig
 from ..data import VTAB_DATASETS, canonical_dataset_name
+from ..errors import GLoRARayError
+from ..identity import EXECUTION_ONLY, describe, differences, result_extent, result_identity
 from ..space import SearchSpace
 from ..search import SearchConfig
 from ..train import TrainConfig
@@ -34,7 +34,7 @@ class PipelineConfig:
 
     datasets: tuple[str, ...]
     data_root: str
-    out: str
+    out: str = field(metadata=EXECUTION_ONLY)  # where a run lives, not what it computes: it may move
     backbone: BackboneConfig
     train: TrainConfig
     search: SearchConfig
@@ -43,12 +43,21 @@ class PipelineConfig:
     lr: float | None = None  # None: the paper's Table 4 value for each dataset
     lr_sweep: tuple[float, ...] = ()  # non-empty: Ray Tune picks the supernet lr among these
     lr_sweep_subnets: int = 8  # random in-budget subnets that score a trial on val200
-    test_pareto: bool = False  # also test every subnet of the Pareto front
-    resume: bool = True  # False: refuse an output that already holds results
-    max_concurrent_datasets: int | None = None  # None: as many as the cluster's CPUs allow
-    write_embedded_data: bool = True  # write the bundled digits dataset when it is missing
-    baselines: tuple[str, ...] = ()  # fixed adapters trained and tested beside the search (BASELINES)
-    seeds: tuple[int, ...] = ()  # non-empty: the whole job once per seed, under <out>/seed=<s>/
+    # -- how the job runs: changing these continues a run (glora_ray.identity) -------------------
+    test_pareto: bool = field(default=False, metadata=EXECUTION_ONLY)  # also test every Pareto-front subnet
+    resume: bool = field(default=True, metadata=EXECUTION_ONLY)  # False: refuse an output holding results
+    # None: as many as the cluster's CPUs allow
+    max_concurrent_datasets: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    # Write the bundled digits dataset when it is missing
+    write_embedded_data: bool = field(default=True, metadata=EXECUTION_ONLY)
+    # > 0: wait this long for an autoscaling cluster to fit the run
+    wait_for_resources_s: float = field(default=0.0, metadata=EXECUTION_ONLY)
+    verbose: bool = field(default=False, metadata=EXECUTION_ONLY)  # Ray's own log lines too
+    # Extra reports with their own records, so they may be added to a finished run:
+    # fixed adapters trained and tested beside the search (BASELINES) ...
+    baselines: tuple[str, ...] = field(default=(), metadata=EXECUTION_ONLY)
+    # ... and, non-empty, the whole job once per seed, each its own run under <out>/seed=<s>/.
+    seeds: tuple[int, ...] = field(default=(), metadata=EXECUTION_ONLY)
 
     def __post_init__(self) -> None:
         self.datasets = tuple(canonical_dataset_name(d) for d in self.datasets)
@@ -70,6 +79,8 @@ class PipelineConfig:
             raise PipelineConfigError(f"lr_sweep_subnets must be >= 1, got {self.lr_sweep_subnets}")
         if self.max_concurrent_datasets is not None and self.max_concurrent_datasets < 1:
             raise PipelineConfigError(f"max_concurrent_datasets must be >= 1, got {self.max_concurrent_datasets}")
+        if not self.wait_for_resources_s >= 0:
+            raise PipelineConfigError(f"wait_for_resources_s must be >= 0 seconds, got {self.wait_for_resources_s}")
         self.train.validate()
 
     def lr_for(self, dataset: str) -> float:
@@ -108,17 +119,31 @@ class PipelineConfig:
         return cls(**data)
 
     def identity(self) -> dict[str, Any]:
-        """What makes two runs the same run: everything but resources and resume settings."""
-        data = self.to_dict()
-        # Baselines and seeds may be added to a finished run: each has its own records.
-        for key in ("resume", "max_concurrent_datasets", "write_embedded_data", "test_pareto", "baselines", "seeds"):
-            data.pop(key)
-        for key in ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures",
-                    "inject_failure_at_step", "keep_checkpoints"):
-            data["train"].pop(key, None)
-        data["search"] = self.search.result_identity()
-        data["search"]["generations"] = self.search.generations
-        return data
+        """What makes two runs the same run (``glora_ray.identity``): what its results depend on."""
+        return result_identity(self)
+
+
+def run_record(cfg: PipelineConfig) -> dict[str, Any]:
+    """What ``config.json`` records of a run: its settings, identity and extent."""
+    return {"config": cfg.to_dict(), "identity": cfg.identity(), "extent": result_extent(cfg)}
+
+
+def check_same_run(cfg: PipelineConfig, stored: Mapping[str, Any], where: str) -> None:
+    """Refuse to continue the run ``stored`` (a ``run_record``) unless ``cfg`` only changes how it
+    executes or extends it (``glora_ray.identity``); the message names every differing field."""
+    diffs = differences(stored.get("identity", {}), cfg.identity())
+    if diffs:
+        raise PipelineConfigError(
+            f"{where} holds a different run's results ({describe(diffs)}); settings that change results "
+            f"cannot change within a run: keep them, or choose another --out"
+        )
+    shrunk = [(name, old, new) for name, old, new in differences(stored.get("extent", {}), result_extent(cfg))
+              if old is not None and new is not None and new < old]
+    if shrunk:
+        raise PipelineConfigError(
+            f"{where} holds a run that went further ({describe(shrunk)}); these may only grow "
+            f"(raising them extends the run): keep or raise them, or choose another --out"
+        )
 
 
 def _embedded_backbone() -> BackboneConfig:
@@ -195,5 +220,4 @@ class DatasetOutcome:
     val_acc: float
     test_acc: float
     wall_seconds: float
-    subnet: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    key: str

@@ -8,29 +8,28 @@ import logging
 import os
 import time
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from .. import storage
-from ..backbone import BackboneError, create_backbone
-from ..budget import Budget
 from ..checkpoint import SupernetSpec, load_supernet, numpy_state
-from ..data import EMBEDDED_DATASETS, DataConfig, dataset_info, load_split_arrays, validate_dataset
-from ..data.digits import write_digits_dataset
+from ..data import DataConfig, dataset_info, load_split_arrays
+from ..errors import GLoRARayError
+from ..runtime import child_runtime_env, init_ray, quiet_ray_logs
 from ..search import run_search
 from ..train import train_supernet
 from . import layout
 from .baselines import run_baselines
-from .comparison import comparison_rows, format_comparison, read_comparisons, write_comparison
-from .config import DatasetOutcome, PipelineConfig, PipelineConfigError
+from .comparison import comparison_rows, read_comparisons, write_comparison
+from .config import DatasetOutcome, PipelineConfig, run_record
 from .export import export_winner
 from .holdout import split_accuracies
 from .lr_sweep import sweep_learning_rate
-from .summary import format_summary, summary_frame
+from .preflight import check_cluster, preflight
+from .summary import summary_frame
 
 log = logging.getLogger(__name__)
-EVAL_SPLITS = ("val200", "test")
 TEST_FILE = "test.json"  # the winner's single test result; present means "tested once already"
 PARETO_TEST_FILE = "pareto_test.parquet"
 LR_SWEEP_FILE = "lr_sweep.json"
@@ -38,7 +37,7 @@ LR_SWEEP_FILE = "lr_sweep.json"
 
 def run_id_for(cfg: PipelineConfig) -> str:
     """Stable across reruns of the same job, so a resumed run writes the same rows."""
-    identity = json.dumps(cfg.identity(), sort_keys=True, default=str)
+    identity = json.dumps(cfg.identity(), sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
@@ -51,65 +50,19 @@ def data_for(cfg: PipelineConfig, dataset: str) -> DataConfig:
     return DataConfig(root=os.path.abspath(cfg.data_root), dataset=dataset, img_size=cfg.backbone.img_size)
 
 
-# -- before any compute ----------------------------------------------------------------------
-def _check_backbone_weights(cfg: PipelineConfig) -> None:
-    """Checkpoint file and (offline) hub cache: loads the weights once on the CPU."""
-    if cfg.backbone.pretrained or cfg.backbone.checkpoint_path:
-        create_backbone(cfg.backbone, num_classes=2)
-
-
-def _check_output(cfg: PipelineConfig) -> None:
-    config_uri = storage.join(cfg.out, layout.CONFIG_FILE)
-    if storage.exists(config_uri):
-        stored = storage.read_json(config_uri)
-        if not cfg.resume:
-            raise PipelineConfigError(f"--out {cfg.out} already holds a run; drop --no-resume to continue it, "
-                                      f"or choose another --out")
-        stored_identity, identity = stored.get("identity", {}), json.loads(json.dumps(cfg.identity(), default=str))
-        differing = sorted(_differences(stored_identity, identity))
-        if differing:
-            raise PipelineConfigError(
-                f"--out {cfg.out} holds a different run's results (differs in {', '.join(differing[:6])}); "
-                f"choose another --out"
-            )
-    elif not storage.is_empty_dir(cfg.out):
-        raise PipelineConfigError(f"--out {cfg.out} is not empty and holds no glora-ray run ({layout.CONFIG_FILE}); "
-                                  f"choose an empty or new folder")
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
-    """Every check that needs no training, in order of cost; returns each dataset's budget."""
-    _check_output(cfg)
-    try:
-        cfg.backbone.validate()  # model name and checkpoint path: before anything builds a model
-    except BackboneError as err:
-        raise PipelineConfigError(str(err)) from err
-    for dataset in cfg.datasets:
-        if dataset in EMBEDDED_DATASETS and cfg.write_embedded_data:
-            write_digits_dataset(cfg.data_root)
-        validate_dataset(cfg.data_root, dataset, (cfg.train.split, *EVAL_SPLITS))
-    budgets = {}
-    for dataset in cfg.datasets:
-        counter = spec_for(cfg, dataset).build_empty().counter
-        budgets[dataset] = Budget(cfg.search.min_params, cfg.search.max_params).resolve(counter)
-    try:
-        _check_backbone_weights(cfg)
-    except BackboneError as err:
-        raise PipelineConfigError(str(err)) from err
-    return budgets
-
-
 # -- one dataset -------------------------------------------------------------------------------
-def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """Stages 1-3 for one dataset; every stage resumes from what an earlier run completed."""
+def run_dataset(cfg_dict: dict[str, Any], dataset: str, progress: Any = None,
+                label: str | None = None) -> dict[str, Any]:
+    """Stages 1-3 for one dataset, then its baselines and comparison; every stage resumes from
+    what an earlier run completed.
+
+    ``progress``: a ``ray.util.queue.Queue`` that carries this dataset's progress lines to the
+    driver (``run_pipeline``); None: they are logged here.  ``label``: their prefix (default: the
+    dataset's name).
+    """
     cfg = PipelineConfig.from_dict(cfg_dict)
-    say = _progress(dataset)
+    quiet_ray_logs(cfg.verbose)
+    say = _progress(label or dataset, progress)
     started = time.perf_counter()
     spec, data = spec_for(cfg, dataset), data_for(cfg, dataset)
     export_uri = layout.export_uri(cfg.out, dataset)
@@ -125,7 +78,8 @@ def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
     else:
         lr = cfg.lr_for(dataset)
         say(f"stage 1: training the supernet, lr {lr:g}, {cfg.train.epochs} epochs, {cfg.train.world_size} worker(s)")
-        trained = train_supernet(spec, data, cfg.train_for(dataset, lr), layout.train_uri(cfg.out, dataset), "supernet")
+        trained = train_supernet(spec, data, cfg.train_for(dataset, lr), layout.train_uri(cfg.out, dataset), "supernet",
+                                 progress=_stage(say, "stage 1"))
         checkpoint_dir = trained.checkpoint_dir
         last = trained.history[-1] if trained.history else {}
         say(f"stage 1: done, loss {last.get('loss', float('nan')):.4f}, train acc {last.get('train_acc', float('nan')):.4f}")
@@ -134,17 +88,17 @@ def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
     val_images, val_labels = load_split_arrays(data.root, dataset, "val200", data.img_size, data.mean, data.std)
     say("stage 2: evolutionary search")
     search = run_search(spec, numpy_state(supernet), val_images, val_labels, cfg.search,
-                        layout.search_uri(cfg.out, dataset), run_id_for(cfg), dataset, progress=say)
+                        layout.search_uri(cfg.out, dataset), run_id_for(cfg), dataset, progress=_stage(say, "stage 2"))
     best = search.best
     del val_images, val_labels
 
     test_uri = storage.join(export_uri, TEST_FILE)
-    if storage.exists(test_uri) and storage.read_json(test_uri).get("subnet") == best.key:
+    if storage.exists(test_uri) and storage.read_json(test_uri).get("key") == best.key:
         test_acc = storage.read_json(test_uri)["test_acc"]  # tested once already: never again
     else:
         say(f"stage 3: testing the winner ({best.params:,} params, val {best.val_acc:.4f}) once on test")
         test_acc = _remote_accuracies(cfg, checkpoint_dir, [best.genes], data)[0]
-        storage.write_json(test_uri, {"subnet": best.key, "test_acc": test_acc})
+        storage.write_json(test_uri, {"key": best.key, "test_acc": test_acc})
     export_winner(supernet, spec, best.genes, export_uri, val_acc=best.val_acc, test_acc=test_acc, lr=lr)
     front = _test_front(cfg, search.pareto, checkpoint_dir, data, export_uri, supernet) if cfg.test_pareto else None
     say(f"stage 3: exported to {export_uri} (test acc {test_acc:.4f})")
@@ -158,7 +112,7 @@ def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
     outcome = DatasetOutcome(
         dataset=dataset, group=dataset_info(dataset).group, seed=cfg.train.seed, lr=lr, params=best.params,
         head_params=supernet.head_num_params, val_acc=best.val_acc, test_acc=test_acc,
-        wall_seconds=time.perf_counter() - started, subnet=best.key,
+        wall_seconds=time.perf_counter() - started, key=best.key,
     )
     return asdict(outcome)
 
@@ -190,41 +144,43 @@ def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig,
     return table
 
 
-def _progress(dataset: str) -> Callable[[str], None]:
-    def say(line: str) -> None:
-        print(f"[{dataset}] {line}", flush=True)
+class _Progress:
+    """One dataset's progress lines: to the driver's queue, else to this module's logger.
 
-    return say
+    A class rather than a closure: Ray pickles it into the training workers.
+    """
+
+    def __init__(self, prefix: str, queue: Any = None):
+        self.prefix, self.queue = prefix, queue
+
+    def __call__(self, line: str) -> None:
+        line = f"{self.prefix} {line}"
+        if self.queue is None:
+            log.info(line)
+        else:
+            self.queue.put_nowait(line)
 
 
-def _comparisons(cfg: PipelineConfig, runs: list[tuple[int, PipelineConfig]]):
-    """Every dataset's comparison table over all seeds; with --seeds also written (with the
-    mean ± std table and the plot) to ``<out>/<dataset>/``."""
-    tables = []
-    for dataset in cfg.datasets:
-        table = read_comparisons([layout.dataset_uri(run.out, dataset) for _, run in runs])
-        if cfg.seeds:
-            write_comparison(layout.dataset_uri(cfg.out, dataset), table)
-        tables.append(table)
-    return pd.concat(tables, ignore_index=True)
+def _progress(dataset: str, queue: Any = None) -> _Progress:
+    return _Progress(f"[{dataset}]", queue)
+
+
+def _stage(say: _Progress, stage: str) -> _Progress:
+    return _Progress(f"{say.prefix} {stage}:", say.queue)
+
+
+def _dataset_comparison(cfg: PipelineConfig, dataset: str) -> pd.DataFrame:
+    """One dataset's comparison table over every seed of ``cfg``, as each seed's run stored it."""
+    return read_comparisons([layout.dataset_uri(run.out, dataset) for _, run in cfg.seed_runs()])
+
+
+def comparison_table(cfg: PipelineConfig) -> pd.DataFrame:
+    """GLoRA against fixed adapters (``comparison.COMPARISON_COLUMNS``) for every dataset and seed
+    of the finished run ``cfg``: the searched winner, the tested front and every baseline."""
+    return pd.concat([_dataset_comparison(cfg, dataset) for dataset in cfg.datasets], ignore_index=True)
 
 
 # -- the whole job ------------------------------------------------------------------------------
-def init_ray() -> None:
-    """Join the cluster a `ray job submit` (or RAY_ADDRESS) names; else start a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-    else:
-        # The dashboard (when ray[default] is installed) serves the State API that Train V2's
-        # placement-group cleaner polls; without it that actor logs an error every second.
-        ray.init(address="local", logging_level=logging.WARNING)
-
-
 def _concurrency(cfg: PipelineConfig) -> int:
     import ray
 
@@ -236,35 +192,71 @@ def _concurrency(cfg: PipelineConfig) -> int:
 
 
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
-    """Check everything, then run every dataset (concurrently where the cluster has room)."""
+    """Check everything, then run every dataset (concurrently where the cluster has room).
+
+    Progress (stages, epochs, generations with elapsed time and ETA) is logged on this module's
+    logger; bad input raises a ``GLoRARayError`` before compute, also from inside a dataset's task.
+    """
     import ray
+    from ray.util.queue import Queue
 
     budgets = preflight(cfg)
-    storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
-                       {"config": cfg.to_dict(), "identity": cfg.identity(), "run_id": run_id_for(cfg),
-                        "budgets": {d: list(b) for d, b in budgets.items()}})
+    quiet_ray_logs(cfg.verbose)
     init_ray()
+    check_cluster(cfg)  # the last check: config.json marks a run that passed every one
+    storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
+                       {**run_record(cfg), "run_id": run_id_for(cfg),
+                        "budgets": {d: list(b) for d, b in budgets.items()}})
     # The dataset driver only orchestrates: its Train workers and actors hold the resources.
-    remote_dataset = ray.remote(num_cpus=0)(run_dataset)
-    runs = cfg.seed_runs()
+    # Its children (Train's controller and cleaner, Tune) must find this Ray instance and no other.
+    remote_dataset = ray.remote(num_cpus=0)(run_dataset).options(runtime_env=child_runtime_env())
+    progress = Queue(actor_options={"num_cpus": 0})
     # Every (dataset, seed) is one independent job; with --seeds each seed has its own output folder.
-    limit, pending, rows = _concurrency(cfg), [(d, s, c.to_dict()) for d in cfg.datasets for s, c in runs], []
+    runs = cfg.seed_runs()
+    pending = [(dataset, seed, run.to_dict()) for dataset in cfg.datasets for seed, run in runs]
+    limit, rows = _concurrency(cfg), []
     running: dict[Any, str] = {}
-    while pending or running:
-        while pending and len(running) < limit:
-            dataset, _, config = pending.pop(0)
-            running[remote_dataset.remote(config, dataset)] = dataset
-        done, _ = ray.wait(list(running), num_returns=1)
-        for ref in done:
-            running.pop(ref)
-            rows.append(ray.get(ref))
+    try:
+        while pending or running:
+            while pending and len(running) < limit:
+                dataset, seed, config = pending.pop(0)
+                label = f"{dataset} seed={seed}" if cfg.seeds else dataset
+                running[remote_dataset.remote(config, dataset, progress, label)] = dataset
+            done, _ = ray.wait(list(running), num_returns=1, timeout=_PROGRESS_POLL_S)
+            _drain(progress)
+            for ref in done:
+                running.pop(ref)
+                rows.append(_outcome(ref))
+        _drain(progress)
+    finally:
+        progress.shutdown()
     order = {d: i for i, d in enumerate(cfg.datasets)}
     frame = summary_frame(sorted(rows, key=lambda r: (order[r["dataset"]], r["seed"])))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(cfg.out, layout.SUMMARY_FILE), buffer.getvalue())
-    print(format_summary(frame), flush=True)
-    print(format_comparison(_comparisons(cfg, runs)), flush=True)
-    print(f"results: {cfg.out} (summary: {storage.join(cfg.out, layout.SUMMARY_FILE)}; "
-          f"per dataset: <dataset>/export/merged.safetensors, subnet.json, adapters.safetensors)", flush=True)
+    if cfg.seeds:  # the mean ± std table and the plot over every seed, in <out>/<dataset>/
+        for dataset in cfg.datasets:
+            write_comparison(layout.dataset_uri(cfg.out, dataset), _dataset_comparison(cfg, dataset))
     return frame
+
+
+_PROGRESS_POLL_S = 0.5
+
+
+def _drain(progress) -> None:
+    for line in progress.get_nowait_batch(progress.qsize()):
+        log.info(line)
+
+
+def _outcome(ref) -> dict[str, Any]:
+    """A dataset's summary row; its bad-input error as itself (one line), not Ray's wrapper."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as err:
+        if isinstance(err.cause, GLoRARayError):
+            raise err.cause from None
+        raise

@@ -5,10 +5,11 @@ from ..errors import GLoRARayError
 
 import enum
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from ..budget import parse_param_count
+from ..identity import EXECUTION_ONLY, EXTENDS, result_identity
 from ..settings import from_known_fields
 
 
@@ -48,7 +49,7 @@ class SearchConfig:
     mutants: int = 25
     crossovers: int = 25
     m_prob: float = 0.2
-    generations: int = 20
+    generations: int = field(default=20, metadata=EXTENDS)  # raising it extends a run
     min_params: int | str | None = None  # "0.29M", "800k" or an int; None: what the space reaches
     max_params: int | str | None = None
     seed: int = 0
@@ -58,25 +59,24 @@ class SearchConfig:
     # -- evaluation ---------------------------------------------------------------------
     eval_batch_size: int = 64
     eval_mode: EvalMode = EvalMode.MERGED
-    # -- resources and fault handling (do not change results) ---------------------------
-    num_actors: int | None = None  # None: as many as the cluster's CPUs / GPUs hold
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0  # fractional allowed, e.g. 0.25: four actors per GPU
-    candidates_per_call: int | None = None  # None: about four calls per actor per generation
-    threads_per_actor: int | None = None  # torch threads; None: the actor's CPUs, at least 1
-    max_candidate_retries: int = 2  # a candidate that killed its actor more often is an error
-    max_actor_replacements: int | None = None  # None: 2 x num_actors over the whole run
-    call_timeout_s: float | None = None  # an evaluate call running longer marks its actor dead
-    actor_start_timeout_s: float = 600.0
-    actor_placement: Placement = Placement.SPREAD
-
-    # Fields whose change would change the search's results: a resume refuses to continue
-    # a run stored with different values.  ``generations`` may grow (extends the run); the
-    # resource fields may change freely.
-    RESULT_FIELDS = (
-        "population", "parents", "mutants", "crossovers", "m_prob", "min_params", "max_params",
-        "seed", "max_draw_tries", "eval_batch_size", "eval_mode",
-    )
+    # -- resources and fault handling: changing these continues a run (glora_ray.identity) --
+    # None: as many as the cluster's CPUs / GPUs hold
+    num_actors: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    cpus_per_actor: float = field(default=1.0, metadata=EXECUTION_ONLY)
+    # Fractional allowed, e.g. 0.25: four actors per GPU
+    gpus_per_actor: float = field(default=0.0, metadata=EXECUTION_ONLY)
+    # None: about four calls per actor per generation
+    candidates_per_call: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    # Torch threads; None: the actor's CPUs, at least 1
+    threads_per_actor: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    # A candidate that killed its actor more often is an error
+    max_candidate_retries: int = field(default=2, metadata=EXECUTION_ONLY)
+    # None: 2 x num_actors over the whole run
+    max_actor_replacements: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    # An evaluate call running longer marks its actor dead
+    call_timeout_s: float | None = field(default=None, metadata=EXECUTION_ONLY)
+    actor_start_timeout_s: float = field(default=600.0, metadata=EXECUTION_ONLY)
+    actor_placement: Placement = field(default=Placement.SPREAD, metadata=EXECUTION_ONLY)
 
     def __post_init__(self) -> None:
         try:
@@ -172,5 +172,4 @@ class SearchConfig:
 
     def result_identity(self) -> dict[str, Any]:
         """The settings that determine the search's results (compared on resume)."""
-        data = self.to_dict()
-        return {name: data[name] for name in self.RESULT_FIELDS}
+        return result_identity(self)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..backbone import empty_backbone
 from ..checkpoint import SupernetSpec, supernet_from_numpy
+from ..errors import GLoRARayError
 from ..supernet import Supernet, SubnetLike
 from .config import EvalMode
 
@@ -55,15 +56,15 @@ def _as_tensor(array: np.ndarray, dtype: np.dtype, device: torch.device) -> torc
 def check_val_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
     """Cheap checks on the validation arrays, before any expensive work."""
     if not isinstance(images, np.ndarray) or images.ndim != 4:
-        raise ValueError(f"val_images must be a numpy array (N, C, H, W), got {type(images).__name__} "
+        raise GLoRARayError(f"val_images must be a numpy array (N, C, H, W), got {type(images).__name__} "
                          f"with shape {getattr(images, 'shape', None)}")
     if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"val_labels must be a 1-D integer numpy array, got {getattr(labels, 'dtype', None)} "
+        raise GLoRARayError(f"val_labels must be a 1-D integer numpy array, got {getattr(labels, 'dtype', None)} "
                          f"with shape {getattr(labels, 'shape', None)}")
     if len(images) != len(labels) or len(labels) == 0:
-        raise ValueError(f"val_images ({len(images)}) and val_labels ({len(labels)}) must be equally long and non-empty")
+        raise GLoRARayError(f"val_images ({len(images)}) and val_labels ({len(labels)}) must be equally long and non-empty")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"val_labels span {int(labels.min())}..{int(labels.max())}, outside the model's "
+        raise GLoRARayError(f"val_labels span {int(labels.min())}..{int(labels.max())}, outside the model's "
                          f"{num_classes} classes")
 
 
@@ -89,20 +90,20 @@ class MergedModel:
                 f"unexpected {result.unexpected_keys[:5]}"
             )
         self._targets: list[nn.Module] = []
-        for name in supernet.layer_names:
+        for name, layer in zip(supernet.layer_names, supernet.layers()):
             module = self.plain.get_submodule(name)
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"plain backbone layer {name!r} is {type(module).__name__}, expected nn.Linear")
+            if type(module) is not type(layer.base):
+                raise ValueError(f"plain backbone layer {name!r} is {type(module).__name__}, expected "
+                                 f"{type(layer.base).__name__}")
             self._targets.append(module)
         self._zero_bias: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
     def load(self, genes: np.ndarray) -> None:
         """Put the merged weights of ``genes`` into the adapted layers (out of place)."""
-        space = self.supernet.space
-        per_layer = np.asarray(genes).reshape(self.supernet.num_layers, -1)
-        for i, (name, layer, target) in enumerate(zip(self.supernet.layer_names, self.supernet.layers(), self._targets)):
-            weight, bias = layer.merged_weight_and_bias(space.decode_layer(per_layer[i], name))
+        choices = self.supernet.layer_choices(genes)
+        for i, (layer, target) in enumerate(zip(self.supernet.layers(), self._targets)):
+            weight, bias = layer.merged_weight_and_bias(choices[i])
             if bias is None:  # no base bias and no D / E / C term: a zero bias keeps one code path
                 bias = self._zero_bias.get(i)
                 if bias is None:
@@ -146,7 +147,7 @@ class Evaluator:
     ):
         check_val_arrays(images, labels, spec.num_classes)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise GLoRARayError(f"batch_size must be >= 1, got {batch_size}")
         if threads is not None:
             torch.set_num_threads(threads)
         self.mode = EvalMode(mode)
@@ -207,7 +208,7 @@ def evaluate_subnet(supernet: Supernet, genes: SubnetLike, images: np.ndarray, l
     num_classes = head.out_features if isinstance(head, nn.Linear) else int(np.max(labels)) + 1
     check_val_arrays(images, labels, num_classes)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise GLoRARayError(f"batch_size must be >= 1, got {batch_size}")
     device = next(supernet.parameters()).device
     plain = supernet.merged(genes).eval().requires_grad_(False)
     correct = _count_correct(plain, _as_tensor(images, np.float32, "cpu"),

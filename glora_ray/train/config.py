@@ -1,17 +1,22 @@
 """Stage-1 training settings (SPEC §2 defaults) and how the job is spread over Ray Train workers."""
 from __future__ import annotations
 
-from ..errors import GLoRARayError
+from ..errors import GLoRARayError, GLoRARayTypeError
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from ..data.vtab import SPLITS
+from ..identity import EXECUTION_ONLY
 from ..settings import from_known_fields
 
 
 class TrainConfigError(GLoRARayError):
     """A training setting that cannot work, named with the values that would."""
+
+
+class TrainConfigTypeError(TrainConfigError, GLoRARayTypeError):
+    """A training setting of the wrong type."""
 
 
 @dataclass
@@ -29,21 +34,22 @@ class TrainConfig:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     seed: int = 0
-    checkpoint_every: int = 10  # epochs; the last epoch is always checkpointed
-    keep_checkpoints: int = 2
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    gpus_per_worker: float | None = None  # None: 1 when use_gpu; a fraction shares a GPU
-    max_failures: int = 3
-    wait_for_resources: bool = False  # True: let Ray wait for an autoscaler instead of refusing
     split: str = "train800"
     # One subnet for every step (its string key, ``Supernet.subnet_key``) instead of a random one
     # per layer and step: trains a fixed adapter such as a LoRA or SSF baseline (docs/method.md §2).
     fixed_subnet: str | None = None
-    # Test hook: raise at this global step, in an attempt that did not start from a checkpoint,
-    # to exercise FailureConfig retries.
-    inject_failure_at_step: int | None = None
+    # -- how the job runs: changing these continues a run (glora_ray.identity) ---------------
+    # The global batch and the per-epoch reseeding make results independent of the worker count.
+    checkpoint_every: int = field(default=10, metadata=EXECUTION_ONLY)  # epochs; the last is always checkpointed
+    keep_checkpoints: int = field(default=2, metadata=EXECUTION_ONLY)
+    num_workers: int = field(default=1, metadata=EXECUTION_ONLY)
+    use_gpu: bool = field(default=False, metadata=EXECUTION_ONLY)
+    cpus_per_worker: int = field(default=1, metadata=EXECUTION_ONLY)
+    # None: 1 when use_gpu; a fraction shares a GPU
+    gpus_per_worker: float | None = field(default=None, metadata=EXECUTION_ONLY)
+    max_failures: int = field(default=3, metadata=EXECUTION_ONLY)
+    # True: let Ray wait for an autoscaler instead of refusing
+    wait_for_resources: bool = field(default=False, metadata=EXECUTION_ONLY)
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -70,11 +76,13 @@ class TrainConfig:
             raise TrainConfigError(f"split {self.split!r} is not one of {list(SPLITS)}")
         if self.split == "test":
             raise TrainConfigError("never train on 'test' (SPEC §2); use 'train800' or 'train800val200'")
-        if self.fixed_subnet is not None and (not isinstance(self.fixed_subnet, str) or not self.fixed_subnet):
-            raise TrainConfigError(
-                f"fixed_subnet must be a subnet key (Supernet.subnet_key) or None, "
-                f"got {self.fixed_subnet!r}"
+        if self.fixed_subnet is not None and not isinstance(self.fixed_subnet, str):
+            raise TrainConfigTypeError(
+                f"fixed_subnet must be a subnet key (a str, Supernet.subnet_key) or None, "
+                f"got {type(self.fixed_subnet).__name__} {self.fixed_subnet!r}"
             )
+        if self.fixed_subnet == "":
+            raise TrainConfigError("fixed_subnet must be a subnet key (Supernet.subnet_key) or None, got ''")
         if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
             raise TrainConfigError(
                 f"gpus_per_worker={self.gpus_per_worker} needs use_gpu=True and a value > 0"

@@ -19,11 +19,11 @@ runs in one process (e.g. to profile the step on a GPU).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .. import storage
+from ..checkpoint import MissingCheckpointError
 from ..supernet import Supernet
 from .config import TrainConfig, TrainConfigError
 
@@ -249,11 +251,11 @@ class TrainingState:
 
 
 def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """The payload ``SupernetTraining.save`` wrote into ``directory``."""
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no training state here")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The payload ``SupernetTraining.save`` wrote into ``directory`` (a path or URI)."""
+    uri = storage.join(os.fspath(directory), STATE_FILE)
+    if not storage.exists(uri):
+        raise MissingCheckpointError(f"{uri}: no training state here")
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
 class SupernetTraining:
@@ -378,12 +380,10 @@ class SupernetTraining:
             "meta": self.meta,
         }
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``state.pt`` into ``directory`` atomically (temporary name, then rename)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / STATE_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``state.pt`` into ``directory`` (a path or URI) atomically, through ``storage``."""
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        uri = storage.join(os.fspath(directory), STATE_FILE)
+        storage.write_bytes(uri, buffer.getvalue())
+        return uri
