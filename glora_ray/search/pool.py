@@ -69,6 +69,8 @@ class ActorSettings:
     cpus: float
     gpus: float
     placement: str = "SPREAD"  # Ray's scheduling_strategy for the actors: "SPREAD" or "DEFAULT"
+    precision: str = "fp32"  # of the forward passes: fp32, tf32 (CUDA), bf16
+    merge: str = "auto"  # merge strategy of merged mode (merge.py)
 
 
 class EvaluatorActor:
@@ -83,6 +85,7 @@ class EvaluatorActor:
         self.evaluator = Evaluator(
             spec, state, images, labels, batch_size=settings.batch_size, mode=settings.mode,
             device=device, threads=settings.threads, actor_id=f"actor-{index}",
+            precision=settings.precision, merge=settings.merge,
         )
 
     def ready(self) -> str:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from ..data.vtab import SPLITS
+from ..precision import parse_precision
 from ..settings import from_known_fields
 
 
@@ -38,6 +39,11 @@ class TrainConfig:
     max_failures: int = 3
     wait_for_resources: bool = False  # True: let Ray wait for an autoscaler instead of refusing
     split: str = "train800"
+    # Forward passes: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "tf32" (CUDA) or
+    # "bf16" (autocast; on CPUs too); tf32 on a CPU is refused when training starts.  The weights and the optimizer stay float32 in every case.
+    precision: str = "auto"
+    # Channels-last activations and weights: None = on CUDA when the backbone is convolutional.
+    channels_last: bool | None = None
     # Test hook: raise at this global step, in an attempt that did not start from a checkpoint,
     # to exercise FailureConfig retries.
     inject_failure_at_step: int | None = None
@@ -67,6 +73,9 @@ class TrainConfig:
             raise TrainConfigError(f"split {self.split!r} is not one of {list(SPLITS)}")
         if self.split == "test":
             raise TrainConfigError("never train on 'test' (SPEC §2); use 'train800' or 'train800val200'")
+        parse_precision(self.precision, "precision", allow_auto=True, error=TrainConfigError)
+        if self.channels_last not in (None, True, False):
+            raise TrainConfigError(f"channels_last must be None (automatic), True or False, got {self.channels_last!r}")
         if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
             raise TrainConfigError(
                 f"gpus_per_worker={self.gpus_per_worker} needs use_gpu=True and a value > 0"
