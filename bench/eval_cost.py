@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from dataclasses import replace
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,6 +42,7 @@ from bench.common import (
 )
 
 GOAL = 1.05
+GOAL_REDUCED_PRECISION_CUDA = 1.10  # issue 14: with TF32 on a GPU
 FP32_TOLERANCE, TF32_TOLERANCE, BF16_TOLERANCE = 1e-4, 2e-2, 5e-2
 
 
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge-strategies", default="auto",
                         help="merge strategies, comma-separated: the first is 'merged', each other one adds a "
                              "variant merged_<s> (auto, just_in_time, per_candidate, batched; default auto)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="image size in pixels (default: per --size); more tokens per image make the forward "
+                             "heavier next to the merge")
     parser.add_argument("--precision", default="fp32", help="evaluation precision: fp32, tf32 (CUDA), bf16")
     return parser
 
@@ -97,6 +102,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from glora_ray.search.merge import resolve_merge_strategy
 
     size = preset(args.size)
+    if args.img_size is not None:
+        if args.img_size < 1:
+            raise BenchError("--img-size must be >= 1")
+        size = replace(size, model=replace(size.model, img_size=args.img_size))
     timing = timing_setup(args)
     device, threads, clock, sync = timing.device, timing.threads, timing.clock, timing.sync
     repeats = args.repeats or size.eval_repeats
@@ -116,7 +125,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         strategies = [resolve_merge_strategy(s, device).value for s in strategies]
     except ValueError as err:
         raise BenchError(f"--merge-strategies: {err}") from None
-    common = dict(batch_size=batch, device=device, threads=threads, precision=args.precision)
+    # --tf32 alone means the evaluation's forward runs in TF32 (the evaluator sets it per call).
+    precision = "tf32" if timing.tf32 and args.precision == "fp32" else args.precision
+    common = dict(batch_size=batch, device=device, threads=threads, precision=precision)
     merged = Evaluator(spec, state, images, labels, mode=EvalMode.MERGED, merge=strategies[0], **common)
     others = {f"merged_{s}": Evaluator(spec, state, images, labels, mode=EvalMode.MERGED, merge=s, **common)
               for s in dict.fromkeys(strategies[1:]) if s != strategies[0]}
@@ -158,8 +169,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     strategy_err = {name: max(logits_relative_error(ev, merged, g, x[:batch]) for g in subnets)
                     for name, ev in others.items()}
 
-    verdict = "met" if merged_ratio.median <= GOAL else "MISSED"
-    say(f"merged / backbone   {merged_ratio.text()}   goal <= {GOAL}x: {verdict}")
+    goal = GOAL_REDUCED_PRECISION_CUDA if device.type == "cuda" and merged.precision is not Precision.FP32 else GOAL
+    verdict = "met" if merged_ratio.median <= goal else "MISSED"
+    say(f"merged / backbone   {merged_ratio.text()}   goal <= {goal}x: {verdict}")
     say(f"unmerged / backbone {unmerged_ratio.text()}")
     for name in others:
         say(f"{name} / backbone {timing.ratio(name, 'backbone').text()}")
@@ -190,7 +202,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "seconds_median": {name: timing.median(name) for name in variants},
         "seconds_per_round": timing.seconds,
         "images_per_s": per_second,
-        "goals": {"merged_over_backbone_le_1_05": merged_ratio.median <= GOAL},
+        "goals": {f"merged_over_backbone_le_{goal:g}": merged_ratio.median <= goal},
         "correctness": {"max_logits_relative_error": rel_err, "tolerance": tolerance,
                         **{f"{name}_vs_merged_max_relative_error": err for name, err in strategy_err.items()}},
         "checks": {

@@ -88,41 +88,67 @@ class PerCandidateMerge:
 
 
 class JustInTimeLinear(nn.Module):
-    """Stands in for one adapted ``nn.Linear``: merges its GLoRA layer's current choice when called."""
+    """Stands in for one adapted ``nn.Linear``: merges its GLoRA layer's weight when called.
+
+    The bias (``b0 + b0*D + E + W0@C``, a vector, but half the merge's work through ``W0@C``)
+    is computed once per candidate by ``JustInTimeMerge.load`` and kept; the weight
+    ``W0 + W0*A + B`` (a matrix) is merged on every call and dropped after it.
+    """
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         # Not a submodule: the plain model must not own (or list) the supernet's tensors.
         object.__setattr__(self, "layer", layer)
-        self._zero_bias: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.zero_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # the merge in fp32; only F.linear autocasts
             with torch.autocast(x.device.type, enabled=False):
-                weight, bias = self.layer.merged_weight_and_bias()
+                weight, _ = self.layer.merged_weight_and_bias()
         else:
-            weight, bias = self.layer.merged_weight_and_bias()
-        if bias is None:
-            if self._zero_bias is None:
-                self._zero_bias = _zero_bias(weight)
-            bias = self._zero_bias
-        return F.linear(x, weight, bias)
+            weight, _ = self.layer.merged_weight_and_bias()
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"merges {type(self.layer).__name__} just in time"
 
 
 class JustInTimeMerge:
-    """Replaces the plain backbone's adapted layers by ``JustInTimeLinear``; ``load`` only selects."""
+    """Replaces the plain backbone's adapted layers by ``JustInTimeLinear``.
+
+    ``load`` computes each layer's bias and leaves the layer set to a choice with the same A
+    and B (all the weight depends on) and no C, D, E, so that the per-call merge builds the
+    weight and only copies ``b0``.
+    """
 
     def __init__(self, supernet: Supernet, plain: nn.Module):
         self.supernet = supernet
+        self.modules: list[JustInTimeLinear] = []
         for name, layer in zip(supernet.layer_names, supernet.layers()):
             parent_name, _, child = name.rpartition(".")
-            setattr(plain.get_submodule(parent_name), child, JustInTimeLinear(layer))
+            module = JustInTimeLinear(layer)
+            setattr(plain.get_submodule(parent_name), child, module)
+            self.modules.append(module)
+        space = supernet.space
+        # Gene columns of the bias-only tensors, and the gene of their ``none`` choice.
+        self._bias_only = [TENSORS.index(t) for t in ("C", "D", "E")]
+        self._none = [space.choices(t).index(Kind.NONE.value) for t in ("C", "D", "E")]
 
+    @torch.inference_mode()
     def load(self, genes: np.ndarray) -> None:
-        self.supernet.set_subnet(genes)
+        space = self.supernet.space
+        per_layer = np.asarray(genes).reshape(self.supernet.num_layers, -1)
+        weight_genes = per_layer.copy()
+        weight_genes[:, self._bias_only] = self._none
+        for layer, module, full, weight_only in zip(self.supernet.layers(), self.modules, per_layer, weight_genes):
+            bias = layer.effective_bias(space.layer_choice_objects(full))
+            if bias is None:  # as ``PerCandidateMerge``: a zero bias keeps one code path
+                if module.zero_bias is None:
+                    module.zero_bias = _zero_bias(layer.base.weight)
+                bias = module.zero_bias
+            module.bias = bias.detach()
+            layer.set_choice_genes(weight_only)
 
 
 # -- batched -----------------------------------------------------------------------------------
