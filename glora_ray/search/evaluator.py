@@ -30,7 +30,7 @@ from torch import nn
 from ..backbone import empty_backbone
 from ..checkpoint import SupernetSpec, supernet_from_numpy
 from ..supernet import Supernet, SubnetLike
-from ..precision import Precision, compute_precision, resolve_precision
+from ..precision import Precision, compute_precision, matmul_precision, resolve_precision
 from .config import EvalMode
 from .merge import AUTO, BatchedMerge, JustInTimeMerge, MergeStrategy, Merger, PerCandidateMerge, resolve_merge_strategy
 
@@ -191,7 +191,8 @@ class Evaluator:
 
     def _select(self, genes: np.ndarray) -> None:
         if self.mode is EvalMode.MERGED:
-            self.model.load(genes)
+            with matmul_precision(Precision.FP32, self.device):  # the merge in full fp32, whatever the forward's
+                self.model.load(genes)
         else:
             self.supernet.set_subnet(genes)
 

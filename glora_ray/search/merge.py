@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GLoRARayError
+from ..precision import Precision, matmul_precision
 from ..space import TENSORS, Kind
 from ..supernet import Supernet
 
@@ -103,8 +104,9 @@ class JustInTimeLinear(nn.Module):
         self.zero_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # the merge in fp32; only F.linear autocasts
-            with torch.autocast(x.device.type, enabled=False):
+        if torch.is_autocast_enabled(x.device.type) or x.is_cuda:
+            # The merge in full fp32 (no autocast, no TF32); only F.linear takes the precision.
+            with torch.autocast(x.device.type, enabled=False), matmul_precision(Precision.FP32, x.device):
                 weight, _ = self.layer.merged_weight_and_bias()
         else:
             weight, _ = self.layer.merged_weight_and_bias()
