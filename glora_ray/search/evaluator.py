@@ -97,14 +97,15 @@ class MergedModel:
                 f"the plain backbone does not match the supernet: missing {sorted(unexpected_missing)[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"
             )
-        targets: list[nn.Linear] = []
-        for name in supernet.layer_names:
+        targets: list[nn.Module] = []
+        for name, layer in zip(supernet.layer_names, supernet.layers()):
             module = self.plain.get_submodule(name)
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"plain backbone layer {name!r} is {type(module).__name__}, expected nn.Linear")
+            if type(module) is not type(layer.base):
+                raise ValueError(f"plain backbone layer {name!r} is {type(module).__name__}, expected "
+                                 f"{type(layer.base).__name__}")
             targets.append(module)
         if self.strategy is MergeStrategy.JUST_IN_TIME:
-            self.merger: Merger = JustInTimeMerge(supernet, self.plain)
+            self.merger: Merger = JustInTimeMerge(supernet, targets)
         elif self.strategy is MergeStrategy.BATCHED:
             self.merger = BatchedMerge(supernet, targets)
         else:

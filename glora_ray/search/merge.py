@@ -4,12 +4,12 @@ Three strategies, one result (``W0 + W0*A + B`` and ``b0 + b0*D + E + W0@C`` per
 docs/method.md §1), different costs:
 
 ``just_in_time`` (the default on the CPU)
-    Each adapted layer is merged just before it runs, by the layer's own
-    ``merged_weight_and_bias``, and dropped right after: an actor holds one layer's merged
-    weights at a time instead of a private merged copy of every adapted layer, so actors that
-    share the weights zero-copy stay small.  The merge runs once per batch instead of once per
-    candidate.  Bit for bit the same logits as ``per_candidate`` (same function, same
-    ``F.linear``).
+    Each adapted layer's weight is merged just before it runs (a forward pre-hook on the plain
+    layer), by the layer's own ``merged_weight_and_bias``, and dropped right after: an actor
+    holds one layer's merged weight at a time and a bias vector per layer instead of a private
+    merged copy of every adapted layer, so actors that share the weights zero-copy stay small.
+    The weight is merged once per batch instead of once per candidate.  Bit for bit the same
+    logits as ``per_candidate`` (same function, same plain layer ``forward``).
 ``per_candidate``
     Every adapted layer merged once per candidate into new tensors (the path before issue 14):
     the least merging, but a private copy of the adapted weights per actor.
@@ -27,7 +27,6 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GLoRARayError
@@ -70,16 +69,15 @@ def _zero_bias(weight: torch.Tensor) -> torch.Tensor:
 class PerCandidateMerge:
     """Every adapted layer merged once per candidate into new tensors, set on the plain layers."""
 
-    def __init__(self, supernet: Supernet, targets: Sequence[nn.Linear]):
+    def __init__(self, supernet: Supernet, targets: Sequence[nn.Module]):
         self.supernet, self.targets = supernet, list(targets)
         self._zero_bias: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
     def load(self, genes: np.ndarray) -> None:
-        space = self.supernet.space
-        per_layer = np.asarray(genes).reshape(self.supernet.num_layers, -1)
-        for i, (name, layer, target) in enumerate(zip(self.supernet.layer_names, self.supernet.layers(), self.targets)):
-            weight, bias = layer.merged_weight_and_bias(space.decode_layer(per_layer[i], name))
+        self.supernet.set_subnet(genes)
+        for i, (layer, target) in enumerate(zip(self.supernet.layers(), self.targets)):
+            weight, bias = layer.merged_weight_and_bias()
             if bias is None:
                 bias = self._zero_bias.get(i)
                 if bias is None:
@@ -88,69 +86,67 @@ class PerCandidateMerge:
             target.bias = nn.Parameter(bias, requires_grad=False)
 
 
-class JustInTimeLinear(nn.Module):
-    """Stands in for one adapted ``nn.Linear``: merges its GLoRA layer's weight when called.
-
-    The bias (``b0 + b0*D + E + W0@C``, a vector, but half the merge's work through ``W0@C``)
-    is computed once per candidate by ``JustInTimeMerge.load`` and kept; the weight
-    ``W0 + W0*A + B`` (a matrix) is merged on every call and dropped after it.
-    """
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        # Not a submodule: the plain model must not own (or list) the supernet's tensors.
-        object.__setattr__(self, "layer", layer)
-        self.bias: torch.Tensor | None = None
-        self.zero_bias: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type) or x.is_cuda:
-            # The merge in full fp32 (no autocast, no TF32); only F.linear takes the precision.
-            with torch.autocast(x.device.type, enabled=False), matmul_precision(Precision.FP32, x.device):
-                weight, _ = self.layer.merged_weight_and_bias()
-        else:
-            weight, _ = self.layer.merged_weight_and_bias()
-        return F.linear(x, weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"merges {type(self.layer).__name__} just in time"
-
-
 class JustInTimeMerge:
-    """Replaces the plain backbone's adapted layers by ``JustInTimeLinear``.
+    """Each plain adapted layer gets its merged weight from a forward pre-hook and drops it after.
 
-    ``load`` computes each layer's bias and leaves the layer set to a choice with the same A
-    and B (all the weight depends on) and no C, D, E, so that the per-call merge builds the
-    weight and only copies ``b0``.
+    ``load`` computes every layer's bias (``b0 + b0*D + E + W0@C``: a vector, but half the merge's
+    work through ``W0@C``) once per candidate, then leaves the GLoRA layer set to a choice with
+    the candidate's A and B (all the weight depends on) and no C, D, E, so that the merge in the
+    hook builds the weight ``W0 + W0*A + B`` only.  The plain layer's own ``forward`` applies it
+    (``F.linear``, or a convolution with the base's settings).
     """
 
-    def __init__(self, supernet: Supernet, plain: nn.Module):
+    def __init__(self, supernet: Supernet, targets: Sequence[nn.Module]):
         self.supernet = supernet
-        self.modules: list[JustInTimeLinear] = []
-        for name, layer in zip(supernet.layer_names, supernet.layers()):
-            parent_name, _, child = name.rpartition(".")
-            module = JustInTimeLinear(layer)
-            setattr(plain.get_submodule(parent_name), child, module)
-            self.modules.append(module)
+        self.targets = list(targets)
+        self.biases: list[torch.Tensor | None] = [None] * len(self.targets)
+        self._zero_bias: dict[int, torch.Tensor] = {}
+        for i, (layer, target) in enumerate(zip(supernet.layers(), self.targets)):
+            # weight and bias become plain attributes, set only while the layer runs.
+            for name in ("weight", "bias"):
+                if name in target._parameters:
+                    del target._parameters[name]
+                setattr(target, name, None)
+            target.register_forward_pre_hook(self._hook_merge(i, layer))
+            target.register_forward_hook(_drop_weight)
         space = supernet.space
-        # Gene columns of the bias-only tensors, and the gene of their ``none`` choice.
-        self._bias_only = [TENSORS.index(t) for t in ("C", "D", "E")]
-        self._none = [space.choices(t).index(Kind.NONE.value) for t in ("C", "D", "E")]
+        # Gene columns of A, B (the weight) and of C, D, E (the bias), and each tensor's ``none``.
+        self._weight_only = [TENSORS.index(t) for t in ("C", "D", "E")]
+        self._bias_only = [TENSORS.index(t) for t in ("A", "B")]
+        self._none = {t: space.choices(t).index(Kind.NONE.value) for t in TENSORS}
+
+    def _hook_merge(self, i: int, layer: nn.Module):
+        def merge(module: nn.Module, args: tuple) -> None:
+            device = args[0].device
+            if torch.is_autocast_enabled(device.type) or device.type == "cuda":
+                # The merge in full fp32 (no autocast, no TF32); only the layer's own op takes the precision.
+                with torch.autocast(device.type, enabled=False), matmul_precision(Precision.FP32, device):
+                    weight, _ = layer.merged_weight_and_bias()
+            else:
+                weight, _ = layer.merged_weight_and_bias()
+            module.weight, module.bias = weight, self.biases[i]
+
+        return merge
 
     @torch.inference_mode()
     def load(self, genes: np.ndarray) -> None:
-        space = self.supernet.space
         per_layer = np.asarray(genes).reshape(self.supernet.num_layers, -1)
-        weight_genes = per_layer.copy()
-        weight_genes[:, self._bias_only] = self._none
-        for layer, module, full, weight_only in zip(self.supernet.layers(), self.modules, per_layer, weight_genes):
-            bias = layer.effective_bias(space.layer_choice_objects(full))
+        bias_genes, weight_genes = per_layer.copy(), per_layer.copy()
+        bias_genes[:, self._bias_only] = [self._none[TENSORS[c]] for c in self._bias_only]
+        weight_genes[:, self._weight_only] = [self._none[TENSORS[c]] for c in self._weight_only]
+        for i, layer in enumerate(self.supernet.layers()):
+            layer.set_choice_genes(bias_genes[i])
+            _, bias = layer.merged_weight_and_bias()  # A, B none: the weight part is a copy of W0
             if bias is None:  # as ``PerCandidateMerge``: a zero bias keeps one code path
-                if module.zero_bias is None:
-                    module.zero_bias = _zero_bias(layer.base.weight)
-                bias = module.zero_bias
-            module.bias = bias.detach()
-            layer.set_choice_genes(weight_only)
+                bias = self._zero_bias.get(i)
+                if bias is None:
+                    bias = self._zero_bias[i] = _zero_bias(layer.base.weight)
+            self.biases[i] = bias
+            layer.set_choice_genes(weight_genes[i])
+
+
+def _drop_weight(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    module.weight = None  # the merged weight is freed as soon as the layer has run
 
 
 # -- batched -----------------------------------------------------------------------------------
@@ -174,10 +170,11 @@ class _ShapeGroup:
     """The adapted layers of one (d_out, d_in): stacked frozen weights, stacked support tensors,
     and the stacked merged buffers their plain layers view."""
 
-    def __init__(self, indices: list[int], layers: list[nn.Module], targets: list[nn.Linear]):
-        w0 = torch.stack([l.base.weight.detach() for l in layers])
+    def __init__(self, indices: list[int], layers: list[nn.Module], targets: list[nn.Module]):
+        shapes = [l.base.weight.shape for l in layers]  # (d_out, d_in) for linear, 4-D for a conv kernel
+        w0 = torch.stack([l.base.weight.detach().reshape(s[0], -1) for l, s in zip(layers, shapes)])
         for i, layer in enumerate(layers):  # the stack becomes the weights' storage: no second copy
-            layer.base.weight = nn.Parameter(w0[i], requires_grad=False)
+            layer.base.weight = nn.Parameter(w0[i].view(shapes[i]), requires_grad=False)
         self.w0 = w0
         self.index = torch.tensor(indices, device=w0.device)
         self.b0 = torch.stack([l.base.bias.detach() if l.base.bias is not None else torch.zeros_like(w0[0, :, 0])
@@ -192,7 +189,7 @@ class _ShapeGroup:
         self.weight = torch.empty_like(w0)
         self.bias = torch.empty_like(self.b0)
         for i, target in enumerate(targets):
-            target.weight = nn.Parameter(self.weight[i], requires_grad=False)
+            target.weight = nn.Parameter(self.weight[i].view(shapes[i]), requires_grad=False)
             target.bias = nn.Parameter(self.bias[i], requires_grad=False)
 
     def _low_rank(self, t: int, name: str, columns: torch.Tensor, flags: torch.Tensor):
@@ -222,14 +219,15 @@ class _ShapeGroup:
 class BatchedMerge:
     """All adapted layers of one shape merged by a few stacked ops into buffers the plain layers view."""
 
-    def __init__(self, supernet: Supernet, targets: Sequence[nn.Linear]):
+    def __init__(self, supernet: Supernet, targets: Sequence[nn.Module]):
         self.supernet = supernet
         self.columns, self.flags = _choice_tables(supernet.space, supernet.space.max_rank)
         layers = list(supernet.layers())
         self.device = layers[0].base.weight.device
         by_shape: dict[tuple, list[int]] = {}
         for i, layer in enumerate(layers):
-            by_shape.setdefault(tuple(layer.base.weight.shape), []).append(i)
+            weight = layer.base.weight
+            by_shape.setdefault((weight.shape[0], weight[0].numel()), []).append(i)
         with torch.no_grad():
             self.groups = [_ShapeGroup(idx, [layers[i] for i in idx], [targets[i] for i in idx])
                            for idx in by_shape.values()]
