@@ -11,6 +11,9 @@ epoch of a few steps at a time, interleaved:
   head       one fixed subnet with every tensor none: only the classifier head trains (a linear
              probe; the backward pass stops at the head).
 
+With --precisions fp32,bf16 (issue 14) the supernet runs again in each further precision
+(``TrainConfig.precision``: bf16 autocast, TF32 on CUDA), timed in the same rounds.
+
 A fixed subnet is a ``Supernet`` whose ``set_subnet`` applies the pinned genes (the per-step draw
 is still made, so the loop is the same).  Ray-free (``gpu_check`` calls ``main``).
 

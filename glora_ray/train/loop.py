@@ -106,7 +106,8 @@ def param_groups(supernet: Supernet, weight_decay: float) -> list[dict[str, Any]
 def fused_optimizer(supernet: Supernet) -> bool:
     """Fused AdamW (one kernel for all tensors) when the trainable tensors are on CUDA; the CPU
     keeps the default implementation, whose results earlier runs were checked against."""
-    return all(p.is_cuda for p in supernet.trainable_parameters())
+    params = supernet.trainable_parameters()
+    return bool(params) and all(p.is_cuda for p in params)
 
 
 def build_optimizer(supernet: Supernet, cfg: TrainConfig) -> torch.optim.AdamW:
