@@ -99,9 +99,14 @@ class JustInTimeMerge:
     def __init__(self, supernet: Supernet, targets: Sequence[nn.Module]):
         self.supernet = supernet
         self.targets = list(targets)
-        self.biases: list[torch.Tensor | None] = [None] * len(self.targets)
-        self._zero_bias: dict[int, torch.Tensor] = {}
-        for i, (layer, target) in enumerate(zip(supernet.layers(), self.targets)):
+        layers = list(supernet.layers())
+        # Every layer's bias lives in one buffer allocated once: kept small tensors allocated
+        # between the merge's large temporaries would pin freed heap blocks (glibc keeps them).
+        sizes = [l.base.weight.shape[0] for l in layers]
+        weight = layers[0].base.weight
+        store = torch.zeros(sum(sizes), dtype=weight.dtype, device=weight.device)
+        self.biases = list(torch.split(store, sizes))
+        for i, (layer, target) in enumerate(zip(layers, self.targets)):
             # weight and bias become plain attributes, set only while the layer runs.
             for name in ("weight", "bias"):
                 if name in target._parameters:
@@ -138,10 +143,9 @@ class JustInTimeMerge:
             layer.set_choice_genes(bias_genes[i])
             _, bias = layer.merged_weight_and_bias()  # A, B none: the weight part is a copy of W0
             if bias is None:  # as ``PerCandidateMerge``: a zero bias keeps one code path
-                bias = self._zero_bias.get(i)
-                if bias is None:
-                    bias = self._zero_bias[i] = _zero_bias(layer.base.weight)
-            self.biases[i] = bias
+                self.biases[i].zero_()
+            else:
+                self.biases[i].copy_(bias)
             layer.set_choice_genes(weight_genes[i])
 
 
