@@ -273,16 +273,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def set_tf32(enabled: bool) -> None:
-    """TF32 for fp32 matmuls and convolutions on CUDA, through whichever API this torch has
-    (mixing torch's legacy and new precision APIs is an error in recent versions)."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        value = "tf32" if enabled else "ieee"
-        matmul.fp32_precision = value
-        torch.backends.cudnn.conv.fp32_precision = value
-    else:
-        matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    """TF32 for fp32 matmuls and convolutions on CUDA (the engine's own switch)."""
+    from glora_ray.precision import set_tf32 as engine_set_tf32
+
+    engine_set_tf32(enabled)
 
 
 def configure_threads(device: torch.device, threads: int | None) -> int:

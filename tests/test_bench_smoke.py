@@ -111,10 +111,12 @@ def test_gpu_check_smoke_runs_without_a_gpu(capsys):
     summary = run_in_process(gpu_check.main, ["--smoke", "--no-tf32", "--eval-repeats", "1", "--train-repeats", "1"],
                              capsys)
     assert summary["bench"] == "gpu_check" and summary["exit_status"] == 0 and not summary["skipped"]
-    assert set(summary["stages"]) == {"eval_cost_fp32", "train_step_fp32"}
+    assert set(summary["stages"]) == {"eval_cost_fp32", "train_step_fp32", "eval_cost_bf16", "precision_all"}
     assert all(stage["exit_status"] == 0 for stage in summary["stages"].values())
     assert positive(summary["stages"]["eval_cost_fp32"]["ratios"]["merged_over_backbone"])
     assert summary["correctness"]["max_logits_relative_error"] < summary["correctness"]["tolerance"]
+    ranking = summary["stages"]["precision_all"]["ranking"]["against_fp32"]["bf16"]
+    assert 0 <= ranking["top10_agree"] <= 10
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a missing GPU")

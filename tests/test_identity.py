@@ -13,10 +13,11 @@ from glora_ray.train import TrainConfig
 def test_execution_settings_are_not_part_of_the_identity():
     train = result_identity(TrainConfig())
     assert set(train) == {"epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
-                          "seed", "split", "fixed_subnet"}  # a fixed adapter (baseline) is another run
+                          "seed", "split", "precision", "channels_last",
+                          "fixed_subnet"}  # a fixed adapter (baseline) is another run
     search = result_identity(SearchConfig())
     assert set(search) == {"population", "parents", "mutants", "crossovers", "m_prob", "min_params", "max_params",
-                           "seed", "max_draw_tries", "eval_batch_size", "eval_mode"}
+                           "seed", "max_draw_tries", "eval_batch_size", "eval_mode", "precision"}
     assert search["eval_mode"] == "merged"  # enums by value: the identity is plain JSON
     assert result_extent(SearchConfig(generations=7)) == {"generations": 7}
     assert SearchConfig().result_identity() == search

@@ -10,7 +10,9 @@ from typing import Any, Mapping
 
 from ..budget import parse_param_count
 from ..identity import EXECUTION_ONLY, EXTENDS, result_identity
+from ..precision import Precision, parse_precision
 from ..settings import from_known_fields
+from .merge import AUTO as AUTO_MERGE, MergeStrategy
 
 
 class SearchConfigError(GLoRARayError):
@@ -59,6 +61,13 @@ class SearchConfig:
     # -- evaluation ---------------------------------------------------------------------
     eval_batch_size: int = 64
     eval_mode: EvalMode = EvalMode.MERGED
+    # Forward passes of the evaluation: "fp32", "tf32" (CUDA actors only) or "bf16" autocast.
+    precision: Precision = Precision.FP32
+    # How merged mode merges: "auto" (just_in_time on CPUs, batched on CUDA), "just_in_time",
+    # "per_candidate" or "batched" (search/merge.py).  just_in_time and per_candidate give equal
+    # accuracies bit for bit; batched up to float summation order, so it is not execution-only
+    # in principle, but every strategy computes the same function: treated as how the run executes.
+    merge_strategy: str = field(default=AUTO_MERGE, metadata=EXECUTION_ONLY)
     # -- resources and fault handling: changing these continues a run (glora_ray.identity) --
     # None: as many as the cluster's CPUs / GPUs hold
     num_actors: int | None = field(default=None, metadata=EXECUTION_ONLY)
@@ -85,6 +94,10 @@ class SearchConfig:
             raise SearchConfigError(
                 f"eval_mode={self.eval_mode!r} is not one of {[m.value for m in EvalMode]}"
             ) from None
+        self.precision = parse_precision(self.precision, "precision", error=SearchConfigError)
+        valid_merges = [AUTO_MERGE] + [m.value for m in MergeStrategy]
+        if self.merge_strategy not in valid_merges:
+            raise SearchConfigError(f"merge_strategy={self.merge_strategy!r} is not one of {valid_merges}")
         try:
             self.actor_placement = Placement(self.actor_placement)
         except ValueError:
@@ -142,6 +155,9 @@ class SearchConfig:
              "max_actor_replacements", "must be None (2 x num_actors) or an integer >= 0")
         need(self.call_timeout_s is None or self.call_timeout_s > 0, "call_timeout_s", "must be None or > 0 seconds")
         need(self.actor_start_timeout_s > 0, "actor_start_timeout_s", "must be > 0 seconds")
+        if self.precision is Precision.TF32 and not self.gpus_per_actor > 0:
+            raise SearchConfigError("precision='tf32' is a GPU format: it needs GPU actors (gpus_per_actor > 0, "
+                                    f"got {self.gpus_per_actor!r}); on CPUs use 'fp32' or 'bf16'")
 
     # -- derived values ---------------------------------------------------------------------
     @property
@@ -163,6 +179,7 @@ class SearchConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["eval_mode"] = self.eval_mode.value
+        data["precision"] = self.precision.value
         data["actor_placement"] = self.actor_placement.value
         return data
 

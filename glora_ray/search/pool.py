@@ -16,6 +16,8 @@ when every actor has died.  Here:
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import math
 import time
 import warnings
@@ -57,6 +59,8 @@ class ActorSettings:
     cpus: float
     gpus: float
     placement: str = "SPREAD"  # Ray's scheduling_strategy for the actors: "SPREAD" or "DEFAULT"
+    precision: str = "fp32"  # of the forward passes: fp32, tf32 (CUDA), bf16
+    merge: str = "auto"  # merge strategy of merged mode (merge.py)
 
 
 class EvaluatorActor:
@@ -70,6 +74,7 @@ class EvaluatorActor:
         self.evaluator = Evaluator(
             spec, state, images, labels, batch_size=settings.batch_size, mode=settings.mode,
             device=device, threads=settings.threads, actor_id=f"actor-{index}",
+            precision=settings.precision, merge=settings.merge,
         )
 
     def ready(self) -> str:
@@ -77,7 +82,27 @@ class EvaluatorActor:
 
     def evaluate(self, keys: Sequence[str]) -> list[EvalResult]:
         faults.at_evaluate_call(self.index, self.evaluator.calls + 1)  # test-only; nothing by default
-        return self.evaluator.evaluate(keys)
+        results = self.evaluator.evaluate(keys)
+        _release_freed_memory()
+        return results
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap blocks back to the OS.  glibc keeps the blocks of the merge's layer-sized
+    temporaries after they are freed; an actor idle between calls should not hold them."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 _RemoteEvaluator = ray.remote(EvaluatorActor)

@@ -251,7 +251,8 @@ def start_pool(spec: SupernetSpec, state: Mapping[str, np.ndarray] | ray.ObjectR
     images_ref, labels_ref = ray.put(np.ascontiguousarray(val_images)), ray.put(np.ascontiguousarray(val_labels))
     num_actors = plan_actor_count(config, ray.cluster_resources())
     settings = ActorSettings(config.eval_batch_size, config.eval_mode, config.actor_threads,
-                             config.cpus_per_actor, config.gpus_per_actor, config.actor_placement.value)
+                             config.cpus_per_actor, config.gpus_per_actor, config.actor_placement.value,
+                             config.precision.value, config.merge_strategy)
     return EvaluatorPool(
         spec, state_ref, images_ref, labels_ref, num_actors, settings,
         max_replacements=config.replacements_allowed(num_actors),

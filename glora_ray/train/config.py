@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from ..data.vtab import SPLITS
 from ..identity import EXECUTION_ONLY
+from ..precision import parse_precision
 from ..settings import from_known_fields
 
 
@@ -50,6 +51,13 @@ class TrainConfig:
     max_failures: int = field(default=3, metadata=EXECUTION_ONLY)
     # True: let Ray wait for an autoscaler instead of refusing
     wait_for_resources: bool = field(default=False, metadata=EXECUTION_ONLY)
+    # -- numerics (change results) --------------------------------------------------------------
+    # Forward passes: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "tf32" (CUDA) or
+    # "bf16" (autocast; on CPUs too); tf32 on a CPU is refused when training starts. The weights
+    # and the optimizer stay float32 in every case.
+    precision: str = "auto"
+    # Channels-last activations and weights: None = on CUDA when the backbone is convolutional.
+    channels_last: bool | None = None
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -83,6 +91,9 @@ class TrainConfig:
             )
         if self.fixed_subnet == "":
             raise TrainConfigError("fixed_subnet must be a subnet key (Supernet.subnet_key) or None, got ''")
+        parse_precision(self.precision, "precision", allow_auto=True, error=TrainConfigError)
+        if self.channels_last not in (None, True, False):
+            raise TrainConfigError(f"channels_last must be None (automatic), True or False, got {self.channels_last!r}")
         if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
             raise TrainConfigError(
                 f"gpus_per_worker={self.gpus_per_worker} needs use_gpu=True and a value > 0"
