@@ -133,8 +133,19 @@ def test_missing_and_unsupported_files(tmp_path):
 def test_corrupt_files(tmp_path, suffix, message):
     path = tmp_path / f"corrupt{suffix}"
     path.write_bytes(b"\x00garbage, not a checkpoint" * 10)
-    with pytest.raises(BackboneError, match=message):
+    with pytest.raises(BackboneError, match=message) as err:
         create_backbone(tiny_config(checkpoint_path=str(path)), 10)
+    assert str(path) in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_pickled_objects_are_refused_in_our_words(tmp_path):
+    import argparse
+
+    path = tmp_path / "objects.pth"
+    torch.save({"args": argparse.Namespace(lr=1.0), "weight": torch.zeros(2)}, path)
+    with pytest.raises(BackboneError, match="holds? Python objects besides tensors") as err:
+        create_backbone(tiny_config(checkpoint_path=str(path)), 10)
+    assert "weights_only" not in str(err.value)
 
 
 def test_checkpoint_of_another_architecture(tmp_path, source):

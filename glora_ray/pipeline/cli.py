@@ -6,7 +6,8 @@ import json
 from dataclasses import replace
 from typing import Any, Sequence
 
-from .config import ALL_DATASETS, PRESETS, PipelineConfig, expand_datasets, preset
+from ..backbone import PACKAGED_WEIGHTS, packaged_weights
+from .config import ALL_DATASETS, PREPROCESSINGS, PRESETS, PipelineConfig, expand_datasets, preset
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -25,13 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "GLoRA on VTAB-1k: for each dataset train a supernet (Ray Train), search it under a "
             "parameter budget (Ray actors), test the winner once, merge and export it. With no "
-            "arguments: the embedded default (bundled digits, a small ViT, local Ray, offline)."
+            "arguments: the embedded default (bundled digits, a pretrained EfficientNet-Lite0 from a pip package, local Ray, offline)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = parser.add_argument_group("job")
     g.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="starting values: 'default' (embedded, minutes on a laptop) or 'paper' (SPEC protocol)")
+                   help="starting values: 'default' (embedded: pretrained EfficientNet-Lite0 on the bundled digits, "
+                        "minutes on a laptop), 'tiny' (a random-init small ViT, the cheapest run: tests) or 'paper' "
+                        "(the paper's protocol)")
     g.add_argument("--datasets", nargs="+", metavar="NAME",
                    help=f"dataset names (both VTAB spellings accepted), or '{ALL_DATASETS}' for the 19 VTAB-1k datasets")
     g.add_argument("--data-root", help="folder holding <dataset>/{images,train800.txt,val200.txt,test.txt,...}")
@@ -47,11 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     weights = g.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", default=None, help="timm hub weights (online or cached)")
     weights.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init (tests, smoke runs)")
-    weights.add_argument("--checkpoint", help="local backbone weights: .npz (ViT-B_16.npz), .pth/.pt/.bin, .safetensors")
+    weights.add_argument("--checkpoint", help="local backbone weights: .npz (ViT-B_16.npz), .pth/.pt/.bin, .safetensors; "
+                         "timm's layout or efficientnet_pytorch's (told by the key names)")
+    weights.add_argument("--weights", choices=sorted(PACKAGED_WEIGHTS),
+                         help="weights shipped by an installed pip package, found through it (offline); sets --model "
+                         "unless given. " + "; ".join(f"{w.name}: {w.model}, {w.description}, from pip package "
+                                                      f"{w.distribution}" for w in PACKAGED_WEIGHTS.values()))
     g.add_argument("--img-size", type=int)
     g.add_argument("--model-kwargs", type=_json_object, help="extra timm.create_model arguments as JSON, e.g. '{\"depth\": 4}'")
     g.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks of the space, e.g. 8 4")
-    g.add_argument("--targets", nargs="+", help="adapted layers by name or suffix (default: every nn.Linear but the head)")
+    g.add_argument("--targets", nargs="+", help="adapted layers by name or suffix (default: every layer of "
+                   "--layer-types but the head)")
+    g.add_argument("--layer-types", nargs="+", metavar="TYPE",
+                   help="module types GLoRA adapts: linear, conv2d (default: the preset's; 'linear' for ViTs)")
+    g.add_argument("--preprocessing", choices=PREPROCESSINGS,
+                   help="image mean/std and resize filter: 'backbone' (the model's pretrained config in timm) or "
+                   "'vtab' (ImageNet mean/std, bicubic: the paper's protocol)")
 
     g = parser.add_argument_group("budget (adapter parameters; 0.29M, 800k or an integer)")
     g.add_argument("--min-params")
@@ -91,10 +105,18 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
     backbone = values["backbone"]
     backbone_changes = {k: given[a] for a, k in (("model", "name"), ("pretrained", "pretrained"),
-                                                    ("checkpoint", "checkpoint_path"), ("img_size", "img_size"),
-                                                    ("model_kwargs", "model_kwargs"), ("seed", "init_seed")) if a in given}
-    if "checkpoint" in given:
-        backbone_changes["pretrained"] = False
+                                                    ("checkpoint", "checkpoint_path"), ("weights", "weights"),
+                                                    ("img_size", "img_size"), ("model_kwargs", "model_kwargs"),
+                                                    ("seed", "init_seed")) if a in given}
+    # One source of weights: the one given replaces the preset's.
+    for source, others in (("checkpoint", {"pretrained": False, "weights": None}),
+                           ("weights", {"pretrained": False, "checkpoint_path": None}),
+                           ("pretrained", {"checkpoint_path": None, "weights": None})):
+        if source in given:
+            backbone_changes.update(others)
+    if "weights" in given and "model" not in given:
+        backbone_changes["name"] = packaged_weights(given["weights"]).model
+        given["model"] = backbone_changes["name"]  # a new model: the preset's reductions do not apply
     if "model" in given and "model_kwargs" not in given:
         backbone_changes["model_kwargs"] = {}  # the preset's reductions belong to the preset's model
     backbone = replace(backbone, **backbone_changes)
@@ -128,6 +150,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         search=search,
         ranks=given.get("ranks", values["ranks"]),
         targets=given.get("targets"),
+        layer_types=given.get("layer_types", values["layer_types"]),
+        preprocessing=given.get("preprocessing", values["preprocessing"]),
         lr=lr,
         lr_sweep=given.get("lr_sweep", ()),
         test_pareto=given.get("test_pareto", False),

@@ -16,7 +16,7 @@ from .. import storage
 from ..backbone import BackboneError, create_backbone
 from ..budget import Budget
 from ..checkpoint import SupernetSpec, load_supernet, numpy_state
-from ..data import EMBEDDED_DATASETS, DataConfig, dataset_info, load_split_arrays, validate_dataset
+from ..data import EMBEDDED_DATASETS, DataConfig, dataset_info, validate_dataset
 from ..data.digits import write_digits_dataset
 from ..search import run_search
 from ..train import train_supernet
@@ -42,17 +42,19 @@ def run_id_for(cfg: PipelineConfig) -> str:
 
 def spec_for(cfg: PipelineConfig, dataset: str) -> SupernetSpec:
     return SupernetSpec(backbone=cfg.backbone, num_classes=dataset_info(dataset).num_classes, ranks=cfg.ranks,
-                        targets=cfg.targets, dataset=dataset, adapter_seed=cfg.train.seed)
+                        targets=cfg.targets, layer_types=cfg.layer_types, dataset=dataset,
+                        adapter_seed=cfg.train.seed)
 
 
 def data_for(cfg: PipelineConfig, dataset: str) -> DataConfig:
-    return DataConfig(root=os.path.abspath(cfg.data_root), dataset=dataset, img_size=cfg.backbone.img_size)
+    return DataConfig(root=os.path.abspath(cfg.data_root), dataset=dataset, img_size=cfg.backbone.img_size,
+                      **cfg.preprocessing_values())
 
 
 # -- before any compute ----------------------------------------------------------------------
 def _check_backbone_weights(cfg: PipelineConfig) -> None:
     """Checkpoint file and (offline) hub cache: loads the weights once on the CPU."""
-    if cfg.backbone.pretrained or cfg.backbone.checkpoint_path:
+    if cfg.backbone.loads_weights:
         create_backbone(cfg.backbone, num_classes=2)
 
 
@@ -129,7 +131,7 @@ def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
         say(f"stage 1: done, loss {last.get('loss', float('nan')):.4f}, train acc {last.get('train_acc', float('nan')):.4f}")
 
     supernet, spec = load_supernet(checkpoint_dir, expected=spec)
-    val_images, val_labels = load_split_arrays(data.root, dataset, "val200", data.img_size, data.mean, data.std)
+    val_images, val_labels = data.arrays("val200")
     say("stage 2: evolutionary search")
     search = run_search(spec, numpy_state(supernet), val_images, val_labels, cfg.search,
                         layout.search_uri(cfg.out, dataset), run_id_for(cfg), dataset, progress=say)
