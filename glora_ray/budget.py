@@ -27,10 +27,10 @@ def parse_param_count(value: str | int | float) -> int:
     else:
         match = _COUNT_PATTERN.fullmatch(str(value))
         if match is None:
-            raise ValueError(f"parameter count {value!r} is not a number with an optional k/M/B suffix (e.g. '0.29M')")
+            raise GLoRARayError(f"parameter count {value!r} is not a number with an optional k/M/B suffix (e.g. '0.29M')")
         number = int(round(float(match.group(1)) * _SUFFIXES[match.group(2)]))
     if number < 0:
-        raise ValueError(f"parameter count must be >= 0, got {value!r}")
+        raise GLoRARayError(f"parameter count must be >= 0, got {value!r}")
     return number
 
 

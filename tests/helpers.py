@@ -25,3 +25,19 @@ def randomize_adapters(supernet_or_layer, seed: int = 0) -> None:
 
 def tiny_supernet(ranks=(4, 2), seed: int = 0, **vit_kw) -> Supernet:
     return Supernet(tiny_vit(seed=seed, **vit_kw), SearchSpace(ranks))
+
+
+def spec_support(support, tensor: str, name: str):
+    """docs/method.md §1's value of one support tensor, read from the raw stored tensors (None for none)."""
+    if name == "none":
+        return None
+    if tensor in ("D", "E"):
+        full = getattr(support, tensor)
+        return full if name == "vector" else full[0]
+    down, up = getattr(support, f"{tensor}_down"), getattr(support, f"{tensor}_up")
+    if name == "scalar":
+        return down[0, 0]
+    if name == "vector":
+        return down[:, 0:1]
+    rank = int(name.removeprefix("lora"))
+    return down[:, :rank] @ up[:rank, :]

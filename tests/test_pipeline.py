@@ -136,7 +136,7 @@ def test_end_to_end_outputs(finished_run):
     assert set(population["generation"]) == {0, 1}
     assert (population["params"] <= 6_000).all()
     subnet = storage.read_json(storage.join(layout.export_uri(cfg.out, "digits"), "subnet.json"))
-    assert subnet["key"] == row["subnet"] and subnet["params"] == row["params"]
+    assert subnet["key"] == row["key"] and subnet["params"] == row["params"]
     assert sum(subnet["layer_params"].values()) == subnet["params"]
     assert subnet["test_acc"] == row["test_acc"]
 
@@ -174,7 +174,7 @@ assert not any(name.startswith("glora_ray") for name in sys.modules)
 
     checkpoint = storage.read_json(storage.join(export, "lr_sweep.json"))["checkpoint_dir"]
     supernet, _ = load_supernet(checkpoint)
-    supernet.set_subnet(frame.iloc[0]["subnet"])
+    supernet.set_subnet(frame.iloc[0]["key"])
     torch.manual_seed(0)
     with torch.no_grad():
         want = supernet.eval()(torch.randn(4, 3, 16, 16))

@@ -36,7 +36,7 @@ def two_generations():
 def test_schema_columns_in_the_documented_order():
     schema = population_schema(LAYERS)
     genes = [f"{layer}/{t}" for layer in LAYERS for t in TENSORS]
-    assert schema.names == ["run_id", "dataset", "generation", "candidate_id", "parent_ids", "origin", "subnet",
+    assert schema.names == ["run_id", "dataset", "generation", "candidate_id", "parent_ids", "origin", "key",
                             *genes, "params", "val_acc", "eval_seconds", "actor", "seed"]
     assert schema.field("parent_ids").type == pa.list_(pa.string())
     assert schema.field("generation").type == pa.int32() and schema.field("params").type == pa.int64()
@@ -53,14 +53,14 @@ def test_round_trip_through_pandas_read_parquet(tmp_path):
     ours = read_population(tmp_path / "out")
     assert list(ours.columns) == population_schema(LAYERS).names
     for _, row in ours.iterrows():
-        scored = planner.evaluated[row["subnet"]]
+        scored = planner.evaluated[row["key"]]
         assert row["params"] == scored.candidate.params and row["val_acc"] == scored.val_acc
         assert list(row["parent_ids"]) == list(scored.candidate.parent_ids)
         assert row["origin"] == scored.candidate.origin.value
         # The per-gene columns decode to the same subnet as the canonical key.
         choices = {layer: {t: row[f"{layer}/{t}"] for t in TENSORS} for layer in LAYERS}
-        assert SPACE.genes_to_string(SPACE.encode(choices, LAYERS)) == row["subnet"]
-    assert ours["subnet"].is_unique  # one row per evaluation
+        assert SPACE.genes_to_string(SPACE.encode(choices, LAYERS)) == row["key"]
+    assert ours["key"].is_unique  # one row per evaluation
     back = store.read_generation(1, population_schema(LAYERS))
     assert back.commit["generation"] == 1
     assert stored_scores([back.table])[0] == [(s.candidate.candidate_id, s.candidate.key, s.val_acc)

@@ -164,7 +164,7 @@ def test_search_writes_generations_front_and_result(baseline, problem):
     result, frame = baseline.result, read_population(baseline.out)
     assert baseline.shared_after == baseline.shared_before  # the shared weights were never written
     assert result.generations_done == 3 and result.evaluations == len(frame) == 3 * 8
-    assert frame["subnet"].is_unique  # nothing evaluated twice
+    assert frame["key"].is_unique  # nothing evaluated twice
     lo, hi = result.budget
     assert frame["params"].between(lo, hi).all()
     assert (frame["run_id"] == "run-a").all() and (frame["seed"] == 11).all() and (frame["actor"] == "actor-0").all()
@@ -172,14 +172,14 @@ def test_search_writes_generations_front_and_result(baseline, problem):
     assert set(frame.loc[frame["generation"] > 0, "origin"]) == {"mutation", "crossover", "random"}
     assert frame["val_acc"].nunique() > 3 and (frame["eval_seconds"] > 0).all()
 
-    ranked = frame.sort_values(["val_acc", "params", "subnet"], ascending=[False, True, True])
+    ranked = frame.sort_values(["val_acc", "params", "key"], ascending=[False, True, True])
     top = ranked.iloc[0]
-    assert (result.best.key, result.best.params, result.best.val_acc) == (top["subnet"], top["params"], top["val_acc"])
+    assert (result.best.key, result.best.params, result.best.val_acc) == (top["key"], top["params"], top["val_acc"])
     assert problem.net.subnet_key(result.best.genes) == result.best.key
-    expected_front = pareto_front(frame.rename(columns={"subnet": "key"}))
+    expected_front = pareto_front(frame)
     assert list(result.pareto["key"]) == list(expected_front["key"]) == list(read_pareto(baseline.out)["key"])
     stored = read_result(baseline.out)
-    assert stored["finished"] and stored["best"]["subnet"] == result.best.key and stored["evaluations"] == 24
+    assert stored["finished"] and stored["best"]["key"] == result.best.key and stored["evaluations"] == 24
     assert result.population_path.endswith(POPULATION_DIR)
 
     assert len(baseline.lines) == 3
@@ -247,7 +247,7 @@ def test_more_generations_extend_a_finished_run(baseline, problem, tmp_path):
     shutil.copytree(baseline.out, out)
     result, _ = search(problem, out, num_actors=2, generations=4)
     frame = read_population(out)
-    assert result.generations_done == 4 and len(frame) == 32 and frame["subnet"].is_unique
+    assert result.generations_done == 4 and len(frame) == 32 and frame["key"].is_unique
     first_three = frame[frame["generation"] < 3].reset_index(drop=True)
     pd.testing.assert_frame_equal(without_timing(first_three), without_timing(read_population(baseline.out)))
     assert result.best.val_acc >= baseline.result.best.val_acc

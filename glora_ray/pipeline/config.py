@@ -220,5 +220,5 @@ class DatasetOutcome:
     val_acc: float
     test_acc: float
     wall_seconds: float
-    subnet: str
+    key: str
     extra: dict[str, Any] = field(default_factory=dict)

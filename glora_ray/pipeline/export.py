@@ -54,7 +54,7 @@ def export_winner(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, out
     # Clone: a merged state dict references the supernet's own tensors, which may be shared.
     merged = {k: v.detach().cpu().contiguous().clone() for k, v in supernet.merged_state_dict(genes).items()}
     metadata = {"model": spec.backbone.name, "create_model_kwargs": json.dumps(record["create_model_kwargs"]),
-                "subnet": record["key"]}
+                "key": record["key"]}
     paths = ExportedWinner(
         merged_uri=storage.join(out_uri, MERGED_FILE),
         subnet_uri=storage.join(out_uri, SUBNET_FILE),

@@ -139,12 +139,12 @@ def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
     del val_images, val_labels
 
     test_uri = storage.join(export_uri, TEST_FILE)
-    if storage.exists(test_uri) and storage.read_json(test_uri).get("subnet") == best.key:
+    if storage.exists(test_uri) and storage.read_json(test_uri).get("key") == best.key:
         test_acc = storage.read_json(test_uri)["test_acc"]  # tested once already: never again
     else:
         say(f"stage 3: testing the winner ({best.params:,} params, val {best.val_acc:.4f}) once on test")
         test_acc = _remote_accuracies(cfg, checkpoint_dir, [best.genes], data)[0]
-        storage.write_json(test_uri, {"subnet": best.key, "test_acc": test_acc})
+        storage.write_json(test_uri, {"key": best.key, "test_acc": test_acc})
     export_winner(supernet, spec, best.genes, export_uri, val_acc=best.val_acc, test_acc=test_acc, lr=lr)
     if cfg.test_pareto:
         _test_front(cfg, search.pareto, checkpoint_dir, data, export_uri, supernet)
@@ -152,7 +152,7 @@ def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
     outcome = DatasetOutcome(
         dataset=dataset, group=dataset_info(dataset).group, lr=lr, params=best.params,
         head_params=supernet.head_num_params, val_acc=best.val_acc, test_acc=test_acc,
-        wall_seconds=time.perf_counter() - started, subnet=best.key,
+        wall_seconds=time.perf_counter() - started, key=best.key,
     )
     return asdict(outcome)
 

@@ -89,20 +89,20 @@ class MergedModel:
                 f"unexpected {result.unexpected_keys[:5]}"
             )
         self._targets: list[nn.Module] = []
-        for name in supernet.layer_names:
+        for name, layer in zip(supernet.layer_names, supernet.layers()):
             module = self.plain.get_submodule(name)
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"plain backbone layer {name!r} is {type(module).__name__}, expected nn.Linear")
+            if type(module) is not type(layer.base):
+                raise ValueError(f"plain backbone layer {name!r} is {type(module).__name__}, expected "
+                                 f"{type(layer.base).__name__}")
             self._targets.append(module)
         self._zero_bias: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
     def load(self, genes: np.ndarray) -> None:
         """Put the merged weights of ``genes`` into the adapted layers (out of place)."""
-        space = self.supernet.space
-        per_layer = np.asarray(genes).reshape(self.supernet.num_layers, -1)
-        for i, (name, layer, target) in enumerate(zip(self.supernet.layer_names, self.supernet.layers(), self._targets)):
-            weight, bias = layer.merged_weight_and_bias(space.decode_layer(per_layer[i], name))
+        choices = self.supernet.layer_choices(genes)
+        for i, (layer, target) in enumerate(zip(self.supernet.layers(), self._targets)):
+            weight, bias = layer.merged_weight_and_bias(choices[i])
             if bias is None:  # no base bias and no D / E / C term: a zero bias keeps one code path
                 bias = self._zero_bias.get(i)
                 if bias is None:

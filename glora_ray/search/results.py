@@ -16,12 +16,12 @@ table.
 Population rows: one row per evaluation.  A generation's file holds exactly the candidates
 evaluated in that generation; a parent surviving into later generations is not repeated
 (its children name it in ``parent_ids``), so ``len(table)`` is the number of evaluations and
-``subnet`` is unique across the table.  The elite at generation g is the top ``parents`` rows
-of generations < g by (val_acc desc, params asc, subnet asc).
+``key`` is unique across the table.  The elite at generation g is the top ``parents`` rows
+of generations < g by (val_acc desc, params asc, key asc).
 
 Columns, in order: run_id, dataset, generation (int32), candidate_id, parent_ids (list<string>),
-origin ("random" | "mutation" | "crossover"), subnet (the canonical key, one character per
-gene), then one string column per adapted layer and tensor named "<layer name>/<tensor>"
+origin ("random" | "mutation" | "crossover"), key (the canonical subnet key: the space's
+prefix, then one character per gene), then one string column per adapted layer and tensor named "<layer name>/<tensor>"
 (e.g. "blocks.0.attn.qkv/A") holding the choice name ("lora8", "vector", "scalar", "none"),
 in gene order, then params (int64), val_acc (float64), eval_seconds (float64), actor, seed (int64).
 """
@@ -45,7 +45,7 @@ from .evaluator import EvalResult
 from .evolution import Scored
 from .pareto import FRONT_COLUMNS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keys carry their space ("r8r4:..."), population column "key"
 MANIFEST_FILE = "run.json"
 POPULATION_DIR = "population"
 PARETO_FILE = "pareto.parquet"
@@ -55,7 +55,7 @@ _GENERATION_FILE = re.compile(r"gen=(\d{4,})\.parquet")
 _TEMPORARY_FILE = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
 TIMING_COLUMNS = ("eval_seconds", "actor")  # the columns that differ between equal runs
 
-LEADING_COLUMNS = ("run_id", "dataset", "generation", "candidate_id", "parent_ids", "origin", "subnet")
+LEADING_COLUMNS = ("run_id", "dataset", "generation", "candidate_id", "parent_ids", "origin", "key")
 TRAILING_COLUMNS = ("params", "val_acc", "eval_seconds", "actor", "seed")
 
 
@@ -77,7 +77,7 @@ def population_schema(layer_names: Sequence[str]) -> pa.Schema:
             ("candidate_id", pa.string()),
             ("parent_ids", pa.list_(pa.string())),
             ("origin", pa.string()),
-            ("subnet", pa.string()),
+            ("key", pa.string()),
         ]
         + [(name, pa.string()) for name in gene_columns(layer_names)]
         + [
@@ -119,7 +119,7 @@ def generation_table(
         "candidate_id": [s.candidate.candidate_id for s in scored],
         "parent_ids": [list(s.candidate.parent_ids) for s in scored],
         "origin": [s.candidate.origin.value for s in scored],
-        "subnet": [s.candidate.key for s in scored],
+        "key": [s.candidate.key for s in scored],
     }
     for j, column in enumerate(gene_columns(layer_names)):
         columns[column] = names[TENSORS[j % len(TENSORS)]][genes[:, j]].tolist()
@@ -253,9 +253,9 @@ def without_timing(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def stored_scores(tables: Iterable[pa.Table]) -> list[list[tuple[str, str, float]]]:
-    """(candidate_id, subnet, val_acc) per stored generation, in candidate order."""
+    """(candidate_id, key, val_acc) per stored generation, in candidate order."""
     out = []
     for table in tables:
-        columns = table.select(["candidate_id", "subnet", "val_acc"]).to_pydict()
-        out.append(list(zip(columns["candidate_id"], columns["subnet"], columns["val_acc"])))
+        columns = table.select(["candidate_id", "key", "val_acc"]).to_pydict()
+        out.append(list(zip(columns["candidate_id"], columns["key"], columns["val_acc"])))
     return out

@@ -282,7 +282,7 @@ def _result_record(result: SearchResult, config: SearchConfig, finished: bool) -
         "budget": {"min_params": result.budget[0], "max_params": result.budget[1]},
         "config": {**config.result_identity(), "generations": config.generations},
         "best": {
-            "candidate_id": best.candidate_id, "generation": best.generation, "subnet": best.key,
+            "candidate_id": best.candidate_id, "generation": best.generation, "key": best.key,
             "genes": [int(g) for g in best.genes], "params": best.params, "val_acc": best.val_acc,
             "choices": best.choices,
         },
