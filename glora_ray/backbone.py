@@ -22,6 +22,10 @@ import torch
 from torch import nn
 
 CHECKPOINT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
+# How the fresh classifier head starts: as timm initialises it, or at zero. timm's EfficientNet
+# head init (uniform +-1/sqrt(classes)) is made for 1000 classes; with 10 classes on 1280 pooled
+# features it starts with logits of std ~9 (a loss of ~16), which Adam takes epochs to undo.
+HEAD_INITS = ("timm", "zeros")
 # Where timm's pretrained weights come from; probed once so an offline machine fails at once.
 _HUB_HOST, _HUB_PORT = "huggingface.co", 443
 
@@ -96,6 +100,7 @@ class BackboneConfig:
     drop_path_rate: float = 0.1
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
+    head_init: str = "timm"  # one of HEAD_INITS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +134,8 @@ class BackboneConfig:
                 raise BackboneError(f"checkpoint {str(path)!r}: suffix {path.suffix!r} not one of {CHECKPOINT_SUFFIXES}")
         if self.img_size <= 0:
             raise BackboneError(f"img_size must be positive, got {self.img_size}")
+        if self.head_init not in HEAD_INITS:
+            raise BackboneError(f"head_init {self.head_init!r} is not one of {list(HEAD_INITS)}")
 
     @property
     def loads_weights(self) -> bool:
@@ -351,7 +358,20 @@ def create_backbone(cfg: BackboneConfig, num_classes: int) -> nn.Module:
     weights_file = cfg.weights_file()
     if weights_file is not None:
         load_backbone_weights(model, weights_file)
+    if cfg.head_init == "zeros":
+        _zero_head(model)
     return model
+
+
+@torch.no_grad()
+def _zero_head(model: nn.Module) -> None:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        raise BackboneError(f"head_init='zeros' needs a linear classifier head; {type(model).__name__} has "
+                            f"{type(head).__name__}")
+    head.weight.zero_()
+    if head.bias is not None:
+        head.bias.zero_()
 
 
 def empty_backbone(cfg: BackboneConfig, num_classes: int) -> nn.Module:

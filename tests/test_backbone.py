@@ -180,3 +180,11 @@ def test_pretrained_unreachable_hub_fails_fast_without_offline_env(monkeypatch):
         create_backbone(tiny_config(pretrained=True), num_classes=10)
     assert time.perf_counter() - start < 10
     assert constants.HF_HUB_OFFLINE is False  # restored for the rest of the process
+
+
+def test_a_fresh_head_can_start_at_zero():
+    model = create_backbone(tiny_config(head_init="zeros"), num_classes=10)
+    assert not model.head.weight.any() and not model.head.bias.any()
+    assert create_backbone(tiny_config(), num_classes=10).head.weight.any()  # timm's init otherwise
+    with pytest.raises(BackboneError, match=r"head_init 'ones' is not one of \['timm', 'zeros'\]"):
+        tiny_config(head_init="ones").validate()

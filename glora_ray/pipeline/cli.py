@@ -149,7 +149,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         train=train,
         search=search,
         ranks=given.get("ranks", values["ranks"]),
-        targets=given.get("targets"),
+        targets=given.get("targets", values["targets"]),
         layer_types=given.get("layer_types", values["layer_types"]),
         preprocessing=given.get("preprocessing", values["preprocessing"]),
         lr=lr,

