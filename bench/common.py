@@ -124,7 +124,7 @@ PRESETS: dict[str, SizePreset] = {
         "tiny", TINY_VIT, val_images=32, eval_batch=16, eval_repeats=3, train_batch=8, train_steps=2,
         train_repeats=2, search=SearchPreset(6, 2, 2, 2, 2), search_repeats=1,
         memory_model=TINY_VIT, memory_val_images=8, memory_actors=(1, 2), cluster_workers=2,
-        cnn=efficientnet_lite0(32, num_classes=5),
+        cnn=efficientnet_lite0(16, num_classes=5),
     ),
     # The CPU default: the whole 12-block ViT-Ti at 64 px (17 tokens), a 200-image val set.
     "small": SizePreset(
