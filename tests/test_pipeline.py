@@ -75,6 +75,7 @@ def test_options_override_the_preset():
     (["--datasets", "imagenet"], "unknown dataset 'imagenet'"),
     (["--max-params", "lots"], "0.29M"),
     (["--ranks", "4", "4"], "distinct"),
+    (["--layer-types", "lstm"], "'lstm' is not adaptable"),
 ])
 def test_bad_options_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

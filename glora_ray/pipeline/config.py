@@ -11,6 +11,7 @@ from ..backbone import BackboneConfig, pretrained_preprocessing
 from ..data import IMAGENET_MEAN, IMAGENET_STD, VTAB_DATASETS, canonical_dataset_name
 from ..data.vtab import VTAB_INTERPOLATION
 from ..space import SearchSpace
+from ..supernet import resolve_layer_types
 from ..search import SearchConfig
 from ..train import TrainConfig
 from .paper import DEFAULT_LR, PAPER_LR
@@ -44,7 +45,7 @@ class PipelineConfig:
     ranks: tuple[int, ...] = (8, 4)
     targets: list[str] | str | None = None  # names or suffixes, or one regex over module names
     layer_types: tuple[str, ...] = ("linear",)  # adapted module types (docs/method.md §7)
-    preprocessing: str = BACKBONE_PREPROCESSING  # one of PREPROCESSINGS
+    preprocessing: str = VTAB_PREPROCESSING  # one of PREPROCESSINGS
     lr: float | None = None  # None: the paper's Table 4 value for each dataset
     lr_sweep: tuple[float, ...] = ()  # non-empty: Ray Tune picks the supernet lr among these
     lr_sweep_subnets: int = 8  # random in-budget subnets that score a trial on val200
@@ -58,6 +59,7 @@ class PipelineConfig:
         self.ranks = SearchSpace(self.ranks).ranks  # validates: distinct positive integers
         self.lr_sweep = tuple(float(x) for x in self.lr_sweep)
         self.layer_types = tuple(self.layer_types)
+        resolve_layer_types(self.layer_types)  # validates: names of adaptable module types
         if self.preprocessing not in PREPROCESSINGS:
             raise PipelineConfigError(f"preprocessing {self.preprocessing!r} is not one of {list(PREPROCESSINGS)}")
         if not self.datasets:
