@@ -19,6 +19,7 @@ Goal: merged / backbone <= 1.05.  Check: merged and unmerged logits agree (relat
 1e-4 in fp32; 2e-2 with --tf32).  Ray-free (``gpu_check`` calls ``main`` on machines without Ray).
 
     python -m bench.eval_cost --size small               # CPU, one thread
+    python -m bench.eval_cost --size small --family cnn  # EfficientNet-Lite0, GLoRA on its convolutions
     python -m bench.eval_cost --size base --device cuda  # ViT-B/16, 224 px
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from bench.common import (
-    CLOCKS, BenchError, add_common_args, build_supernet, check, machine_info, make_spec, measure_interleaved,
+    CLOCKS, BenchError, add_common_args, add_family_arg, build_supernet, check, machine_info, make_spec, measure_interleaved,
     prepare_environment, preset, random_labels, run_bench, say, synthetic_images, timing_setup,
 )
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.eval_cost", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
+    add_family_arg(parser)
     parser.add_argument("--val-images", type=int, default=None, help="validation images (default: per --size)")
     parser.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: per --size)")
     parser.add_argument("--subnets", type=int, default=4, help="random subnets, evaluated in turn (default 4)")
@@ -102,10 +104,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from glora_ray.search.merge import resolve_merge_strategy
 
     size = preset(args.size)
+    model = size.model_for(args.family)
     if args.img_size is not None:
         if args.img_size < 1:
             raise BenchError("--img-size must be >= 1")
-        size = replace(size, model=replace(size.model, img_size=args.img_size))
+        model = replace(model, img_size=args.img_size)
     timing = timing_setup(args)
     device, threads, clock, sync = timing.device, timing.threads, timing.clock, timing.sync
     repeats = args.repeats or size.eval_repeats
@@ -114,11 +117,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if count < 1 or batch < 1 or args.subnets < 1:
         raise BenchError("--val-images, --batch-size and --subnets must be >= 1")
 
-    say(f"[eval_cost] {size.model.describe()} | {count} images, batch {batch} | {timing.describe()} | {repeats} rounds"
+    say(f"[eval_cost] {model.describe()} | {count} images, batch {batch} | {timing.describe()} | {repeats} rounds"
         f" | precision {args.precision}, merge {args.merge_strategies}")
-    spec = make_spec(size.model, seed=args.seed)
+    spec = make_spec(model, seed=args.seed)
     state = numpy_state(build_supernet(spec, seed=args.seed))
-    images = synthetic_images(count, size.model.img_size, args.seed)
+    images = synthetic_images(count, model.img_size, args.seed)
     labels = random_labels(count, spec.num_classes, args.seed + 1)
     strategies = [s.strip() for s in args.merge_strategies.split(",") if s.strip()] or ["auto"]
     try:
@@ -183,10 +186,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     say(f"merged vs unmerged logits: relative error {rel_err:.2e} (tolerance {tolerance:g})")
     return {
         "size": size.name,
+        "family": args.family,
         "device": str(device),
         "machine": machine_info(device),
         "settings": {
-            "model": size.model.describe(), "val_images": count, "batch_size": batch, "subnets": len(subnets),
+            "model": model.describe(), "val_images": count, "batch_size": batch, "subnets": len(subnets),
             "repeats": repeats, "warmup": args.warmup, "threads": threads, "clock": clock,
             "tf32": bool(args.tf32 and device.type == "cuda"), "seed": args.seed,
             "precision": merged.precision.value, "merge_strategy": strategies[0],

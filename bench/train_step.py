@@ -18,6 +18,7 @@ A fixed subnet is a ``Supernet`` whose ``set_subnet`` applies the pinned genes (
 is still made, so the loop is the same).  Ray-free (``gpu_check`` calls ``main``).
 
     python -m bench.train_step --size small
+    python -m bench.train_step --size small --family cnn    # EfficientNet-Lite0, GLoRA on its convolutions
     python -m bench.train_step --size base --device cuda
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from bench.common import (
-    CLOCKS, BenchError, add_common_args, machine_info, make_spec, measure_interleaved, prepare_environment, preset,
+    CLOCKS, BenchError, add_common_args, add_family_arg, machine_info, make_spec, measure_interleaved, prepare_environment, preset,
     random_labels, run_bench, say, synthetic_images, timing_setup,
 )
 from glora_ray.supernet import Supernet
@@ -64,7 +65,7 @@ def build(spec, cls: type[Supernet] = Supernet) -> Supernet:
 
     generator = torch.Generator().manual_seed(spec.adapter_seed)
     return cls(create_backbone(spec.backbone, spec.num_classes), spec.space, targets=spec.targets,
-               init=spec.init, generator=generator)
+               layer_types=spec.layer_types, init=spec.init, generator=generator)
 
 
 def uniform_subnet(supernet: Supernet, choice: dict[str, str]) -> np.ndarray:
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
+    add_family_arg(parser)
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (default: per --size; SPEC: 64)")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed epoch (default: per --size)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each variant first (default 1)")
@@ -91,6 +93,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from glora_ray.train import SupernetTraining, TrainConfig
 
     size = preset(args.size)
+    model = size.model_for(args.family)
     timing = timing_setup(args)
     device, threads, clock, sync = timing.device, timing.threads, timing.clock, timing.sync
     repeats = args.repeats or size.train_repeats
@@ -98,12 +101,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps or size.train_steps
     if batch < 1 or steps < 1 or args.warmup < 0:
         raise BenchError("--batch-size and --steps must be >= 1, --warmup >= 0")
-    say(f"[train_step] {size.model.describe()} | batch {batch}, {steps} steps per timed epoch | {timing.describe()} "
+    say(f"[train_step] {model.describe()} | batch {batch}, {steps} steps per timed epoch | {timing.describe()} "
         f"| {repeats} rounds")
 
-    spec = make_spec(size.model, drop_path_rate=DROP_PATH_RATE, seed=args.seed)
+    spec = make_spec(model, drop_path_rate=DROP_PATH_RATE, seed=args.seed)
     count = batch * steps
-    dataset = ArrayDataset(synthetic_images(count, size.model.img_size, args.seed),
+    dataset = ArrayDataset(synthetic_images(count, model.img_size, args.seed),
                            random_labels(count, spec.num_classes, args.seed + 1))
     from glora_ray.precision import resolve_precision
 
@@ -168,10 +171,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         say(f"{name.replace('_over_', ' / '):18s} step time {stat.text()}")
     return {
         "size": size.name,
+        "family": args.family,
         "device": str(device),
         "machine": machine_info(device),
         "settings": {
-            "model": size.model.describe(), "batch_size": batch, "steps_per_epoch": steps, "repeats": repeats,
+            "model": model.describe(), "batch_size": batch, "steps_per_epoch": steps, "repeats": repeats,
             "warmup": args.warmup, "threads": threads, "clock": clock,
             "tf32": bool(args.tf32 and device.type == "cuda"),
             "drop_path_rate": DROP_PATH_RATE, "seed": args.seed, "precisions": precisions,

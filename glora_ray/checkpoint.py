@@ -1,7 +1,7 @@
 """The supernet checkpoint that stage 1 writes and stages 2 and 3 load.
 
 A directory with ``supernet.json`` (a ``SupernetSpec``: backbone, classes, space, targets,
-dataset) and ``adapters.safetensors`` (support tensors and head only). The frozen backbone is
+adapted layer types, dataset) and ``adapters.safetensors`` (support tensors and head only). The frozen backbone is
 rebuilt from its recorded source, so a checkpoint stays small.
 """
 from __future__ import annotations
@@ -43,6 +43,8 @@ class SupernetSpec:
     num_classes: int
     ranks: tuple[int, ...] = (8, 4)
     targets: list[str] | str | None = None
+    # Which module types are adapted, by name ("linear", "conv2d"; docs/method.md §7).
+    layer_types: tuple[str, ...] = ("linear",)
     dataset: str = ""
     init: str = "kaiming"
     adapter_seed: int = 0
@@ -56,16 +58,18 @@ class SupernetSpec:
         """Backbone with its real weights, plus freshly initialised adapters (seeded)."""
         model = create_backbone(self.backbone, self.num_classes)
         generator = torch.Generator().manual_seed(self.adapter_seed)
-        return Supernet(model, self.space, targets=self.targets, init=self.init, generator=generator)
+        return Supernet(model, self.space, targets=self.targets, layer_types=self.layer_types, init=self.init,
+                        generator=generator)
 
     def build_empty(self) -> Supernet:
         """The structure on the meta device, for ``load_state_dict(..., assign=True)``."""
         model = empty_backbone(self.backbone, self.num_classes)
-        return Supernet(model, self.space, targets=self.targets, init=self.init)
+        return Supernet(model, self.space, targets=self.targets, layer_types=self.layer_types, init=self.init)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["ranks"] = list(self.ranks)
+        data["layer_types"] = list(self.layer_types)
         return data
 
     @classmethod
@@ -73,6 +77,8 @@ class SupernetSpec:
         data = dict(data)
         data["backbone"] = BackboneConfig.from_dict(data["backbone"])
         data["ranks"] = tuple(data["ranks"])
+        if "layer_types" in data:
+            data["layer_types"] = tuple(data["layer_types"])
         return cls(**data)
 
     def check_matches(self, expected: "SupernetSpec", where: str) -> None:
@@ -83,6 +89,7 @@ class SupernetSpec:
             "num_classes": (self.num_classes, expected.num_classes),
             "dataset": (self.dataset, expected.dataset),
             "targets": (self.targets, expected.targets),
+            "layer_types": (tuple(self.layer_types), tuple(expected.layer_types)),
             "img_size": (self.backbone.img_size, expected.backbone.img_size),
         }
         for name, (have, want) in fields.items():

@@ -132,8 +132,19 @@ def test_missing_and_unsupported_files(tmp_path):
 def test_corrupt_files(tmp_path, suffix, message):
     path = tmp_path / f"corrupt{suffix}"
     path.write_bytes(b"\x00garbage, not a checkpoint" * 10)
-    with pytest.raises(BackboneError, match=message):
+    with pytest.raises(BackboneError, match=message) as err:
         create_backbone(tiny_config(checkpoint_path=str(path)), 10)
+    assert str(path) in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_pickled_objects_are_refused_in_our_words(tmp_path):
+    import argparse
+
+    path = tmp_path / "objects.pth"
+    torch.save({"args": argparse.Namespace(lr=1.0), "weight": torch.zeros(2)}, path)
+    with pytest.raises(BackboneError, match="holds? Python objects besides tensors") as err:
+        create_backbone(tiny_config(checkpoint_path=str(path)), 10)
+    assert "weights_only" not in str(err.value)
 
 
 def test_checkpoint_of_another_architecture(tmp_path, source):
@@ -186,3 +197,11 @@ def test_pretrained_unreachable_hub_fails_fast_without_offline_env(monkeypatch, 
         create_backbone(tiny_config(pretrained=True), num_classes=10)
     assert connections == []  # the hub client went to its cache, no retries
     assert constants.HF_HUB_OFFLINE is False  # restored for the rest of the process
+
+
+def test_a_fresh_head_can_start_at_zero():
+    model = create_backbone(tiny_config(head_init="zeros"), num_classes=10)
+    assert not model.head.weight.any() and not model.head.bias.any()
+    assert create_backbone(tiny_config(), num_classes=10).head.weight.any()  # timm's init otherwise
+    with pytest.raises(BackboneError, match=r"head_init 'ones' is not one of \['timm', 'zeros'\]"):
+        tiny_config(head_init="ones").validate()

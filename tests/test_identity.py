@@ -24,22 +24,22 @@ def test_execution_settings_are_not_part_of_the_identity():
 
 
 def test_differences_name_nested_fields_with_both_values():
-    a, b = parse_config([]), parse_config(["--seed", "4", "--m-prob", "0.5", "--actors", "3", "--generations", "9"])
+    a, b = parse_config(["--preset", "tiny", ]), parse_config(["--preset", "tiny", "--seed", "4", "--m-prob", "0.5", "--actors", "3", "--generations", "9"])
     assert differences(a.identity(), b.identity()) == [
         ("backbone.init_seed", 0, 4), ("search.m_prob", 0.2, 0.5), ("search.seed", 0, 4), ("train.seed", 0, 4)]
     assert result_extent(b) == {"search": {"generations": 9}}
 
 
 def test_a_stored_run_continues_only_with_execution_changes_or_a_longer_search():
-    stored = run_record(parse_config(["--out", "/tmp/run", "--generations", "5"]))
+    stored = run_record(parse_config(["--preset", "tiny", "--out", "/tmp/run", "--generations", "5"]))
     for argv in (["--checkpoint-every", "1"], ["--actors", "4", "--actor-cpus", "0.5"], ["--train-workers", "2"],
                  ["--train-cpus", "1"], ["--test-pareto"], ["--max-concurrent-datasets", "1"], ["--verbose"],
                  ["--baselines", "lora", "head"], ["--seeds", "0", "1"],
                  ["--generations", "8"], ["--out", "/elsewhere"]):
-        check_same_run(parse_config(["--out", "/tmp/run", "--generations", "5", *argv]), stored, "--out /tmp/run")
+        check_same_run(parse_config(["--preset", "tiny", "--out", "/tmp/run", "--generations", "5", *argv]), stored, "--out /tmp/run")
     with pytest.raises(PipelineConfigError, match=r"train\.epochs: stored 10, now 3"):
-        check_same_run(parse_config(["--generations", "5", "--epochs", "3"]), stored, "--out /tmp/run")
+        check_same_run(parse_config(["--preset", "tiny", "--generations", "5", "--epochs", "3"]), stored, "--out /tmp/run")
     with pytest.raises(PipelineConfigError, match=r"search\.generations: stored 5, now 4.*may only grow"):
-        check_same_run(parse_config(["--generations", "4"]), stored, "--out /tmp/run")
-    cfg = parse_config([])
+        check_same_run(parse_config(["--preset", "tiny", "--generations", "4"]), stored, "--out /tmp/run")
+    cfg = parse_config(["--preset", "tiny", ])
     assert replace(cfg, out="/x").identity() == cfg.identity()  # a run may move

@@ -30,7 +30,8 @@ TINY_MODEL = json.dumps({"patch_size": 8, "depth": 2, "embed_dim": 32, "num_head
 
 
 def tiny_args(data_root, out, *extra):
-    return ["--data-root", str(data_root), "--out", str(out), "--img-size", "16", "--model-kwargs", TINY_MODEL,
+    return ["--preset", "tiny", "--data-root", str(data_root), "--out", str(out), "--img-size", "16",
+            "--model-kwargs", TINY_MODEL,
             "--epochs", "3", "--warmup-epochs", "1", "--checkpoint-every", "3", "--train-cpus", "1",
             "--population", "8", "--parents", "3", "--mutants", "3", "--crossovers", "2", "--generations", "2",
             "--max-params", "6k", "--actors", "1", "--eval-batch-size", "100", *extra]
@@ -45,7 +46,18 @@ def load_entry_point():
 
 def test_options_override_the_preset():
     default = parse_config([])
-    assert default.datasets == ("digits",) and default.backbone.name == "vit_tiny_patch16_224"
+    assert default.datasets == ("digits",) and default.backbone.name == "tf_efficientnet_lite0"
+    assert default.backbone.weights == "efficientnet-lite0-package" and default.layer_types == ("conv2d",)
+    assert default.preprocessing_values() == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+    tiny = parse_config(["--preset", "tiny"])
+    assert tiny.backbone.name == "vit_tiny_patch16_224" and not tiny.backbone.loads_weights
+    assert tiny.layer_types == ("linear",) and tiny.preprocessing == "vtab"
+    both = parse_config(["--preset", "tiny", "--layer-types", "linear", "conv2d", "--preprocessing", "backbone"])
+    assert both.layer_types == ("linear", "conv2d") and both.preprocessing == "backbone"
+    packaged = parse_config(["--preset", "tiny", "--weights", "efficientnet-lite0-package"])
+    assert packaged.backbone.name == "tf_efficientnet_lite0" and packaged.backbone.model_kwargs == {}
+    local = parse_config(["--checkpoint", "weights.pth"])
+    assert local.backbone.checkpoint_path == "weights.pth" and local.backbone.weights is None
     paper = parse_config(["--preset", "paper", "--datasets", "cifar100", "oxford_pet", "dtd",
                           "--max-params", "0.29M", "--ranks", "8", "4", "--seed", "3"])
     assert paper.datasets == ("cifar", "oxford_iiit_pet", "dtd")
@@ -54,6 +66,9 @@ def test_options_override_the_preset():
     assert paper.lr is None and paper.lr_for("cifar") == 5e-4 and paper.lr_for("clevr_count") == 1e-4
     assert paper.train.epochs == 500 and paper.search.population == 50 and paper.search.generations == 20
     assert paper.train.seed == paper.search.seed == paper.backbone.init_seed == 3
+    # docs/method.md §4: the paper's preprocessing, not timm's 0.5 / 0.5 of these weights.
+    assert paper.preprocessing_values() == {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                                            "interpolation": "bicubic"}
     assert parse_config(["--datasets", "all"]).datasets == tuple(VTAB_DATASETS)
     sweep = parse_config(["--lr-sweep", "1e-4", "5e-4"])
     assert sweep.lr is None and sweep.lr_sweep == (1e-4, 5e-4)
@@ -65,6 +80,7 @@ def test_options_override_the_preset():
     (["--datasets", "imagenet"], "unknown dataset 'imagenet'"),
     (["--max-params", "lots"], "0.29M"),
     (["--ranks", "4", "4"], "distinct"),
+    (["--layer-types", "lstm"], "'lstm' is not adaptable"),
 ])
 def test_bad_options_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -175,7 +175,9 @@ def test_cluster_too_small_exits_2_before_config_json(digits_root, tmp_path, ent
 
 
 # -- 5. budgets and checkpoints -----------------------------------------------------------------------
-def test_a_budget_below_every_real_choice_is_warned_about(digits_root, tmp_path, caplog):
+def test_a_budget_below_every_real_choice_is_warned_about(digits_root, tmp_path, caplog, monkeypatch):
+    # The CLI's handler (set up by earlier in-process runs) stops propagation; caplog listens at the root.
+    monkeypatch.setattr(logging.getLogger("glora_ray"), "propagate", True)
     cfg = parse_config(tiny_args(digits_root, tmp_path / "out", "--max-params", "5"))
     with caplog.at_level(logging.WARNING, logger="glora_ray"):
         assert preflight(cfg)["digits"] == (0, 5)

@@ -8,10 +8,11 @@ import sys
 from dataclasses import replace
 from typing import Any, Sequence
 
+from ..backbone import PACKAGED_WEIGHTS, packaged_weights
 from ..errors import GLoRARayError
 
 from .baselines import BASELINES
-from .config import ALL_DATASETS, PRESETS, PipelineConfig, PipelineConfigError, expand_datasets, preset
+from .config import ALL_DATASETS, PREPROCESSINGS, PRESETS, PipelineConfig, PipelineConfigError, expand_datasets, preset
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -25,7 +26,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 # Options that set one field of the preset's nested settings: option dest -> field name.
-_BACKBONE_OPTIONS = {"model": "name", "pretrained": "pretrained", "checkpoint": "checkpoint_path",
+_BACKBONE_OPTIONS = {"model": "name", "pretrained": "pretrained", "checkpoint": "checkpoint_path", "weights": "weights",
                      "img_size": "img_size", "model_kwargs": "model_kwargs", "seed": "init_seed"}
 _TRAIN_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "warmup_epochs": "warmup_epochs",
                   "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every", "train_workers": "num_workers",
@@ -34,7 +35,7 @@ _SEARCH_OPTIONS = {"population": "population", "parents": "parents", "mutants": 
                    "m_prob": "m_prob", "generations": "generations", "actors": "num_actors",
                    "actor_cpus": "cpus_per_actor", "actor_gpus": "gpus_per_actor", "eval_batch_size": "eval_batch_size",
                    "min_params": "min_params", "max_params": "max_params", "seed": "seed"}
-_TOP_OPTIONS = ("datasets", "data_root", "out", "ranks", "targets", "lr")
+_TOP_OPTIONS = ("datasets", "data_root", "out", "ranks", "targets", "lr", "layer_types", "preprocessing")
 # What None means, where the preset leaves a value open.
 _OPEN = {"targets": "every nn.Linear but the head", "lr": "the paper's Table 4 value per dataset",
          "min_params": "what the space reaches", "max_params": "what the space reaches",
@@ -71,14 +72,16 @@ def build_parser(preset_name: str = "default") -> argparse.ArgumentParser:
         description=(
             "GLoRA on VTAB-1k: for each dataset train a supernet (Ray Train), search it under a "
             "parameter budget (Ray actors), test the winner once, merge and export it. With no "
-            "arguments: the embedded default (bundled digits, a small ViT, local Ray, offline). "
+            "arguments: the embedded default (bundled digits, a pretrained EfficientNet-Lite0 from a pip "
+            "package, local Ray, offline). "
             f"Option values shown are those of preset {preset_name!r}; --preset NAME --help shows another's."
         ),
     )
     g = parser.add_argument_group("job")
     g.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="starting values: 'default' (embedded, minutes on a laptop) or 'paper' (the paper's protocol); "
-                        "default: default")
+                   help="starting values: 'default' (embedded: pretrained EfficientNet-Lite0 on the bundled digits, "
+                        "minutes on a laptop), 'tiny' (a random-init small ViT, the cheapest run: tests) or 'paper' "
+                        "(the paper's protocol)")
     g.add_argument("--datasets", nargs="+", metavar="NAME",
                    help=f"dataset names (both VTAB spellings accepted), or '{ALL_DATASETS}' for the 19 VTAB-1k datasets")
     g.add_argument("--data-root", help="folder holding <dataset>/{images,train800.txt,val200.txt,test.txt,...}")
@@ -105,11 +108,22 @@ def build_parser(preset_name: str = "default") -> argparse.ArgumentParser:
     weights = g.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", default=None, help="timm hub weights (online or cached)")
     weights.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init (tests, smoke runs)")
-    weights.add_argument("--checkpoint", help="local backbone weights: .npz (ViT-B_16.npz), .pth/.pt/.bin, .safetensors")
+    weights.add_argument("--checkpoint", help="local backbone weights: .npz (ViT-B_16.npz), .pth/.pt/.bin, .safetensors; "
+                         "timm's layout or efficientnet_pytorch's (told by the key names)")
+    weights.add_argument("--weights", choices=sorted(PACKAGED_WEIGHTS),
+                         help="weights shipped by an installed pip package, found through it (offline); sets --model "
+                         "unless given. " + "; ".join(f"{w.name}: {w.model}, {w.description}, from pip package "
+                                                      f"{w.distribution}" for w in PACKAGED_WEIGHTS.values()))
     g.add_argument("--img-size", type=int)
     g.add_argument("--model-kwargs", type=_json_object, help="extra timm.create_model arguments as JSON, e.g. '{\"depth\": 4}'")
     g.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks of the space, e.g. 8 4")
-    g.add_argument("--targets", nargs="+", help="adapted layers by name or suffix")
+    g.add_argument("--targets", nargs="+", help="adapted layers by name or suffix (default: every layer of "
+                   "--layer-types but the head)")
+    g.add_argument("--layer-types", nargs="+", metavar="TYPE",
+                   help="module types GLoRA adapts: linear, conv2d (default: the preset's; 'linear' for ViTs)")
+    g.add_argument("--preprocessing", choices=PREPROCESSINGS,
+                   help="image mean/std and resize filter: 'backbone' (the model's pretrained config in timm) or "
+                   "'vtab' (ImageNet mean/std, bicubic: the paper's protocol)")
 
     g = parser.add_argument_group("budget (adapter parameters; 0.29M, 800k or an integer)")
     g.add_argument("--min-params")
@@ -154,8 +168,15 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         raise PipelineConfigError("--seed and --seeds exclude each other: give one seed or a list of seeds")
 
     backbone_changes = {field: given[dest] for dest, field in _BACKBONE_OPTIONS.items() if dest in given}
-    if "checkpoint" in given:
-        backbone_changes["pretrained"] = False
+    # One source of weights: the one given replaces the preset's.
+    for source, others in (("checkpoint", {"pretrained": False, "weights": None}),
+                           ("weights", {"pretrained": False, "checkpoint_path": None}),
+                           ("pretrained", {"checkpoint_path": None, "weights": None})):
+        if source in given:
+            backbone_changes.update(others)
+    if "weights" in given and "model" not in given:
+        backbone_changes["name"] = packaged_weights(given["weights"]).model
+        given["model"] = backbone_changes["name"]  # a new model: the preset's reductions do not apply
     if "model" in given and "model_kwargs" not in given:
         backbone_changes["model_kwargs"] = {}  # the preset's reductions belong to the preset's model
     backbone = replace(values["backbone"], **backbone_changes)
@@ -177,7 +198,9 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         train=train,
         search=search,
         ranks=given.get("ranks", values["ranks"]),
-        targets=given.get("targets"),
+        targets=given.get("targets", values["targets"]),
+        layer_types=given.get("layer_types", values["layer_types"]),
+        preprocessing=given.get("preprocessing", values["preprocessing"]),
         lr=lr,
         lr_sweep=given.get("lr_sweep", ()),
         test_pareto=given.get("test_pareto", False),

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_supernet
-from ..data import DataConfig, VTABDataset
+from ..data import DataConfig
 from ..search.evaluator import default_device
 
 
@@ -18,7 +18,7 @@ def split_accuracies(checkpoint_dir: str, genes_list: Sequence[np.ndarray], data
     """Top-1 accuracy on ``split`` of each subnet, merged into a plain model (what is exported)."""
     supernet, _ = load_supernet(checkpoint_dir)
     device = default_device()  # a GPU when Ray gave this task one (it hides the others)
-    loader = DataLoader(VTABDataset(data.root, data.dataset, split, data.img_size, data.mean, data.std),
+    loader = DataLoader(data.lazy(split),
                         batch_size=batch_size, shuffle=False, num_workers=data.loader_workers)
     accuracies = []
     for genes in genes_list:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..budget import Budget, sample_within_budget
 from ..checkpoint import SupernetSpec, load_supernet
-from ..data import DataConfig, load_split_arrays
+from ..data import DataConfig
 from ..search import SearchConfig, evaluate_subnet
 from ..train import TrainConfig, train_supernet
 
@@ -46,7 +46,7 @@ def _trial(config: dict[str, Any], *, spec: SupernetSpec, data: DataConfig, trai
     lr = float(config["lr"])
     result = train_supernet(spec, data, replace(train, lr=lr), storage_path, run_name_for(lr))
     supernet, _ = load_supernet(result.checkpoint_dir)
-    images, labels = load_split_arrays(data.root, data.dataset, "val200", data.img_size, data.mean, data.std)
+    images, labels = data.arrays("val200")
     scores = [evaluate_subnet(supernet, genes, images, labels, eval_batch_size) for genes in subnets]
     tune.report({
         SCORE: float(np.mean(scores)),

@@ -42,7 +42,7 @@ _WAIT_POLL_S = 5.0  # seconds between looks at an autoscaling cluster
 
 def _check_backbone_weights(cfg: PipelineConfig) -> None:
     """Checkpoint file and (offline) hub cache: loads the weights once on the CPU."""
-    if cfg.backbone.pretrained or cfg.backbone.checkpoint_path:
+    if cfg.backbone.loads_weights:
         create_backbone(cfg.backbone, num_classes=2)
 
 
@@ -51,7 +51,7 @@ def _check_output_location(out: str) -> None:
     try:
         fs, path = storage.resolve(out)
         info = fs.get_file_info(path)
-    except (OSError, pa.ArrowException) as err:  # an unknown scheme, a missing driver, no credentials
+    except (OSError, pa.ArrowException, storage.StorageError) as err:  # unknown scheme, missing driver, no credentials
         raise PipelineConfigError(f"--out {out}: its filesystem is not available ({one_line(err)})") from err
     if info.type == pafs.FileType.File:
         raise PipelineConfigError(f"--out {out} is a file; give a folder (new or empty) or a URI")

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .. import storage
 from ..checkpoint import SupernetSpec, load_supernet, numpy_state
-from ..data import DataConfig, dataset_info, load_split_arrays
+from ..data import DataConfig, dataset_info
 from ..errors import GLoRARayError
 from ..runtime import child_runtime_env, init_ray, quiet_ray_logs
 from ..search import run_search
@@ -43,11 +43,13 @@ def run_id_for(cfg: PipelineConfig) -> str:
 
 def spec_for(cfg: PipelineConfig, dataset: str) -> SupernetSpec:
     return SupernetSpec(backbone=cfg.backbone, num_classes=dataset_info(dataset).num_classes, ranks=cfg.ranks,
-                        targets=cfg.targets, dataset=dataset, adapter_seed=cfg.train.seed)
+                        targets=cfg.targets, layer_types=cfg.layer_types, dataset=dataset,
+                        adapter_seed=cfg.train.seed)
 
 
 def data_for(cfg: PipelineConfig, dataset: str) -> DataConfig:
-    return DataConfig(root=os.path.abspath(cfg.data_root), dataset=dataset, img_size=cfg.backbone.img_size)
+    return DataConfig(root=os.path.abspath(cfg.data_root), dataset=dataset, img_size=cfg.backbone.img_size,
+                      **cfg.preprocessing_values())
 
 
 # -- one dataset -------------------------------------------------------------------------------
@@ -85,7 +87,7 @@ def run_dataset(cfg_dict: dict[str, Any], dataset: str, progress: Any = None,
         say(f"stage 1: done, loss {last.get('loss', float('nan')):.4f}, train acc {last.get('train_acc', float('nan')):.4f}")
 
     supernet, spec = load_supernet(checkpoint_dir, expected=spec)
-    val_images, val_labels = load_split_arrays(data.root, dataset, "val200", data.img_size, data.mean, data.std)
+    val_images, val_labels = data.arrays("val200")
     say("stage 2: evolutionary search")
     search = run_search(spec, numpy_state(supernet), val_images, val_labels, cfg.search,
                         layout.search_uri(cfg.out, dataset), run_id_for(cfg), dataset, progress=_stage(say, "stage 2"))

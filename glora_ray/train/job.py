@@ -140,7 +140,7 @@ def train_supernet(
             f"(global) over {train.world_size} worker(s)"
         )
     spec.backbone.validate()
-    if spec.backbone.pretrained or spec.backbone.checkpoint_path:
+    if spec.backbone.loads_weights:
         # Real weights are loaded once here, so an unreadable file or an offline hub fails now,
         # not in every worker after Ray starts (and again on every retry).
         structure = spec.build()
