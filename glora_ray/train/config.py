@@ -1,4 +1,4 @@
-"""Stage-1 training settings (SPEC §2 defaults) and how the job is spread over Ray Train workers."""
+"""Stage-1 training settings (docs/method.md §2 defaults) and how the job is spread over Ray Train workers."""
 from __future__ import annotations
 
 from ..errors import GLoRARayError, GLoRARayTypeError
@@ -83,7 +83,7 @@ class TrainConfig:
         if self.split not in SPLITS:
             raise TrainConfigError(f"split {self.split!r} is not one of {list(SPLITS)}")
         if self.split == "test":
-            raise TrainConfigError("never train on 'test' (SPEC §2); use 'train800' or 'train800val200'")
+            raise TrainConfigError("never train on 'test' (docs/method.md §2); use 'train800' or 'train800val200'")
         if self.fixed_subnet is not None and not isinstance(self.fixed_subnet, str):
             raise TrainConfigTypeError(
                 f"fixed_subnet must be a subnet key (a str, Supernet.subnet_key) or None, "

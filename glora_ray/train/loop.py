@@ -1,4 +1,4 @@
-"""The stage-1 training loop, free of Ray (SPEC §2).
+"""The stage-1 training loop, free of Ray (docs/method.md §2).
 
 Every step every adapted layer gets its own random choice, drawn from a numpy Generator seeded
 by ``(seed, step)``: every data-parallel worker draws the same subnet in the same step without
@@ -130,7 +130,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupCosine) ->
 
 # -- data --------------------------------------------------------------------------------------
 def steps_per_epoch(num_samples: int, cfg: TrainConfig, world_size: int) -> int:
-    """Full batches per worker and epoch (SPEC §2: drop_last), after DistributedSampler's split."""
+    """Full batches per worker and epoch (docs/method.md §2: drop_last), after DistributedSampler's split."""
     return (num_samples // world_size) // cfg.per_worker_batch(world_size)
 
 
