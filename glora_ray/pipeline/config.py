@@ -211,7 +211,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Offline, a few minutes on 2 CPU cores: GLoRA on the convolutions of the last stages of an
     # ImageNet EfficientNet-Lite0 (weights from a pip package), on the bundled digits.
     "default": _digits_preset("default", _packaged_efficientnet(), ("conv2d",), BACKBONE_PREPROCESSING,
-                              targets=DEFAULT_TARGETS, lr=1e-3, epochs=8, batch_size=32, generations=4,
+                              targets=DEFAULT_TARGETS, lr=5e-4, epochs=20, batch_size=32, generations=4,
                               max_params="50k"),
     # A random-init 4-block ViT-Tiny on the bundled digits: the cheapest whole run (tests).
     "tiny": _digits_preset("tiny", _tiny_vit(), ("linear",), VTAB_PREPROCESSING, targets=None, lr=2e-3,
