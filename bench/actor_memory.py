@@ -210,12 +210,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     f"above the baseline {(row['uss_median'] - baseline) / weights:.2f}x the weights")
         if wanted_controls:
             settings = ActorSettings(batch_size=count, mode=EvalMode.MERGED, threads=1, cpus=1.0, gpus=0.0)
-            runs = {
+            control_runs = {
                 "private_copy": (private_copy_actor_class(), None, "merged, private copy of the state"),
                 "fixed_mmap_threshold": (EvaluatorActor, {"env_vars": FIXED_MMAP_THRESHOLD},
                                          "merged, MALLOC_MMAP_THRESHOLD_=1MiB"),
             }
-            for name, (actor_class, runtime_env, what) in runs.items():
+            for name, (actor_class, runtime_env, what) in control_runs.items():
                 if name not in wanted_controls:
                     continue
                 memory = one_actor_memory(actor_class, spec, refs, settings, keys[0], runtime_env)
