@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..errors import GLoRARayError
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
@@ -94,12 +94,18 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[canonical_dataset_name(name)]
 
 
+def is_registered(name: str) -> bool:
+    """Whether ``name`` (or one of its other spellings) is in the registry."""
+    return name in DATASETS or name in _ALIASES
+
+
 def dataset_dir(root: str | Path, dataset: str) -> Path:
     """``<root>/<dataset>``, under whichever accepted spelling exists on disk."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {str(root)!r} does not exist or is not a directory")
-    info = dataset_info(dataset)
+    # A user's own dataset (outside the registry) has one spelling: its folder name.
+    info = dataset_info(dataset) if is_registered(dataset) else DatasetInfo(dataset, 0, None)
     spellings = dict.fromkeys((dataset, info.name, *info.aliases))  # ordered, unique
     for spelling in spellings:
         candidate = root / spelling
@@ -114,7 +120,7 @@ def list_file(root: str | Path, dataset: str, split: str) -> Path:
         raise DataError(f"unknown split {split!r}; VTAB-1k splits are {list(SPLITS)}")
     path = dataset_dir(root, dataset) / f"{split}{LIST_SUFFIX}"
     if not path.is_file():
-        raise DataError(f"list file {str(path)!r} is missing (split {split!r} of {canonical_dataset_name(dataset)!r})")
+        raise DataError(f"list file {str(path)!r} is missing (split {split!r} of {dataset!r})")
     return path
 
 
@@ -134,13 +140,15 @@ def _raise_problems(path: Path, problems: list[str]) -> None:
     raise DataError(f"{path}: {len(problems)} bad line(s):\n  {shown}{tail}")
 
 
-def parse_list_file(path: str | Path, num_classes: int, check_exists: bool = True) -> list[Sample]:
+def parse_list_file(path: str | Path, num_classes: int, check_exists: bool = True,
+                    images: str | Path | None = None) -> list[Sample]:
     """Parse one list file; every bad line is reported as ``<file>:<line>: <problem>``.
 
-    Paths are relative to the list file's folder (``<root>/<dataset>``); blank lines are skipped.
+    Paths are relative to ``images``, by default the list file's folder (``<root>/<dataset>``);
+    blank lines are skipped.
     """
     path = Path(path)
-    base = path.parent
+    base = path.parent if images is None else Path(images)
     samples: list[Sample] = []
     problems: list[str] = []
     try:
@@ -193,16 +201,21 @@ def validate_dataset(
     for split in splits:
         samples = read_split(root, dataset, split)
         if open_images:
-            problems = []
-            for sample in samples:
-                try:
-                    with Image.open(sample.path) as image:
-                        image.verify()
-                except (OSError, UnidentifiedImageError, SyntaxError) as err:
-                    problems.append(f"{sample.source}: cannot decode image {str(sample.path)!r}: {err}")
-            _raise_problems(list_file(root, dataset, split), problems)
+            verify_images(samples, list_file(root, dataset, split))
         counts[split] = len(samples)
     return counts
+
+
+def verify_images(samples: Sequence[Sample], list_path: str | Path) -> None:
+    """Every image of ``samples`` decodes; else a ``DataError`` naming each bad line of ``list_path``."""
+    problems = []
+    for sample in samples:
+        try:
+            with Image.open(sample.path) as image:
+                image.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError) as err:
+            problems.append(f"{sample.source}: cannot decode image {str(sample.path)!r}: {err}")
+    _raise_problems(Path(list_path), problems)
 
 
 # -- preprocessing --------------------------------------------------------------------------
@@ -236,7 +249,16 @@ def load_split_arrays(
     std: Sequence[float] = IMAGENET_STD,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A whole split, preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
-    samples = read_split(root, dataset, split)
+    return decode_samples(read_split(root, dataset, split), img_size, mean, std)
+
+
+def decode_samples(
+    samples: Sequence[Sample],
+    img_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Samples preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
     images = np.empty((len(samples), 3, img_size, img_size), dtype=np.float32)
     for i, sample in enumerate(samples):
         images[i] = load_sample(sample, img_size, mean, std)
@@ -244,26 +266,19 @@ def load_split_arrays(
     return images, labels
 
 
-class VTABDataset(Dataset):
-    """One split, decoded lazily: item -> (float tensor (3, H, W), int label)."""
+class ListDataset(Dataset):
+    """Parsed list-file samples, decoded lazily: item -> (float tensor (3, H, W), int label)."""
 
     def __init__(
         self,
-        root: str | Path,
-        dataset: str,
-        split: str,
+        samples: Sequence[Sample],
         img_size: int = 224,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
-        self.info = dataset_info(dataset)
-        self.split, self.img_size = split, img_size
+        self.img_size = img_size
         self.mean, self.std = tuple(mean), tuple(std)
-        self.samples = read_split(root, dataset, split)
-
-    @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
+        self.samples = list(samples)
 
     @property
     def labels(self) -> np.ndarray:
@@ -275,6 +290,27 @@ class VTABDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
         return torch.from_numpy(load_sample(sample, self.img_size, self.mean, self.std)), sample.label
+
+
+class VTABDataset(ListDataset):
+    """One split of a VTAB-1k folder, decoded lazily."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str,
+        split: str,
+        img_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        super().__init__(read_split(root, dataset, split), img_size, mean, std)
+        self.info = dataset_info(dataset)
+        self.split = split
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
 
 
 class ArrayDataset(Dataset):
@@ -293,12 +329,24 @@ class ArrayDataset(Dataset):
         return self.images[index], int(self.labels[index])
 
 
+@dataclass(frozen=True)
+class ListFile:
+    """One split stored outside the VTAB-1k layout: its list file, and the folder its paths start in."""
+
+    path: str
+    images: str
+
+
 @dataclass
 class DataConfig:
     """Where a dataset lives and how it is preprocessed.
 
     ``in_memory`` decodes a split once into arrays (800 images at 224 px: 0.5 GB per worker);
     otherwise images are decoded every epoch, by ``loader_workers`` DataLoader processes.
+
+    A dataset outside the registry (a user's own, few-shot, domain generalization) gives its
+    ``class_count``; its name is then taken as it is.  ``lists`` names the list file of each split
+    stored elsewhere than ``<root>/<dataset>/<split>.txt`` (NOAH's layout, docs/method.md §8).
     """
 
     root: str
@@ -308,22 +356,57 @@ class DataConfig:
     std: tuple[float, ...] = IMAGENET_STD
     in_memory: bool = True
     loader_workers: int = 0
+    class_count: int | None = None  # a dataset outside the registry: labels 0..class_count-1
+    lists: dict[str, ListFile] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return canonical_dataset_name(self.dataset)
+        return self.dataset if self.class_count is not None else canonical_dataset_name(self.dataset)
 
     @property
     def info(self) -> DatasetInfo:
+        if self.class_count is not None:
+            return DatasetInfo(self.dataset, self.class_count, None)
         return dataset_info(self.dataset)
 
     @property
     def num_classes(self) -> int:
         return self.info.num_classes
 
+    def same_dataset(self, name: str) -> bool:
+        """Whether ``name`` means this dataset (registry names in any accepted spelling)."""
+        if self.class_count is not None:
+            return name == self.dataset
+        return is_registered(name) and canonical_dataset_name(name) == self.name
+
+    def list_path(self, split: str) -> Path:
+        if split in self.lists:
+            return Path(self.lists[split].path)
+        return list_file(self.root, self.dataset, split)
+
+    def samples(self, split: str, check_exists: bool = True) -> list[Sample]:
+        """The parsed list of ``split``: every line checked (label range, image present)."""
+        if split in self.lists:
+            entry = self.lists[split]
+            if not Path(entry.path).is_file():
+                raise DataError(f"list file {entry.path!r} is missing (split {split!r} of {self.name!r})")
+            return parse_list_file(entry.path, self.num_classes, check_exists, images=entry.images)
+        return parse_list_file(list_file(self.root, self.dataset, split), self.num_classes, check_exists)
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A whole split, preprocessed (see ``decode_samples``)."""
+        return decode_samples(self.samples(split), self.img_size, self.mean, self.std)
+
+    def stream(self, split: str) -> ListDataset:
+        """A split decoded lazily, item by item."""
+        return ListDataset(self.samples(split), self.img_size, self.mean, self.std)
+
     def check(self) -> None:
         """Field checks that touch no file."""
-        canonical_dataset_name(self.dataset)
+        if self.class_count is None:
+            canonical_dataset_name(self.dataset)
+        elif self.class_count < 1:
+            raise DataError(f"class_count of {self.dataset!r} must be >= 1, got {self.class_count}")
         if self.img_size <= 0:
             raise DataError(f"img_size must be positive, got {self.img_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -332,13 +415,22 @@ class DataConfig:
             raise DataError(f"loader_workers must be >= 0, got {self.loader_workers}")
 
     def validate(self, splits: Iterable[str] = SPLITS, open_images: bool = False) -> dict[str, int]:
+        """Pre-flight check of ``splits`` (see ``validate_dataset``); returns their sample counts."""
         self.check()
-        return validate_dataset(self.root, self.dataset, tuple(splits), open_images=open_images)
+        if isinstance(splits, str):
+            splits = (splits,)
+        counts: dict[str, int] = {}
+        for split in splits:
+            samples = self.samples(split)
+            if open_images:
+                verify_images(samples, self.list_path(split))
+            counts[split] = len(samples)
+        return counts
 
     def build(self, split: str) -> Dataset:
         if self.in_memory:
-            return ArrayDataset(*load_split_arrays(self.root, self.dataset, split, self.img_size, self.mean, self.std))
-        return VTABDataset(self.root, self.dataset, split, self.img_size, self.mean, self.std)
+            return ArrayDataset(*self.arrays(split))
+        return self.stream(split)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -351,4 +443,6 @@ class DataConfig:
         for key in ("mean", "std"):
             if key in data:
                 data[key] = tuple(data[key])
+        if "lists" in data:
+            data["lists"] = {split: ListFile(**dict(entry)) for split, entry in data["lists"].items()}
         return cls(**data)

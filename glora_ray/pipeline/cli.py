@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from .config import ALL_DATASETS, PRESETS, PipelineConfig, expand_datasets, preset
 
@@ -19,22 +19,30 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pipelines/vtab.py",
-        description=(
-            "GLoRA on VTAB-1k: for each dataset train a supernet (Ray Train), search it under a "
-            "parameter budget (Ray actors), test the winner once, merge and export it. With no "
-            "arguments: the embedded default (bundled digits, a small ViT, local Ray, offline)."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+VTAB_DESCRIPTION = (
+    "GLoRA on VTAB-1k: for each dataset train a supernet (Ray Train), search it under a "
+    "parameter budget (Ray actors), test the winner once, merge and export it. With no "
+    "arguments: the embedded default (bundled digits, a small ViT, local Ray, offline)."
+)
+VTAB_DATASETS_HELP = (f"dataset names (both VTAB spellings accepted), '{ALL_DATASETS}' for the 19 VTAB-1k datasets, "
+                      f"or the folder name of an own dataset under --data-root in the same layout")
+VTAB_DATA_ROOT_HELP = "folder holding <dataset>/{images,train800.txt,val200.txt,test.txt,...}"
+
+
+def build_parser(prog: str = "pipelines/vtab.py", description: str = VTAB_DESCRIPTION,
+                 datasets_help: str | None = VTAB_DATASETS_HELP,
+                 data_root_help: str = VTAB_DATA_ROOT_HELP) -> argparse.ArgumentParser:
+    """The options every pipeline shares; ``datasets_help`` None leaves out --datasets."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("job")
     g.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting values: 'default' (embedded, minutes on a laptop) or 'paper' (SPEC protocol)")
-    g.add_argument("--datasets", nargs="+", metavar="NAME",
-                   help=f"dataset names (both VTAB spellings accepted), or '{ALL_DATASETS}' for the 19 VTAB-1k datasets")
-    g.add_argument("--data-root", help="folder holding <dataset>/{images,train800.txt,val200.txt,test.txt,...}")
+    if datasets_help is not None:
+        g.add_argument("--datasets", nargs="+", metavar="NAME", help=datasets_help)
+    g.add_argument("--num-classes", type=int,
+                   help="classes of every dataset outside the registry (default: counted from its training labels)")
+    g.add_argument("--data-root", help=data_root_help)
     g.add_argument("--out", help="output path or URI (s3://..., gs://..., file://...)")
     g.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="refuse to continue: fail if --out already holds results (default: continue them)")
@@ -88,6 +96,12 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     """The preset's values, replaced by every option the user gave."""
     values = preset(args.preset)
     given = {k: v for k, v in vars(args).items() if v is not None}
+    return PipelineConfig(datasets=expand_datasets(given.get("datasets", values["datasets"])),
+                          **shared_fields(given, values))
+
+
+def shared_fields(given: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """PipelineConfig's fields but ``datasets``: a preset's ``values`` replaced by the options ``given``."""
 
     backbone = values["backbone"]
     backbone_changes = {k: given[a] for a, k in (("model", "name"), ("pretrained", "pretrained"),
@@ -119,8 +133,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
     # A sweep replaces the preset's fixed lr; an explicit --lr replaces both.
     lr = given.get("lr", None if "lr_sweep" in given else values["lr"])
-    return PipelineConfig(
-        datasets=expand_datasets(given.get("datasets", values["datasets"])),
+    return dict(
         data_root=given.get("data_root", values["data_root"]),
         out=given.get("out", values["out"]),
         backbone=backbone,
@@ -133,14 +146,23 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         test_pareto=given.get("test_pareto", False),
         resume=given.get("resume", True),
         max_concurrent_datasets=given.get("max_concurrent_datasets"),
+        num_classes=given.get("num_classes", values.get("num_classes")),
     )
 
 
-def parse_config(argv: Sequence[str] | None = None) -> PipelineConfig:
-    parser = build_parser()
+Config = TypeVar("Config")
+
+
+def parse_with(parser: argparse.ArgumentParser, make: Callable[[argparse.Namespace], Config],
+               argv: Sequence[str] | None = None) -> Config:
+    """Parse ``argv`` and build the configuration; a bad value exits with the parser's usage message."""
     args = parser.parse_args(argv)
     try:
-        return config_from_args(args)
+        return make(args)
     except ValueError as err:  # every config error class derives from ValueError
         parser.error(str(err))
         raise  # unreachable: parser.error exits
+
+
+def parse_config(argv: Sequence[str] | None = None) -> PipelineConfig:
+    return parse_with(build_parser(), config_from_args, argv)

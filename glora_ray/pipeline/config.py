@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 from ..backbone import BackboneConfig
 from ..data import VTAB_DATASETS, canonical_dataset_name
+from ..data.custom import resolve_dataset_name
+from ..data.vtab import is_registered
 from ..space import SearchSpace
 from ..search import SearchConfig
 from ..train import TrainConfig
@@ -45,9 +47,12 @@ class PipelineConfig:
     resume: bool = True  # False: refuse an output that already holds results
     max_concurrent_datasets: int | None = None  # None: as many as the cluster's CPUs allow
     write_embedded_data: bool = True  # write the bundled digits dataset when it is missing
+    num_classes: int | None = None  # datasets outside the registry: None counts them from the labels
 
     def __post_init__(self) -> None:
-        self.datasets = tuple(canonical_dataset_name(d) for d in self.datasets)
+        self.datasets = tuple(self.resolve_dataset(d) for d in self.datasets)
+        if self.num_classes is not None and self.num_classes < 1:
+            raise PipelineConfigError(f"num_classes must be >= 1, got {self.num_classes}")
         self.ranks = SearchSpace(self.ranks).ranks  # validates: distinct positive integers
         self.lr_sweep = tuple(float(x) for x in self.lr_sweep)
         if not self.datasets:
@@ -63,6 +68,10 @@ class PipelineConfig:
         if self.max_concurrent_datasets is not None and self.max_concurrent_datasets < 1:
             raise PipelineConfigError(f"max_concurrent_datasets must be >= 1, got {self.max_concurrent_datasets}")
         self.train.validate()
+
+    def resolve_dataset(self, name: str) -> str:
+        """A registry name in its canonical spelling, or an own dataset's folder under data_root."""
+        return resolve_dataset_name(name, self.data_root)
 
     def lr_for(self, dataset: str) -> float:
         if self.lr is not None:
@@ -155,7 +164,7 @@ def expand_datasets(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     out: list[str] = []
     for name in names:
         for item in (tuple(VTAB_DATASETS) if name == ALL_DATASETS else (name,)):
-            canonical = canonical_dataset_name(item)
+            canonical = canonical_dataset_name(item) if is_registered(item) else item  # own: checked later
             if canonical not in out:
                 out.append(canonical)
     return tuple(out)

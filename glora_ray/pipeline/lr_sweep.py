@@ -1,6 +1,6 @@
 """The paper's one hyperparameter search (its appendix A): the supernet lr, as Ray Tune trials.
 
-Each trial is a whole Ray Train run (``train_supernet``) scored by the mean val200 accuracy of
+Each trial is a whole Ray Train run (``train_supernet``) scored by the mean validation (val200) accuracy of
 the same seeded random in-budget subnets, so trials differ only in their learning rate.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 
 from ..budget import Budget, sample_within_budget
 from ..checkpoint import SupernetSpec, load_supernet
-from ..data import DataConfig, load_split_arrays
+from ..data import DataConfig
 from ..search import SearchConfig, evaluate_subnet
 from ..train import TrainConfig, train_supernet
 
@@ -40,13 +40,13 @@ def scoring_subnets(spec: SupernetSpec, search: SearchConfig, count: int, seed: 
 
 
 def _trial(config: dict[str, Any], *, spec: SupernetSpec, data: DataConfig, train: TrainConfig,
-           storage_path: str, subnets: list[np.ndarray], eval_batch_size: int) -> None:
+           storage_path: str, subnets: list[np.ndarray], eval_batch_size: int, search_split: str) -> None:
     from ray import tune
 
     lr = float(config["lr"])
     result = train_supernet(spec, data, replace(train, lr=lr), storage_path, run_name_for(lr))
     supernet, _ = load_supernet(result.checkpoint_dir)
-    images, labels = load_split_arrays(data.root, data.dataset, "val200", data.img_size, data.mean, data.std)
+    images, labels = data.arrays(search_split)
     scores = [evaluate_subnet(supernet, genes, images, labels, eval_batch_size) for genes in subnets]
     tune.report({
         SCORE: float(np.mean(scores)),
@@ -57,8 +57,10 @@ def _trial(config: dict[str, Any], *, spec: SupernetSpec, data: DataConfig, trai
 
 
 def sweep_learning_rate(spec: SupernetSpec, data: DataConfig, train: TrainConfig, lrs: Sequence[float],
-                        storage_path: str, search: SearchConfig, subnets: int, seed: int) -> SweepOutcome:
-    """One Tune trial per lr; the trial driver reserves no CPU, so its Train workers can run."""
+                        storage_path: str, search: SearchConfig, subnets: int, seed: int,
+                        search_split: str = "val200") -> SweepOutcome:
+    """One Tune trial per lr, scored on ``search_split``; the trial driver reserves no CPU, so its
+    Train workers can run."""
     import ray
     from ray import tune
 
@@ -68,7 +70,7 @@ def sweep_learning_rate(spec: SupernetSpec, data: DataConfig, train: TrainConfig
     concurrent = max(1, int(cluster_cpus // (train.world_size * train.cpus_per_worker)))
     trainable = tune.with_resources(
         tune.with_parameters(_trial, spec=spec, data=data, train=train, storage_path=storage_path,
-                             subnets=scoring, eval_batch_size=search.eval_batch_size),
+                             subnets=scoring, eval_batch_size=search.eval_batch_size, search_split=search_split),
         # No CPU for the trial driver; Tune refuses an all-zero request, so it asks for one byte.
         {"CPU": 0, "memory": 1},
     )

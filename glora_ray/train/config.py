@@ -63,8 +63,8 @@ class TrainConfig:
             raise TrainConfigError(
                 f"batch_size={self.batch_size} (global) must divide evenly over {self.world_size} worker(s)"
             )
-        if self.split not in SPLITS:
-            raise TrainConfigError(f"split {self.split!r} is not one of {list(SPLITS)}")
+        if not self.split:
+            raise TrainConfigError(f"split must name a training list (VTAB-1k: one of {list(SPLITS)}), got {self.split!r}")
         if self.split == "test":
             raise TrainConfigError("never train on 'test' (SPEC §2); use 'train800' or 'train800val200'")
         if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
