@@ -166,3 +166,17 @@ def parse_with(parser: argparse.ArgumentParser, make: Callable[[argparse.Namespa
 
 def parse_config(argv: Sequence[str] | None = None) -> PipelineConfig:
     return parse_with(build_parser(), config_from_args, argv)
+
+
+def run_main(parse: Callable[[Sequence[str] | None], Config], run: Callable[[Config], Any],
+             argv: Sequence[str] | None = None) -> int:
+    """A pipeline's entry point: exit status 2 with a one-line message for bad input found before compute."""
+    import sys
+
+    config = parse(argv)
+    try:
+        run(config)
+    except ValueError as err:  # every bad-input error (GLoRARayError) derives from ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
