@@ -140,12 +140,12 @@ def _raise_problems(path: Path, problems: list[str]) -> None:
     raise DataError(f"{path}: {len(problems)} bad line(s):\n  {shown}{tail}")
 
 
-def parse_list_file(path: str | Path, num_classes: int, check_exists: bool = True,
+def parse_list_file(path: str | Path, num_classes: int | None, check_exists: bool = True,
                     images: str | Path | None = None) -> list[Sample]:
     """Parse one list file; every bad line is reported as ``<file>:<line>: <problem>``.
 
     Paths are relative to ``images``, by default the list file's folder (``<root>/<dataset>``);
-    blank lines are skipped.
+    blank lines are skipped.  ``num_classes`` None: any label >= 0 (the classes are not known yet).
     """
     path = Path(path)
     base = path.parent if images is None else Path(images)
@@ -166,7 +166,10 @@ def parse_list_file(path: str | Path, num_classes: int, check_exists: bool = Tru
             continue
         label = int(match.group("label"))
         image = base / match.group("path")
-        if not 0 <= label < num_classes:
+        if num_classes is None and label < 0:
+            problems.append(f"{where}: label {label} is negative; labels are 0..K-1")
+            continue
+        if num_classes is not None and not 0 <= label < num_classes:
             problems.append(f"{where}: label {label} out of range 0..{num_classes - 1}")
             continue
         if check_exists and not image.is_file():

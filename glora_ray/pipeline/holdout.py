@@ -30,8 +30,14 @@ def split_accuracies(checkpoint_dir: str, genes_list: Sequence[np.ndarray], data
         correct = torch.zeros((), dtype=torch.int64, device=device)
         for images, labels in loader:
             logits = model(images.to(device, non_blocking=True))
-            predicted = logits.argmax(dim=-1) if allowed is None else allowed[logits[:, allowed].argmax(dim=-1)]
-            correct += (predicted == labels.to(device)).sum()
+            correct += (predictions(logits, allowed) == labels.to(device)).sum()
         accuracies.append(int(correct.item()) / len(loader.dataset))
         del model
     return accuracies
+
+
+def predictions(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The predicted class of each row; with ``allowed``, the best among those classes only."""
+    if allowed is None:
+        return logits.argmax(dim=-1)
+    return allowed[logits[:, allowed].argmax(dim=-1)]
