@@ -70,9 +70,11 @@ def fewshot_preset(name: str) -> dict[str, Any]:
     """The VTAB preset of that name with the few-shot datasets, data and output."""
     values = preset(name)
     if name == "default":
-        # The embedded digits in NOAH's layout; a 1-shot list holds 10 images: batch 10.
+        # The embedded digits in NOAH's layout; a 1-shot list holds 10 images: batch 10.  One CPU per
+        # training worker, so that two of the 15 units train at once on 2 cores.
         values.update(datasets=(DIGITS,), out=os.path.join(default_home(), "results", "fewshot-default"),
-                      train=replace(values["train"], batch_size=10, epochs=20, warmup_epochs=2, checkpoint_every=10))
+                      train=replace(values["train"], batch_size=10, epochs=20, warmup_epochs=2, checkpoint_every=10,
+                                    cpus_per_worker=1))
     else:
         values.update(datasets=tuple(FEWSHOT_DATASETS), data_root=os.path.join(default_home(), "data"),
                       out=os.path.join(default_home(), "results", f"fewshot-{name}"))
