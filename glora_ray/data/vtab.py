@@ -120,7 +120,8 @@ def list_file(root: str | Path, dataset: str, split: str) -> Path:
         raise DataError(f"unknown split {split!r}; VTAB-1k splits are {list(SPLITS)}")
     path = dataset_dir(root, dataset) / f"{split}{LIST_SUFFIX}"
     if not path.is_file():
-        raise DataError(f"list file {str(path)!r} is missing (split {split!r} of {dataset!r})")
+        name = canonical_dataset_name(dataset) if is_registered(dataset) else dataset
+        raise DataError(f"list file {str(path)!r} is missing (split {split!r} of {name!r})")
     return path
 
 

@@ -36,7 +36,7 @@ from ..data.fewshot import (
 )
 from .cli import build_parser, parse_with, shared_fields
 from .config import PipelineConfig, PipelineConfigError, default_home, preset
-from .protocol import check_units, fit_batches, record_run, text_table, write_parquet
+from .protocol import fit_batches, start, text_table, write_parquet
 from .run import run_units
 from .unit import TestList, TrainingUnit
 
@@ -156,7 +156,7 @@ def run_domain(cfg: DomainConfig) -> pd.DataFrame:
     if cfg.write_embedded_domain:
         write_digits_domain(cfg.data_root)
     units, restricted = domain_units(cfg)
-    record_run(cfg, check_units(cfg, units))
+    start(cfg, units)
     storage.write_json(storage.join(cfg.out, CLASSES_FILE), {"restricted_to_classes_present": restricted})
     test_sets = [IMAGENET, *cfg.target_sets]
     frame = table_frame(run_units(cfg, units), test_sets)
@@ -179,11 +179,12 @@ def build_domain_parser() -> argparse.ArgumentParser:
         data_root_help="folder holding few-shot/imagenet/ and domain-generalization/<target>/ (NOAH's layout)",
     )
     g = parser.add_argument_group("domain generalization")
-    g.add_argument("--seeds", type=int, nargs="+",
-                   help=f"seeds of the {DOMAIN_SHOTS}-shot training lists, one run each (default {DEFAULT_SEEDS[0]})")
-    g.add_argument("--search-list", help=f"held-out list under few-shot/{IMAGENET}/annotations "
-                                         f"(default {DEFAULT_SEARCH_LIST})")
-    g.add_argument("--target-sets", nargs="+", choices=DOMAIN_TARGETS, help="target sets to test on (default: all four)")
+    g.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                   help=f"seeds of the {DOMAIN_SHOTS}-shot training lists, one run each")
+    g.add_argument("--search-list", default=DEFAULT_SEARCH_LIST,
+                   help=f"held-out list under few-shot/{IMAGENET}/annotations to search on")
+    g.add_argument("--target-sets", nargs="+", choices=DOMAIN_TARGETS, default=list(DOMAIN_TARGETS),
+                   help="target sets to test on")
     return parser
 
 

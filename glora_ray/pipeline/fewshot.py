@@ -32,7 +32,7 @@ from ..data.fewshot import (
 )
 from .cli import build_parser, parse_with, shared_fields
 from .config import ALL_DATASETS, PipelineConfig, PipelineConfigError, default_home, preset
-from .protocol import check_units, fit_batches, record_run, text_table, write_parquet
+from .protocol import fit_batches, start, text_table, write_parquet
 from .run import run_units
 from .summary import SUMMARY_COLUMNS
 from .unit import TestList, TrainingUnit
@@ -154,7 +154,7 @@ def run_fewshot(cfg: FewShotConfig) -> pd.DataFrame:
     if DIGITS in cfg.datasets and cfg.write_embedded_data:
         write_digits_fewshot(cfg.data_root)
     units = fewshot_units(cfg)
-    record_run(cfg, check_units(cfg, units))
+    start(cfg, units)
     frame = results_frame(run_units(cfg, units))
     write_parquet(frame, storage.join(cfg.out, RESULTS_FILE))
     storage.write_bytes(storage.join(cfg.out, FIGURE_FILE), figure_png(frame))
@@ -178,8 +178,8 @@ def build_fewshot_parser() -> argparse.ArgumentParser:
         data_root_help="folder holding few-shot/<dataset>/{images,annotations}/ (NOAH's layout)",
     )
     g = parser.add_argument_group("few-shot")
-    g.add_argument("--shots", type=int, nargs="+", help=f"shots per class to run (default {' '.join(map(str, SHOTS))})")
-    g.add_argument("--seeds", type=int, nargs="+", help=f"list seeds to run (default {' '.join(map(str, SEEDS))})")
+    g.add_argument("--shots", type=int, nargs="+", default=list(SHOTS), help="shots per class to run")
+    g.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds of the K-shot lists to run")
     return parser
 
 

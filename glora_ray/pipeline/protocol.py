@@ -21,7 +21,7 @@ from ..data.vtab import DataError
 from ..train.loop import steps_per_epoch
 from . import layout
 from .config import PipelineConfig, PipelineConfigError
-from .run import _check_backbone_weights, _check_output, run_id_for, spec_for
+from .run import _check_backbone_weights, _check_output, init_ray, run_id_for, spec_for
 from .unit import TrainingUnit, fitted_batch
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,13 @@ def check_units(cfg: PipelineConfig, units: Sequence[TrainingUnit]) -> dict[str,
     except BackboneError as err:
         raise PipelineConfigError(str(err)) from err
     return budgets
+
+
+def start(cfg: PipelineConfig, units: Sequence[TrainingUnit]) -> None:
+    """Check the units, join or start Ray, then record the run: a recorded run passed every check."""
+    budgets = check_units(cfg, units)
+    init_ray()
+    record_run(cfg, budgets)
 
 
 def record_run(cfg: PipelineConfig, budgets: dict[str, tuple[int, int]]) -> None:
