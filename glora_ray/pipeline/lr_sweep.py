@@ -1,6 +1,6 @@
 """The paper's one hyperparameter search (its appendix A): the supernet lr, as Ray Tune trials.
 
-Each trial is a whole Ray Train run (``train_supernet``) scored by the mean validation (val200) accuracy of
+Each trial is a whole Ray Train run (``train_supernet``) scored by the mean val200 accuracy of
 the same seeded random in-budget subnets, so trials differ only in their learning rate.
 """
 from __future__ import annotations
