@@ -30,6 +30,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("tiny", "small", "base")
+FAMILIES = ("vit", "cnn")  # GLoRA on a ViT's linear layers, or on a CNN's convolutions (docs/method.md §7)
 EXIT_CHECK_FAILED = 1  # it measured, but a correctness check failed
 EXIT_CANNOT_MEASURE = 2  # missing dependency or device, or a setting that cannot work
 
@@ -58,18 +59,20 @@ class BenchError(RuntimeError):
 # -- presets -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelPreset:
-    """A timm ViT, randomly initialised (no weights can be downloaded here, and timing does not
-    depend on the values)."""
+    """A timm model, randomly initialised (no weights can be downloaded here, and timing does not
+    depend on the values), and the module types GLoRA adapts in it."""
 
     name: str
     img_size: int
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     num_classes: int = 10
     ranks: tuple[int, ...] = (8, 4)
+    layer_types: tuple[str, ...] = ("linear",)
 
     def describe(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
-        return f"{self.name} @ {self.img_size}px" + (f" ({extra})" if extra else "") + f", ranks {self.ranks}"
+        return (f"{self.name} @ {self.img_size}px" + (f" ({extra})" if extra else "") + f", ranks {self.ranks}"
+                + f", adapting {'+'.join(self.layer_types)}")
 
 
 @dataclass(frozen=True)
@@ -97,30 +100,45 @@ class SizePreset:
     memory_val_images: int
     memory_actors: tuple[int, ...]
     cluster_workers: int
+    cnn: ModelPreset  # the CNN of eval_cost and train_step's --family cnn
+
+    def model_for(self, family: str) -> ModelPreset:
+        if family not in FAMILIES:
+            raise BenchError(f"unknown model family {family!r}; choose one of {list(FAMILIES)}")
+        return self.cnn if family == "cnn" else self.model
 
 
 TINY_VIT = ModelPreset("vit_tiny_patch16_224", 16, dict(patch_size=8, depth=2, embed_dim=32, num_heads=2),
                        num_classes=5, ranks=(4, 2))
+
+
+def efficientnet_lite0(img_size: int, num_classes: int = 10) -> ModelPreset:
+    """The embedded default's CNN: EfficientNet-Lite0, GLoRA on all 49 convolutions, ranks (4, 2)."""
+    return ModelPreset("tf_efficientnet_lite0", img_size, num_classes=num_classes, ranks=(4, 2),
+                       layer_types=("conv2d",))
+
+
 PRESETS: dict[str, SizePreset] = {
     # Seconds, for the smoke test.
     "tiny": SizePreset(
         "tiny", TINY_VIT, val_images=32, eval_batch=16, eval_repeats=3, train_batch=8, train_steps=2,
         train_repeats=2, search=SearchPreset(6, 2, 2, 2, 2), search_repeats=1,
         memory_model=TINY_VIT, memory_val_images=8, memory_actors=(1, 2), cluster_workers=2,
+        cnn=efficientnet_lite0(16, num_classes=5),
     ),
     # The CPU default: the whole 12-block ViT-Ti at 64 px (17 tokens), a 200-image val set.
     "small": SizePreset(
         "small", ModelPreset("vit_tiny_patch16_224", 64), val_images=200, eval_batch=64, eval_repeats=30,
         train_batch=64, train_steps=3, train_repeats=5, search=SearchPreset(12, 4, 4, 4, 3), search_repeats=3,
         memory_model=ModelPreset("vit_base_patch16_224", 32), memory_val_images=16, memory_actors=(1, 2, 4),
-        cluster_workers=3,
+        cluster_workers=3, cnn=efficientnet_lite0(64),  # the default run's input size
     ),
     # The paper's setting, for GPUs: ViT-B/16 at 224 px.
     "base": SizePreset(
         "base", ModelPreset("vit_base_patch16_224", 224, num_classes=100), val_images=200, eval_batch=100,
         eval_repeats=15, train_batch=64, train_steps=4, train_repeats=5, search=SearchPreset(50, 10, 25, 25, 3),
         search_repeats=1, memory_model=ModelPreset("vit_base_patch16_224", 224, num_classes=100),
-        memory_val_images=32, memory_actors=(1, 2, 4), cluster_workers=3,
+        memory_val_images=32, memory_actors=(1, 2, 4), cluster_workers=3, cnn=efficientnet_lite0(224, num_classes=100),
     ),
 }
 
@@ -141,7 +159,7 @@ def make_spec(model: ModelPreset, drop_path_rate: float = 0.0, seed: int = 0):
     backbone = BackboneConfig(model.name, pretrained=False, img_size=model.img_size,
                               drop_path_rate=drop_path_rate, model_kwargs=dict(model.kwargs), init_seed=seed)
     return SupernetSpec(backbone, num_classes=model.num_classes, ranks=tuple(model.ranks),
-                        dataset="synthetic", adapter_seed=seed)
+                        layer_types=tuple(model.layer_types), dataset="synthetic", adapter_seed=seed)
 
 
 @torch.no_grad()
@@ -273,16 +291,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def set_tf32(enabled: bool) -> None:
-    """TF32 for fp32 matmuls and convolutions on CUDA, through whichever API this torch has
-    (mixing torch's legacy and new precision APIs is an error in recent versions)."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        value = "tf32" if enabled else "ieee"
-        matmul.fp32_precision = value
-        torch.backends.cudnn.conv.fp32_precision = value
-    else:
-        matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    """TF32 for fp32 matmuls and convolutions on CUDA (the engine's own switch)."""
+    from glora_ray.precision import set_tf32 as engine_set_tf32
+
+    engine_set_tf32(enabled)
 
 
 def configure_threads(device: torch.device, threads: int | None) -> int:
@@ -445,6 +457,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, device: bool = True, rep
         parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: per --size)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (numpy / torch generators)")
     parser.add_argument("--json-out", default=None, help="also write the result JSON to this file")
+
+
+def add_family_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", choices=FAMILIES, default="vit",
+                        help="vit: a ViT's linear layers (default); cnn: every convolution of EfficientNet-Lite0 "
+                             "(the embedded default's model)")
 
 
 def say(line: str) -> None:

@@ -1,15 +1,20 @@
-"""The GPU check: items 1 and 4 of issue 6 on one CUDA GPU, Ray-free, in a few minutes.
+"""The GPU check: issue 6 items 1 and 4, issue 14 items 2 and 3, on one CUDA GPU, Ray-free.
 
-Runs ``bench.eval_cost`` and ``bench.train_step`` (their ``main``, in this process) for
-ViT-B/16 at 224 px, random init:
+Runs ``bench.eval_cost``, ``bench.train_step`` and ``bench.precision`` (their ``main``, in this
+process) for ViT-B/16 at 224 px, random init:
 
-  1. fp32 (TF32 off): evaluation (200 images, batch 100: merged / plain backbone / unmerged
-     supernet) and the training step (batch 64: supernet / plain LoRA-B / head only); the
-     evaluation run also checks merged against unmerged logits (relative error < 1e-4);
-  2. the same with TF32 allowed (skip with --no-tf32),
+  1. fp32 (TF32 off): evaluation (200 images, batch 100: merged with the default strategy on
+     CUDA, ``batched``, and the per-layer ``per_candidate`` merge of before issue 14 / plain
+     backbone / unmerged supernet) and the training step (batch 64: supernet / plain LoRA-B /
+     head only, plus the supernet with bf16 autocast); the evaluation run also checks merged
+     against unmerged logits (relative error < 1e-4);
+  2. the same with TF32 (skip with --no-tf32): the evaluation's goal is merged / backbone <= 1.10;
+  3. the evaluation in bf16 autocast;
+  4. ``bench.precision``: the ranking of 40 subnets in TF32 and bf16 against fp32 (top-10
+     agreement), and short digits trainings in fp32, TF32 and bf16 (3 seeds),
 
 then prints one JSON summary (last stdout line; also written to --out/summary.json).  No stage
-starts after --budget-s seconds (default 150, so that the whole run stays under 4 minutes),
+starts after --budget-s seconds (default 300, so that the whole run stays under 7 minutes),
 and a skipped stage is listed as such.  Exit status: 0, or the first
 failing stage's (1: a check failed, 2: cannot measure, e.g. no CUDA).
 
@@ -32,7 +37,7 @@ if __package__ in (None, ""):  # run as a file: make ``bench`` importable
 
 import torch
 
-from bench import eval_cost, train_step
+from bench import eval_cost, precision as precision_bench, train_step
 from bench.common import EXIT_CANNOT_MEASURE, BenchError, machine_info, prepare_environment, resolve_device, say
 
 STAGES = (  # (precision, bench)
@@ -40,10 +45,20 @@ STAGES = (  # (precision, bench)
     ("fp32", "train_step"),
     ("tf32", "eval_cost"),
     ("tf32", "train_step"),
+    ("bf16", "eval_cost"),
+    ("all", "precision"),
 )
+# Extra arguments per stage (issue 14): the old per-layer merge next to the default, bf16 training.
+EXTRA_ARGV = {
+    ("fp32", "eval_cost"): ["--merge-strategies", "auto,per_candidate"],
+    ("tf32", "eval_cost"): ["--merge-strategies", "auto,per_candidate"],
+    ("bf16", "eval_cost"): ["--precision", "bf16", "--merge-strategies", "auto,per_candidate"],
+    ("fp32", "train_step"): ["--precisions", "fp32,bf16"],
+    ("all", "precision"): ["--precisions", "fp32,tf32,bf16"],
+}
 # What each stage keeps in the summary (the full results are in --out).
 KEEP = ("ratios", "images_per_s", "seconds_median", "step_ms_median", "peak_memory_mib", "goals", "correctness",
-        "checks", "settings")
+        "checks", "settings", "ranking", "training")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-tf32", action="store_true", help="skip the TF32 stages")
     parser.add_argument("--eval-repeats", type=int, default=None, help="evaluation rounds (default: per --size; base 15)")
     parser.add_argument("--train-repeats", type=int, default=None, help="training rounds (default: per --size; base 5)")
-    parser.add_argument("--budget-s", type=float, default=150.0,
-                        help="start no stage after this many seconds (default 150: the whole run stays under 4 min)")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="start no stage after this many seconds (default 300: the whole run stays under 7 min)")
     parser.add_argument("--out", default=None,
                         help="folder for each stage's JSON and summary.json (default: a temporary folder)")
     return parser
@@ -66,7 +81,11 @@ def stage_argv(args: argparse.Namespace, precision: str, bench: str, json_out: P
     argv = ["--size", args.size, "--device", args.device, "--json-out", str(json_out)]
     if precision == "tf32":
         argv.append("--tf32")
-    repeats = args.eval_repeats if bench == "eval_cost" else args.train_repeats
+    argv += EXTRA_ARGV.get((precision, bench), [])
+    if args.smoke and bench == "precision":  # no TF32 on the CPU; the training part takes minutes there
+        argv[argv.index("fp32,tf32,bf16")] = "fp32,bf16"
+        argv += ["--parts", "ranking"]
+    repeats = {"eval_cost": args.eval_repeats, "train_step": args.train_repeats}.get(bench)
     if repeats is not None:
         argv += ["--repeats", str(repeats)]
     return argv
@@ -84,10 +103,10 @@ def run(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], int]:
     summary: dict[str, Any] = {"bench": "gpu_check", "size": args.size, "device": str(device),
                                "machine": machine_info(device), "stages": {}, "skipped": []}
     status = 0
-    mains = {"eval_cost": eval_cost.main, "train_step": train_step.main}
+    mains = {"eval_cost": eval_cost.main, "train_step": train_step.main, "precision": precision_bench.main}
     for precision, bench in STAGES:
         name = f"{bench}_{precision}"
-        if precision == "tf32" and args.no_tf32:
+        if precision == "tf32" and (args.no_tf32 or args.smoke):
             continue
         elapsed = time.perf_counter() - start
         if elapsed > args.budget_s:
@@ -127,8 +146,17 @@ def headline(summary: dict[str, Any]) -> list[str]:
             lines.append(
                 f"{name}: merged/backbone {ratios['merged_over_backbone']['median']:.3f}x, "
                 f"unmerged/backbone {ratios['unmerged_over_backbone']['median']:.3f}x, "
+                + "".join(f"{k.removesuffix('_over_backbone')}/backbone {v['median']:.3f}x, "
+                          for k, v in ratios.items() if k.startswith("merged_") and k != "merged_over_backbone") +
                 f"merge share {ratios['merge_share_of_merged']['median']:.3f}; images/s "
                 + ", ".join(f"{k} {v:.0f}" for k, v in stage.get("images_per_s", {}).items()))
+        elif name.startswith("precision") and "ranking" in stage:
+            lines.append(f"{name}: ranking against fp32: " + "; ".join(
+                f"{p} top-10 agree {r.get('top10_agree')}/10, Spearman {r['spearman']:.3f}"
+                for p, r in stage["ranking"]["against_fp32"].items())
+                + ("; training val accuracy " + ", ".join(
+                    f"{p} {v['val_acc_mean']:.4f}" for p, v in stage["training"]["summary"].items())
+                   if "training" in stage else ""))
         elif name.startswith("train_step") and ratios:
             lines.append(
                 f"{name}: images/s " + ", ".join(f"{k} {v:.0f}" for k, v in stage.get("images_per_s", {}).items())

@@ -11,16 +11,21 @@ epoch of a few steps at a time, interleaved:
   head       one fixed subnet with every tensor none: only the classifier head trains (a linear
              probe; the backward pass stops at the head).
 
+With --precisions fp32,bf16 (issue 14) the supernet runs again in each further precision
+(``TrainConfig.precision``: bf16 autocast, TF32 on CUDA), timed in the same rounds.
+
 A fixed subnet is a ``Supernet`` whose ``set_subnet`` applies the pinned genes (the per-step draw
 is still made, so the loop is the same).  Ray-free (``gpu_check`` calls ``main``).
 
     python -m bench.train_step --size small
+    python -m bench.train_step --size small --family cnn    # EfficientNet-Lite0, GLoRA on its convolutions
     python -m bench.train_step --size base --device cuda
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 
 from bench.common import (
-    CLOCKS, BenchError, add_common_args, machine_info, make_spec, measure_interleaved, prepare_environment, preset,
+    CLOCKS, BenchError, add_common_args, add_family_arg, machine_info, make_spec, measure_interleaved, prepare_environment, preset,
     random_labels, run_bench, say, synthetic_images, timing_setup,
 )
 from glora_ray.supernet import Supernet
@@ -60,7 +65,7 @@ def build(spec, cls: type[Supernet] = Supernet) -> Supernet:
 
     generator = torch.Generator().manual_seed(spec.adapter_seed)
     return cls(create_backbone(spec.backbone, spec.num_classes), spec.space, targets=spec.targets,
-               init=spec.init, generator=generator)
+               layer_types=spec.layer_types, init=spec.init, generator=generator)
 
 
 def uniform_subnet(supernet: Supernet, choice: dict[str, str]) -> np.ndarray:
@@ -72,9 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
+    add_family_arg(parser)
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (default: per --size; SPEC: 64)")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed epoch (default: per --size)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each variant first (default 1)")
+    parser.add_argument("--precisions", default=None,
+                        help="training precisions, comma-separated (fp32, tf32 on CUDA, bf16, auto): the first for "
+                             "every variant, each other one adds a variant supernet_<p> (default: fp32, or tf32 "
+                             "with --tf32)")
     return parser
 
 
@@ -83,6 +93,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from glora_ray.train import SupernetTraining, TrainConfig
 
     size = preset(args.size)
+    model = size.model_for(args.family)
     timing = timing_setup(args)
     device, threads, clock, sync = timing.device, timing.threads, timing.clock, timing.sync
     repeats = args.repeats or size.train_repeats
@@ -90,15 +101,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps or size.train_steps
     if batch < 1 or steps < 1 or args.warmup < 0:
         raise BenchError("--batch-size and --steps must be >= 1, --warmup >= 0")
-    say(f"[train_step] {size.model.describe()} | batch {batch}, {steps} steps per timed epoch | {timing.describe()} "
+    say(f"[train_step] {model.describe()} | batch {batch}, {steps} steps per timed epoch | {timing.describe()} "
         f"| {repeats} rounds")
 
-    spec = make_spec(size.model, drop_path_rate=DROP_PATH_RATE, seed=args.seed)
+    spec = make_spec(model, drop_path_rate=DROP_PATH_RATE, seed=args.seed)
     count = batch * steps
-    dataset = ArrayDataset(synthetic_images(count, size.model.img_size, args.seed),
+    dataset = ArrayDataset(synthetic_images(count, model.img_size, args.seed),
                            random_labels(count, spec.num_classes, args.seed + 1))
+    from glora_ray.precision import resolve_precision
+
+    default = "tf32" if timing.tf32 else "fp32"
+    try:
+        precisions = list(dict.fromkeys(resolve_precision(p.strip(), device).value
+                                        for p in (args.precisions or default).split(",") if p.strip()))
+    except ValueError as err:
+        raise BenchError(f"--precisions: {err}") from None
     # Long schedule, no warm-up: the learning rate does not matter to the step time.
-    cfg = TrainConfig(epochs=10_000, batch_size=batch, warmup_epochs=0, seed=args.seed, num_workers=0)
+    cfg = TrainConfig(epochs=10_000, batch_size=batch, warmup_epochs=0, seed=args.seed, num_workers=0,
+                      precision=precisions[0])
     cfg.validate()
 
     supernet = build(spec)
@@ -109,11 +129,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     head.pin(uniform_subnet(head, head.space.empty_layer_choice()))
     models = {"supernet": supernet, "lora": lora, "head": head}
     runs = {name: SupernetTraining(net, dataset, cfg, device).setup() for name, net in models.items()}
+    for precision in precisions[1:]:  # the supernet again, in another precision
+        name = f"supernet_{precision}"
+        runs[name] = SupernetTraining(build(spec), dataset, replace(cfg, precision=precision), device).setup()
+        models[name] = runs[name].supernet
 
     trained = {
         "supernet": f"any subnet, up to {supernet.num_params(supernet.largest_subnet()):,} adapter params",
         "lora": f"{lora.num_params(lora.pinned):,} adapter params (B = {largest_lora})",
         "head": "0 adapter params",
+        **{f"supernet_{p}": f"as supernet, in {p}" for p in precisions[1:]},
     }
     peak_mib: dict[str, float] = {}
     if device.type == "cuda":  # one untimed epoch each, alone, for its peak memory
@@ -137,6 +162,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "supernet_over_lora": timing.ratio("supernet", "lora"),
         "supernet_over_head": timing.ratio("supernet", "head"),
         "lora_over_head": timing.ratio("lora", "head"),
+        **{f"supernet_{p}_over_supernet": timing.ratio(f"supernet_{p}", "supernet") for p in precisions[1:]},
     }
     for name in runs:
         say(f"{name:9s} {images_per_s[name]:8.1f} images/s  ({trained[name]})"
@@ -145,13 +171,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         say(f"{name.replace('_over_', ' / '):18s} step time {stat.text()}")
     return {
         "size": size.name,
+        "family": args.family,
         "device": str(device),
         "machine": machine_info(device),
         "settings": {
-            "model": size.model.describe(), "batch_size": batch, "steps_per_epoch": steps, "repeats": repeats,
+            "model": model.describe(), "batch_size": batch, "steps_per_epoch": steps, "repeats": repeats,
             "warmup": args.warmup, "threads": threads, "clock": clock,
             "tf32": bool(args.tf32 and device.type == "cuda"),
-            "drop_path_rate": DROP_PATH_RATE, "seed": args.seed,
+            "drop_path_rate": DROP_PATH_RATE, "seed": args.seed, "precisions": precisions,
+            "channels_last": runs["supernet"].layout is torch.channels_last,
         },
         "ratios": ratios,
         "step_ms_median": step_ms,

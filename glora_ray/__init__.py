@@ -1,14 +1,17 @@
 """glora-ray: GLoRA supernets, trained with Ray Train and searched on a Ray actor pool."""
 from .errors import GLoRARayError, GLoRARayTypeError
 from .budget import Budget, InfeasibleBudgetError, parse_param_count, sample_within_budget
-from .layer import GLoRALinear, GLoRASupport
+from .layers import ADAPTABLE_LAYER_TYPES, GLoRAConv2d, GLoRALayer, GLoRALinear, GLoRASupport
 from .params import ParamCounter
 from .space import TENSORS, SearchSpace, SearchSpaceError
-from .supernet import Supernet
+from .supernet import Supernet, load_merged_state_dict
 
 __all__ = [
+    "ADAPTABLE_LAYER_TYPES",
     "TENSORS",
     "Budget",
+    "GLoRAConv2d",
+    "GLoRALayer",
     "GLoRALinear",
     "GLoRARayError",
     "GLoRARayTypeError",
@@ -18,6 +21,7 @@ __all__ = [
     "SearchSpace",
     "SearchSpaceError",
     "Supernet",
+    "load_merged_state_dict",
     "parse_param_count",
     "sample_within_budget",
 ]

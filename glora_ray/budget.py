@@ -27,10 +27,10 @@ def parse_param_count(value: str | int | float) -> int:
     else:
         match = _COUNT_PATTERN.fullmatch(str(value))
         if match is None:
-            raise ValueError(f"parameter count {value!r} is not a number with an optional k/M/B suffix (e.g. '0.29M')")
+            raise GLoRARayError(f"parameter count {value!r} is not a number with an optional k/M/B suffix (e.g. '0.29M')")
         number = int(round(float(match.group(1)) * _SUFFIXES[match.group(2)]))
     if number < 0:
-        raise ValueError(f"parameter count must be >= 0, got {value!r}")
+        raise GLoRARayError(f"parameter count must be >= 0, got {value!r}")
     return number
 
 
@@ -61,11 +61,6 @@ class Budget:
                 f"[{reach_lo:,}, {reach_hi:,}]"
             )
         return max(lo, reach_lo), min(hi, reach_hi)
-
-    def contains(self, params: int) -> bool:
-        return (self.min_params is None or params >= self.min_params) and (
-            self.max_params is None or params <= self.max_params
-        )
 
 
 def _repair(genes: np.ndarray, costs: np.ndarray, lo: int, hi: int, rng: np.random.Generator) -> np.ndarray | None:

@@ -1,7 +1,7 @@
 """The supernet checkpoint that stage 1 writes and stages 2 and 3 load.
 
 A directory with ``supernet.json`` (a ``SupernetSpec``: backbone, classes, space, targets,
-dataset) and ``adapters.safetensors`` (support tensors and head only). The frozen backbone is
+adapted layer types, dataset) and ``adapters.safetensors`` (support tensors and head only). The frozen backbone is
 rebuilt from its recorded source, so a checkpoint stays small.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ from .errors import GLoRARayError
 
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,10 @@ class CheckpointMismatchError(GLoRARayError):
     """A checkpoint trained for another model, space, dataset or class count."""
 
 
+class MissingCheckpointError(GLoRARayError, FileNotFoundError):
+    """No checkpoint (or training state) where one was expected."""
+
+
 @dataclass
 class SupernetSpec:
     """Everything needed to rebuild a supernet's structure and frozen weights."""
@@ -39,6 +43,8 @@ class SupernetSpec:
     num_classes: int
     ranks: tuple[int, ...] = (8, 4)
     targets: list[str] | str | None = None
+    # Which module types are adapted, by name ("linear", "conv2d"; docs/method.md §7).
+    layer_types: tuple[str, ...] = ("linear",)
     dataset: str = ""
     init: str = "kaiming"
     adapter_seed: int = 0
@@ -52,16 +58,18 @@ class SupernetSpec:
         """Backbone with its real weights, plus freshly initialised adapters (seeded)."""
         model = create_backbone(self.backbone, self.num_classes)
         generator = torch.Generator().manual_seed(self.adapter_seed)
-        return Supernet(model, self.space, targets=self.targets, init=self.init, generator=generator)
+        return Supernet(model, self.space, targets=self.targets, layer_types=self.layer_types, init=self.init,
+                        generator=generator)
 
     def build_empty(self) -> Supernet:
         """The structure on the meta device, for ``load_state_dict(..., assign=True)``."""
         model = empty_backbone(self.backbone, self.num_classes)
-        return Supernet(model, self.space, targets=self.targets, init=self.init)
+        return Supernet(model, self.space, targets=self.targets, layer_types=self.layer_types, init=self.init)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["ranks"] = list(self.ranks)
+        data["layer_types"] = list(self.layer_types)
         return data
 
     @classmethod
@@ -69,6 +77,8 @@ class SupernetSpec:
         data = dict(data)
         data["backbone"] = BackboneConfig.from_dict(data["backbone"])
         data["ranks"] = tuple(data["ranks"])
+        if "layer_types" in data:
+            data["layer_types"] = tuple(data["layer_types"])
         return cls(**data)
 
     def check_matches(self, expected: "SupernetSpec", where: str) -> None:
@@ -79,6 +89,7 @@ class SupernetSpec:
             "num_classes": (self.num_classes, expected.num_classes),
             "dataset": (self.dataset, expected.dataset),
             "targets": (self.targets, expected.targets),
+            "layer_types": (tuple(self.layer_types), tuple(expected.layer_types)),
             "img_size": (self.backbone.img_size, expected.backbone.img_size),
         }
         for name, (have, want) in fields.items():
@@ -86,28 +97,39 @@ class SupernetSpec:
                 raise CheckpointMismatchError(f"{where}: checkpoint has {name}={have!r}, expected {want!r}")
 
 
-def save_supernet(directory: str | os.PathLike, supernet: Supernet, spec: SupernetSpec) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    supernet.save_adapters(directory / ADAPTERS_FILE, metadata={"model": spec.backbone.name, "dataset": spec.dataset})
-    storage.write_bytes(str(directory / SPEC_FILE), json.dumps(spec.to_dict(), indent=2).encode())
+def save_supernet(directory: str | os.PathLike, supernet: Supernet, spec: SupernetSpec) -> str:
+    """Write the checkpoint into ``directory`` (a path or URI), each file atomically."""
+    directory = os.fspath(directory)
+    storage.write_bytes(storage.join(directory, ADAPTERS_FILE),
+                        supernet.adapter_bytes({"model": spec.backbone.name, "dataset": spec.dataset}))
+    storage.write_bytes(storage.join(directory, SPEC_FILE), json.dumps(spec.to_dict(), indent=2).encode())
     return directory
 
 
 def read_spec(directory: str | os.PathLike) -> SupernetSpec:
-    path = Path(directory) / SPEC_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no supernet checkpoint here (expected {SPEC_FILE} and {ADAPTERS_FILE})")
-    return SupernetSpec.from_dict(json.loads(path.read_text()))
+    uri = storage.join(os.fspath(directory), SPEC_FILE)
+    if not storage.exists(uri):
+        raise MissingCheckpointError(f"{uri}: no supernet checkpoint here (expected {SPEC_FILE} and {ADAPTERS_FILE})")
+    return SupernetSpec.from_dict(storage.read_json(uri))
 
 
 def load_supernet(directory: str | os.PathLike, expected: SupernetSpec | None = None) -> tuple[Supernet, SupernetSpec]:
-    """Rebuild a trained supernet; with ``expected``, refuse a mismatched checkpoint first."""
+    """Rebuild a trained supernet from ``directory`` (a path or URI, like the results); with
+    ``expected``, refuse a mismatched checkpoint first."""
     spec = read_spec(directory)
     if expected is not None:
         spec.check_matches(expected, str(directory))
     supernet = spec.build()
-    supernet.load_adapters(Path(directory) / ADAPTERS_FILE)
+    uri = storage.join(os.fspath(directory), ADAPTERS_FILE)
+    local = storage.local_path(uri)
+    if local is not None:
+        supernet.load_adapters(local)
+        return supernet, spec
+    with tempfile.TemporaryDirectory(prefix="glora-adapters-") as local:  # safetensors reads files
+        path = os.path.join(local, ADAPTERS_FILE)
+        with open(path, "wb") as handle:
+            handle.write(storage.read_bytes(uri))
+        supernet.load_adapters(path)
     return supernet, spec
 
 

@@ -13,3 +13,9 @@ class GLoRARayError(ValueError):
 
 class GLoRARayTypeError(GLoRARayError, TypeError):
     """Bad input of the wrong type (a model, a layer, a space where another was expected)."""
+
+
+def one_line(err: BaseException) -> str:
+    """``"<ErrorType>: <first line of its message>"``, for one-line reports of a third party's error."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

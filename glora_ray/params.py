@@ -1,35 +1,33 @@
-"""Parameter counts of GLoRA choices (SPEC §1, "Parameter count of a choice")."""
+"""Parameter counts of GLoRA choices (docs/method.md §1, "Parameter count of a choice")."""
 from __future__ import annotations
 
 import numpy as np
 
-from .space import TENSORS, Choice, Kind, SearchSpace
+from .layers.support import GLoRASupport
+from .space import TENSORS, Choice, SearchSpace
+
+
+def _shape_only_support(d_in: int, d_out: int, max_rank: int) -> GLoRASupport:
+    # On the meta device: shapes without memory, so counts come from the very slices
+    # the layers train (the elements a choice's gradient reaches).
+    return GLoRASupport(d_in, d_out, max_rank, device="meta")
 
 
 def tensor_param_count(tensor: str, choice: Choice, d_in: int, d_out: int) -> int:
     """Parameters that one support tensor uses in one layer for one choice."""
-    if choice.kind is Kind.NONE:
-        return 0
-    if choice.kind is Kind.SCALAR:
-        return 1
-    if tensor in ("A", "B"):
-        if choice.kind is Kind.LORA:
-            return choice.rank * (d_in + d_out)
-        return d_out  # vector
-    if tensor == "C":
-        if choice.kind is Kind.LORA:
-            return choice.rank * d_in + choice.rank
-        return d_in  # vector
-    return d_out  # D, E vector
+    term = _shape_only_support(d_in, d_out, max(choice.rank, 1)).term(tensor, choice)
+    return 0 if term is None else term.num_params
 
 
 def layer_cost_table(space: SearchSpace, d_in: int, d_out: int) -> np.ndarray:
     """Costs of one layer as an array (tensor, gene) -> params; unused slots are -1."""
+    support = _shape_only_support(d_in, d_out, space.max_rank)
     width = max(space.num_choices(t) for t in TENSORS)
     table = np.full((len(TENSORS), width), -1, dtype=np.int64)
     for ti, t in enumerate(TENSORS):
         for gi, c in enumerate(space.choice_objects(t)):
-            table[ti, gi] = tensor_param_count(t, c, d_in, d_out)
+            term = support.term(t, c)
+            table[ti, gi] = 0 if term is None else term.num_params
     return table
 
 
@@ -41,10 +39,11 @@ class ParamCounter:
 
     def __init__(self, space: SearchSpace, dims: list[tuple[int, int]]):
         self.space = space
-        self.dims = list(dims)
+        self.dims = [(int(d_in), int(d_out)) for d_in, d_out in dims]
         self.num_layers = len(self.dims)
         # (layers, tensors, gene) -> params
-        self.table = np.stack([layer_cost_table(space, d_in, d_out) for d_in, d_out in self.dims]) if dims else (
+        tables = {dims: layer_cost_table(space, *dims) for dims in set(self.dims)}  # few distinct shapes
+        self.table = np.stack([tables[dims] for dims in self.dims]) if dims else (
             np.zeros((0, len(TENSORS), 1), dtype=np.int64)
         )
         valid = np.where(self.table >= 0, self.table, np.iinfo(np.int64).max)

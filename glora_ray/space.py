@@ -1,19 +1,22 @@
-"""The GLoRA search space: which form each support tensor A..E may take (SPEC §1).
+"""The GLoRA search space: which form each support tensor A..E may take (docs/method.md §1).
 
 A choice is a typed ``Choice`` (kind plus rank); its user-facing name ("lora8", "vector", ...)
-is generated from it and looked up in a table, never parsed.  A subnet is encoded as a
-fixed-length integer array (one gene per layer and tensor, layer-major), which is both the
-hashable canonical form (as a short string) and the Parquet form.
+is generated from it and looked up in a table, never parsed.  Inside, a subnet is a
+fixed-length integer array (one gene per layer and tensor, layer-major) and a layer's choice a
+tuple of ``Choice``; names appear only at the edges (the user API, Parquet columns, JSON).  The
+canonical string form, the *key*, is the space's identity (``"r8r4:"``) followed by one
+character per gene, so a key is never read by a space it was not made for.
 """
 from __future__ import annotations
 
-from .errors import GLoRARayError
-
 import enum
+import numbers
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+
+from .errors import GLoRARayError, GLoRARayTypeError
 
 TENSORS: tuple[str, ...] = ("A", "B", "C", "D", "E")
 
@@ -26,6 +29,24 @@ Subnet = Mapping[str, LayerChoice]  # layer name -> LayerChoice
 
 class SearchSpaceError(GLoRARayError):
     """A choice, encoding or subnet that the space does not contain."""
+
+
+def _abbreviate(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_ranks(ranks: object) -> tuple[int, ...]:
+    """``ranks`` as a tuple of ints, refusing anything that is not distinct positive integers."""
+    wanted = "a sequence of distinct positive integers, e.g. (8, 4)"
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) and not isinstance(ranks, np.ndarray):
+        raise GLoRARayTypeError(f"SearchSpace ranks must be {wanted}, got {type(ranks).__name__} {ranks!r}")
+    bad = [r for r in ranks if isinstance(r, (bool, np.bool_)) or not isinstance(r, numbers.Integral)]
+    if bad:
+        raise GLoRARayTypeError(f"SearchSpace ranks must be {wanted}; {bad[0]!r} in {tuple(ranks)!r} is not an integer")
+    ranks = tuple(int(r) for r in ranks)
+    if not ranks or any(r <= 0 for r in ranks) or len(set(ranks)) != len(ranks):
+        raise SearchSpaceError(f"SearchSpace ranks must be {wanted}, got {ranks!r}")
+    return ranks
 
 
 class Kind(enum.Enum):
@@ -45,7 +66,7 @@ class Choice:
         return f"lora{self.rank}" if self.kind is Kind.LORA else self.kind.value
 
 
-# Which kinds each tensor allows (SPEC §1 table); LoRA expands to one choice per rank.
+# Which kinds each tensor allows (docs/method.md §1 table); LoRA expands to one choice per rank.
 _ALLOWED_KINDS: dict[str, tuple[Kind, ...]] = {
     "A": (Kind.LORA, Kind.VECTOR, Kind.SCALAR, Kind.NONE),
     "B": (Kind.LORA, Kind.VECTOR, Kind.SCALAR, Kind.NONE),
@@ -59,9 +80,7 @@ class SearchSpace:
     """The choices of every support tensor for a set of LoRA ranks, e.g. ``SearchSpace((8, 4))``."""
 
     def __init__(self, ranks: Sequence[int] = (8, 4)):
-        ranks = tuple(int(r) for r in ranks)
-        if not ranks or any(r <= 0 for r in ranks) or len(set(ranks)) != len(ranks):
-            raise SearchSpaceError(f"ranks must be distinct positive integers, got {ranks!r}")
+        ranks = _check_ranks(ranks)
         # Largest first, so gene 0 of A, B, C is always the largest LoRA.
         self.ranks: tuple[int, ...] = tuple(sorted(ranks, reverse=True))
         self.max_rank: int = self.ranks[0]
@@ -90,10 +109,6 @@ class SearchSpace:
 
     def num_choices(self, tensor: str) -> int:
         return len(self._tensor_choices(tensor))
-
-    @property
-    def genes_per_layer(self) -> int:
-        return len(TENSORS)
 
     @property
     def layer_space_size(self) -> int:
@@ -140,20 +155,45 @@ class SearchSpace:
         return genes
 
     def decode_layer(self, genes: Sequence[int], layer: str = "<layer>") -> dict[str, str]:
-        if len(genes) != len(TENSORS):
-            raise SearchSpaceError(f"layer {layer!r}: expected {len(TENSORS)} genes, got {len(genes)}")
-        out = {}
-        for t, g in zip(TENSORS, genes):
-            cs = self._tensor_choices(t)
-            if not 0 <= int(g) < len(cs):
-                raise SearchSpaceError(
-                    f"layer {layer!r}, tensor {t!r}: gene {int(g)} out of range 0..{len(cs) - 1}"
-                )
-            out[t] = cs[int(g)].name
-        return out
+        return self.choice_names(self.choices_from_genes(genes, layer))
 
-    def layer_choice_objects(self, genes: Sequence[int]) -> tuple[Choice, ...]:
-        return tuple(self._tensor_choices(t)[int(g)] for t, g in zip(TENSORS, genes))
+    def choices_from_genes(self, genes: Sequence[int], layer: str = "<layer>") -> tuple[Choice, ...]:
+        """One layer's genes as one ``Choice`` per tensor, refusing a wrong count or value."""
+        genes = np.asarray(genes)
+        if genes.shape != (len(TENSORS),):
+            raise SearchSpaceError(f"layer {layer!r}: genes must be {len(TENSORS)} integers (one per tensor "
+                                   f"{', '.join(TENSORS)}), got shape {genes.shape}")
+        if not np.issubdtype(genes.dtype, np.integer):
+            raise SearchSpaceError(f"layer {layer!r}: genes must be integers, got {genes.tolist()!r}")
+        out = []
+        for t, g in zip(TENSORS, genes.tolist()):
+            cs = self._tensor_choices(t)
+            if not 0 <= g < len(cs):
+                raise SearchSpaceError(f"layer {layer!r}, tensor {t!r}: gene {g} out of range 0..{len(cs) - 1} "
+                                       f"({', '.join(c.name for c in cs)})")
+            out.append(cs[g])
+        return tuple(out)
+
+    def choices_from_names(self, choice: LayerChoice, layer: str = "<layer>") -> tuple[Choice, ...]:
+        """One layer's choice by name (``{"A": "lora8", ...}``) as one ``Choice`` per tensor."""
+        return tuple(self._tensor_choices(t)[g] for t, g in zip(TENSORS, self.encode_layer(choice, layer)))
+
+    def check_choices(self, choices: Sequence[Choice], layer: str = "<layer>") -> tuple[Choice, ...]:
+        """``choices`` as a tuple, refusing anything but one ``Choice`` of this space per tensor."""
+        if isinstance(choices, (str, bytes)) or not isinstance(choices, Sequence) or len(choices) != len(TENSORS):
+            raise SearchSpaceError(f"layer {layer!r}: a choice is a mapping tensor -> name or {len(TENSORS)} "
+                                   f"Choice objects, got {choices!r}")
+        for t, c in zip(TENSORS, choices):
+            if c not in self._tensor_choices(t):
+                raise SearchSpaceError(f"layer {layer!r}, tensor {t!r}: {c!r} is not in the space; "
+                                       f"allowed: {list(self.choices(t))}")
+        return tuple(choices)
+
+    def choice_names(self, choices: Sequence[Choice]) -> dict[str, str]:
+        return {t: c.name for t, c in zip(TENSORS, choices)}
+
+    def largest_layer_choices(self) -> tuple[Choice, ...]:
+        return tuple(self._tensor_choices(t)[0] for t in TENSORS)
 
     # -- whole subnets -----------------------------------------------------------------
     def num_genes(self, num_layers: int) -> int:
@@ -200,17 +240,28 @@ class SearchSpace:
             )
         return arr.astype(np.int8)
 
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this space starts with: its identity, e.g. ``"r8r4:"``."""
+        return "".join(f"r{r}" for r in self.ranks) + ":"
+
     def genes_to_string(self, genes: Sequence[int]) -> str:
-        """Canonical compact key: one character per gene."""
-        return "".join(_GENE_ALPHABET[int(g)] for g in genes)
+        """Canonical key: the space's prefix, then one character per gene."""
+        return self.key_prefix + "".join(_GENE_ALPHABET[int(g)] for g in genes)
 
     def genes_from_string(self, key: str, num_layers: int) -> np.ndarray:
+        """The genes of ``key``, refusing a key made for another space or another layer count."""
+        if not isinstance(key, str):
+            raise GLoRARayTypeError(f"a subnet key is a str, got {type(key).__name__}")
+        if not key.startswith(self.key_prefix):
+            raise SearchSpaceError(f"subnet key {_abbreviate(key)!r} was not made for {self!r}: its keys start "
+                                   f"with {self.key_prefix!r}")
         lookup = {c: i for i, c in enumerate(_GENE_ALPHABET)}
-        try:
-            genes = [lookup[c] for c in key]
-        except KeyError as err:
-            raise SearchSpaceError(f"subnet key {key!r} has character {err.args[0]!r} outside {_GENE_ALPHABET!r}") from None
-        return self.validate_genes(np.array(genes, dtype=np.int64), num_layers)
+        body = key[len(self.key_prefix):]
+        bad = next((c for c in body if c not in lookup), None)
+        if bad is not None:
+            raise SearchSpaceError(f"subnet key {_abbreviate(key)!r} has character {bad!r} outside {_GENE_ALPHABET!r}")
+        return self.validate_genes(np.array([lookup[c] for c in body], dtype=np.int64), num_layers)
 
     # -- misc --------------------------------------------------------------------------
     def to_dict(self) -> dict:

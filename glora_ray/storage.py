@@ -1,26 +1,58 @@
 """Output storage through pyarrow filesystems: a local path, a shared mount or a cloud URI."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import shutil
 import uuid
-from typing import Any, BinaryIO, Callable
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from .errors import GLoRARayError
+
+
+class StorageError(GLoRARayError):
+    """A URI no filesystem (pyarrow's own, or fsspec's) can serve."""
 
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a URI such as s3://bucket/run or file:///mnt/x.
 
-    A plain local path (relative, with "~", spaces or "%") is never parsed as a URI.
+    A plain local path (relative, with "~", spaces or "%") is never parsed as a URI.  Schemes
+    pyarrow does not know natively (memory://, az://, ...) go through an installed fsspec
+    implementation, wrapped as a pyarrow filesystem.
     """
     uri = os.fspath(uri)
     if "://" in uri:  # s3://, gs://, hdfs://, file://: pyarrow picks the filesystem
-        fs, path = pafs.FileSystem.from_uri(uri)
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+        except pa.ArrowInvalid:
+            fs, path = _fsspec(uri)
     else:
         fs, path = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     return fs, path.rstrip("/") or "/"
+
+
+def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as err:
+        raise StorageError(f"{uri}: no filesystem for this URI's scheme in pyarrow or fsspec ({err}); use a "
+                           f"local path, file://, s3://, gs://, hdfs:// or an installed fsspec protocol") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def local_path(uri: str | os.PathLike) -> str | None:
+    """The local path behind ``uri``, or None when it lives on another filesystem."""
+    fs, path = resolve(uri)
+    return path if isinstance(fs, pafs.LocalFileSystem) else None
 
 
 def atomic_write(fs: pafs.FileSystem, path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -40,6 +72,39 @@ def atomic_write(fs: pafs.FileSystem, path: str, write: Callable[[BinaryIO], Non
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(destination: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """A local folder filled under a hidden temporary name beside ``destination``, then renamed
+    into place whole (the folder counterpart of ``atomic_write``).
+
+    ``replace``: an existing ``destination`` is swapped out; otherwise it stays and the rename
+    raises ``FileExistsError`` (another writer was first).  A failure leaves no temporary behind.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.with_name(f".{destination.name}.tmp-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        yield staging
+        if destination.exists():
+            if not replace:
+                raise FileExistsError(f"{destination} already exists")
+            old = destination.with_name(f".{destination.name}.old-{uuid.uuid4().hex}")
+            os.replace(destination, old)
+            os.replace(staging, destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def install_dir(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Copy the local folder ``source`` to ``destination``, replacing it whole."""
+    with staged_dir(destination) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
 
 
 def join(base: str, *parts: str) -> str:

@@ -13,19 +13,26 @@ import sys
 # Runnable from a checkout (and from `ray job submit --working-dir .`) without installing.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from glora_ray.pipeline.cli import parse_config  # noqa: E402
-from glora_ray.pipeline.config import PipelineConfigError  # noqa: E402
+from glora_ray.errors import GLoRARayError  # noqa: E402
+from glora_ray.pipeline import layout  # noqa: E402
+from glora_ray.pipeline.cli import parse_config, show_progress  # noqa: E402
 from glora_ray.pipeline.run import run_pipeline  # noqa: E402
+from glora_ray.pipeline.summary import format_summary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
+    show_progress(config.verbose)
     try:
-        run_pipeline(config)
-    except (PipelineConfigError, ValueError, FileNotFoundError) as err:
-        # Bad input found before compute (data, budget, model, checkpoint, output path).
+        frame = run_pipeline(config)
+    except GLoRARayError as err:
+        # Bad input (data, budget, model, checkpoint, output path): one line, no traceback.
+        # Anything else is a bug or a failure after compute started: it keeps its traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print(format_summary(frame))
+    print(f"results: {config.out} (summary: {layout.SUMMARY_FILE}; per dataset: "
+          f"<dataset>/export/merged.safetensors, subnet.json, adapters.safetensors)")
     return 0
 
 

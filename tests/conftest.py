@@ -5,6 +5,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+# Test-only fault injection (glora_ray.faults): a per-session plan file, named before Ray starts so
+# every Ray worker inherits the variable; tests write a plan into it with helpers.injected_faults.
+import tempfile  # noqa: E402
+
+os.environ["GLORA_RAY_FAULTS"] = os.path.join(tempfile.mkdtemp(prefix="glora-faults-"), "faults.json")
 
 import logging
 

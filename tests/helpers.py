@@ -1,4 +1,8 @@
 """Small shared builders for the tests."""
+import contextlib
+import json
+import os
+
 import timm
 import torch
 
@@ -25,3 +29,32 @@ def randomize_adapters(supernet_or_layer, seed: int = 0) -> None:
 
 def tiny_supernet(ranks=(4, 2), seed: int = 0, **vit_kw) -> Supernet:
     return Supernet(tiny_vit(seed=seed, **vit_kw), SearchSpace(ranks))
+
+
+def spec_support(support, tensor: str, name: str):
+    """docs/method.md §1's value of one support tensor, read from the raw stored tensors (None for none)."""
+    if name == "none":
+        return None
+    if tensor in ("D", "E"):
+        full = getattr(support, tensor)
+        return full if name == "vector" else full[0]
+    down, up = getattr(support, f"{tensor}_down"), getattr(support, f"{tensor}_up")
+    if name == "scalar":
+        return down[0, 0]
+    if name == "vector":
+        return down[:, 0:1]
+    rank = int(name.removeprefix("lora"))
+    return down[:, :rank] @ up[:rank, :]
+
+@contextlib.contextmanager
+def injected_faults(**plan):
+    """Faults for the code inside the block, in this process and every Ray worker (glora_ray.faults)."""
+    from glora_ray import faults
+
+    path = os.environ[faults.ENV_VAR]
+    with open(path, "w") as handle:
+        json.dump(plan, handle)
+    try:
+        yield
+    finally:
+        os.remove(path)

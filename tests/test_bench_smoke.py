@@ -83,9 +83,11 @@ def run_in_process(main, argv, capsys):
 
 # -- Ray-free, in this process ------------------------------------------------------------------
 
-def test_eval_cost(capsys):
-    result = run_in_process(eval_cost.main, ["--size", "tiny", "--device", "cpu"], capsys)
+@pytest.mark.parametrize("family", ["vit", "cnn"])
+def test_eval_cost(capsys, family):
+    result = run_in_process(eval_cost.main, ["--size", "tiny", "--device", "cpu", "--family", family], capsys)
     assert_common(result, "eval_cost")
+    assert result["family"] == family and ("conv2d" in result["settings"]["model"]) == (family == "cnn")
     ratios = result["ratios"]
     assert set(ratios) == {"merged_over_backbone", "unmerged_over_backbone", "merge_share_of_merged",
                            "implied_merged_over_backbone"}
@@ -98,9 +100,11 @@ def test_eval_cost(capsys):
     assert isinstance(result["goals"]["merged_over_backbone_le_1_05"], bool)
 
 
-def test_train_step(capsys):
-    result = run_in_process(train_step.main, ["--size", "tiny", "--device", "cpu"], capsys)
+@pytest.mark.parametrize("family", ["vit", "cnn"])
+def test_train_step(capsys, family):
+    result = run_in_process(train_step.main, ["--size", "tiny", "--device", "cpu", "--family", family], capsys)
     assert_common(result, "train_step")
+    assert result["family"] == family
     assert set(result["ratios"]) == {"supernet_over_lora", "supernet_over_head", "lora_over_head"}
     assert all(positive(r) for r in result["ratios"].values())
     assert set(result["images_per_s"]) == {"supernet", "lora", "head"}
@@ -111,10 +115,12 @@ def test_gpu_check_smoke_runs_without_a_gpu(capsys):
     summary = run_in_process(gpu_check.main, ["--smoke", "--no-tf32", "--eval-repeats", "1", "--train-repeats", "1"],
                              capsys)
     assert summary["bench"] == "gpu_check" and summary["exit_status"] == 0 and not summary["skipped"]
-    assert set(summary["stages"]) == {"eval_cost_fp32", "train_step_fp32"}
+    assert set(summary["stages"]) == {"eval_cost_fp32", "train_step_fp32", "eval_cost_bf16", "precision_all"}
     assert all(stage["exit_status"] == 0 for stage in summary["stages"].values())
     assert positive(summary["stages"]["eval_cost_fp32"]["ratios"]["merged_over_backbone"])
     assert summary["correctness"]["max_logits_relative_error"] < summary["correctness"]["tolerance"]
+    ranking = summary["stages"]["precision_all"]["ranking"]["against_fp32"]["bf16"]
+    assert 0 <= ranking["top10_agree"] <= 10
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a missing GPU")

@@ -97,7 +97,7 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
                                        f"glora-test-{gcs}"], env=env, capture_output=True, text=True, timeout=60)
         assert "succeeded" in (status.stdout + status.stderr).lower()
         summary = pd.read_parquet(out / "summary.parquet")
-        assert list(summary["dataset"]) == ["digits"] and 0 <= summary["test_acc"].iloc[0] <= 1
+        assert list(summary["dataset"]) == ["digits"] and summary["test_acc"].iloc[0] > 0.2  # chance: 0.1
         export = out / "digits" / "export"
         assert (export / "merged.safetensors").is_file() and (export / "adapters.safetensors").is_file()
         assert json.loads((export / "subnet.json").read_text())["params"] <= 6_000

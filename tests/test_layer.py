@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from glora_ray import TENSORS, GLoRALinear, SearchSpace
+from glora_ray import TENSORS, GLoRALinear, GLoRARayError, GLoRARayTypeError, SearchSpace
 from glora_ray.params import tensor_param_count
-from helpers import randomize_adapters
+from helpers import randomize_adapters, spec_support
 
 D_IN, D_OUT = 6, 5
 
@@ -19,27 +19,10 @@ def make_layer(space, bias=True, seed=0):
     return layer
 
 
-def spec_support(layer, tensor, name):
-    """SPEC §1 written out from the raw stored tensors, independent of the layer's helpers."""
-    s = layer.glora
-    if name == "none":
-        return None
-    if tensor in ("D", "E"):
-        full = getattr(s, tensor)
-        return full if name == "vector" else full[0]
-    down, up = getattr(s, f"{tensor}_down"), getattr(s, f"{tensor}_up")
-    if name == "scalar":
-        return down[0, 0]
-    if name == "vector":
-        return down[:, 0:1]
-    rank = {f"lora{r}": r for r in layer.space.ranks}[name]
-    return down[:, :rank] @ up[:rank, :]
-
-
 def spec_forward(layer, choice, x):
     w0 = layer.base.weight
     b0 = layer.base.bias if layer.base.bias is not None else torch.zeros(D_OUT)
-    A, B, C, D, E = (spec_support(layer, t, choice[t]) for t in TENSORS)
+    A, B, C, D, E = (spec_support(layer.glora, t, choice[t]) for t in TENSORS)
     zero = torch.zeros(())
     w_eff = w0 + w0 * (A if A is not None else zero) + (B if B is not None else zero)
     b_eff = b0 + b0 * (D if D is not None else zero) + (E if E is not None else zero)
@@ -138,16 +121,15 @@ def test_weight_entanglement():
     space = SearchSpace((4, 2))
     layer = make_layer(space)
     s = layer.glora
+    term = {t: dict(zip(space.choices(t), (s.term(t, c) for c in space.choice_objects(t)))) for t in TENSORS}
     for tensor in ("A", "B"):
-        vec = s.dense(tensor, space.choice_objects(tensor)[2])
-        sca = s.dense(tensor, space.choice_objects(tensor)[3])
-        assert torch.equal(sca, vec[0, 0]), "a scalar is element 0 of its vector"
-        lora4 = s.factors(tensor, 4)
-        lora2 = s.factors(tensor, 2)
-        assert torch.equal(lora2[0], lora4[0][:, :2]) and torch.equal(lora2[1], lora4[1][:2])
-        assert lora4[0].data_ptr() == getattr(s, f"{tensor}_down").data_ptr(), "slices share storage"
+        vec, sca = term[tensor]["vector"], term[tensor]["scalar"]
+        assert torch.equal(sca.value, vec.value[0]), "a scalar is element 0 of its vector"
+        lora4, lora2 = term[tensor]["lora4"], term[tensor]["lora2"]
+        assert torch.equal(lora2.down, lora4.down[:, :2]) and torch.equal(lora2.up, lora4.up[:2])
+        assert lora4.down.data_ptr() == getattr(s, f"{tensor}_down").data_ptr(), "slices share storage"
     for tensor in ("D", "E"):
-        assert torch.equal(s.scalar(tensor), s.vector(tensor)[0])
+        assert torch.equal(term[tensor]["scalar"].value, term[tensor]["vector"].value[0])
     # A gradient reaches only the slice the choice uses.
     layer.set_choice({"A": "lora2", "B": "none", "C": "none", "D": "none", "E": "none"})
     layer(torch.randn(3, D_IN)).sum().backward()
@@ -192,3 +174,35 @@ def test_vector_and_scalar_paths_broadcast_like_spec(a, b):
     layer.set_choice(choice)
     x = torch.randn(2, 3, D_IN)
     torch.testing.assert_close(layer(x), spec_forward(layer, choice, x), rtol=1e-5, atol=1e-6)
+
+
+# -- misuse: refused with a GLoRARayError naming the argument and what is valid ----------------
+def test_set_choice_genes_refuses_a_negative_gene():
+    layer = make_layer(SearchSpace((4, 2)))
+    with pytest.raises(GLoRARayError, match=r"tensor 'E': gene -1 out of range 0..2 \(vector, scalar, none\)"):
+        layer.set_choice_genes([0, 0, 0, 0, -1])
+
+
+def test_set_choice_genes_refuses_a_wrong_gene_count():
+    layer = make_layer(SearchSpace((4, 2)))
+    with pytest.raises(GLoRARayError, match=r"genes must be 5 integers .*got shape \(7,\)"):
+        layer.set_choice_genes([0] * 7)
+
+
+def test_set_choice_genes_refuses_a_gene_beyond_the_choices():
+    layer = make_layer(SearchSpace((4, 2)))
+    with pytest.raises(GLoRARayError, match=r"tensor 'A': gene 9 out of range 0..4 \(lora4, lora2, vector, scalar, none\)"):
+        layer.set_choice_genes([9, 0, 0, 0, 0])
+    assert layer.choice == SearchSpace((4, 2)).largest_layer_choice()  # unchanged by the refused call
+
+
+def test_layer_refuses_a_tuple_as_space():
+    with pytest.raises(GLoRARayTypeError, match=r"space must be a glora_ray.SearchSpace .*got tuple \(8, 4\)"):
+        GLoRALinear(nn.Linear(D_IN, D_OUT), (8, 4))
+
+
+def test_layer_refuses_a_wrong_base():
+    with pytest.raises(GLoRARayTypeError, match="base must be a torch.nn.Linear, got Conv2d"):
+        GLoRALinear(nn.Conv2d(3, 4, 3), SearchSpace((2,)))
+    with pytest.raises(GLoRARayTypeError, match="already a GLoRALinear"):
+        GLoRALinear(make_layer(SearchSpace((2,))), SearchSpace((2,)))

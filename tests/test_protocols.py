@@ -217,8 +217,8 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
     assert len((data / "few-shot" / "digits" / "annotations" / shot_list_name(16, 2)).read_text().splitlines()) == 160
 
     fewshot_out = tmp_path / "fewshot out"
-    argv = tiny_args(data, fewshot_out, "--shots", "1", "--seeds", "0", "--generations", "1", "--epochs", "2",
-                     "--checkpoint-every", "2")
+    argv = tiny_args(data, fewshot_out, "--shots", "1", "--seeds", "0", "--generations", "1", "--epochs", "1",
+                     "--warmup-epochs", "0", "--checkpoint-every", "1")
     assert load_entry("fewshot").main(argv) == 0
     frame = pd.read_parquet(fewshot_out / RESULTS_FILE)
     assert list(frame[["dataset", "shots", "seed"]].itertuples(index=False, name=None)) == [("digits", 1, 0)]
@@ -229,8 +229,8 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
     assert test_record["test_acc"] == frame["test_acc"].iloc[0]
 
     domain_out = tmp_path / "domain out"
-    argv = tiny_args(data, domain_out, "--num-classes", "10", "--generations", "1", "--epochs", "2",
-                     "--checkpoint-every", "2", "--batch-size", "32")
+    argv = tiny_args(data, domain_out, "--num-classes", "10", "--generations", "1", "--epochs", "1",
+                     "--warmup-epochs", "0", "--checkpoint-every", "1", "--batch-size", "32")
     assert load_entry("domain").main(argv) == 0
     table = pd.read_parquet(domain_out / TABLE_FILE)
     assert list(table.columns[:3]) == ["seed", "params", "val_acc"]

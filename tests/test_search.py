@@ -12,13 +12,13 @@ from glora_ray import InfeasibleBudgetError
 from glora_ray.backbone import BackboneConfig
 from glora_ray.checkpoint import SupernetSpec, numpy_state
 from glora_ray.search import (
-    ActorStartError, AllActorsDiedError, CrashPlan, EvalMode, Evaluator, ResumeMismatchError, SearchConfig,
+    ActorStartError, AllActorsDiedError, EvalMode, Evaluator, ResumeMismatchError, SearchConfig,
     evaluate_subnet, pareto_front, plan_actor_count, read_pareto, read_population, read_result, run_search,
     without_timing,
 )
 from glora_ray.search.pool import ActorSettings, CandidateCrashError, EvaluatorPool
 from glora_ray.search.results import POPULATION_DIR
-from helpers import randomize_adapters
+from helpers import injected_faults, randomize_adapters
 
 
 def tiny_spec() -> SupernetSpec:
@@ -164,7 +164,7 @@ def test_search_writes_generations_front_and_result(baseline, problem):
     result, frame = baseline.result, read_population(baseline.out)
     assert baseline.shared_after == baseline.shared_before  # the shared weights were never written
     assert result.generations_done == 3 and result.evaluations == len(frame) == 3 * 8
-    assert frame["subnet"].is_unique  # nothing evaluated twice
+    assert frame["key"].is_unique  # nothing evaluated twice
     lo, hi = result.budget
     assert frame["params"].between(lo, hi).all()
     assert (frame["run_id"] == "run-a").all() and (frame["seed"] == 11).all() and (frame["actor"] == "actor-0").all()
@@ -172,14 +172,14 @@ def test_search_writes_generations_front_and_result(baseline, problem):
     assert set(frame.loc[frame["generation"] > 0, "origin"]) == {"mutation", "crossover", "random"}
     assert frame["val_acc"].nunique() > 3 and (frame["eval_seconds"] > 0).all()
 
-    ranked = frame.sort_values(["val_acc", "params", "subnet"], ascending=[False, True, True])
+    ranked = frame.sort_values(["val_acc", "params", "key"], ascending=[False, True, True])
     top = ranked.iloc[0]
-    assert (result.best.key, result.best.params, result.best.val_acc) == (top["subnet"], top["params"], top["val_acc"])
+    assert (result.best.key, result.best.params, result.best.val_acc) == (top["key"], top["params"], top["val_acc"])
     assert problem.net.subnet_key(result.best.genes) == result.best.key
-    expected_front = pareto_front(frame.rename(columns={"subnet": "key"}))
+    expected_front = pareto_front(frame)
     assert list(result.pareto["key"]) == list(expected_front["key"]) == list(read_pareto(baseline.out)["key"])
     stored = read_result(baseline.out)
-    assert stored["finished"] and stored["best"]["subnet"] == result.best.key and stored["evaluations"] == 24
+    assert stored["finished"] and stored["best"]["key"] == result.best.key and stored["evaluations"] == 24
     assert result.population_path.endswith(POPULATION_DIR)
 
     assert len(baseline.lines) == 3
@@ -196,9 +196,9 @@ def test_two_actors_give_the_same_result(baseline, problem, tmp_path):
 
 def test_an_actor_killed_mid_generation_loses_no_candidate(baseline, problem, tmp_path):
     # actor-0 ends its process at the start of its second call: that batch is lost in flight.
-    result = run_search(problem.spec, problem.state, problem.images, problem.labels,
-                        SearchConfig(**SEARCH, num_actors=2), str(tmp_path), "run-a", "synthetic",
-                        progress=None, fault=CrashPlan(on_call=2, actor_indices=frozenset({0})))
+    with injected_faults(evaluate={"on_call": 2, "actors": [0]}):
+        result = run_search(problem.spec, problem.state, problem.images, problem.labels,
+                            SearchConfig(**SEARCH, num_actors=2), str(tmp_path), "run-a", "synthetic")
     actors = set(read_population(tmp_path)["actor"])
     assert "actor-2" in actors  # the replacement joined and did work
     assert result.evaluations == 24
@@ -208,10 +208,11 @@ def test_an_actor_killed_mid_generation_loses_no_candidate(baseline, problem, tm
 def test_all_actors_dying_fails_loudly_and_a_rerun_resumes_exactly(baseline, problem, tmp_path):
     # Both actors end at their 4th call: with 4 calls per generation neither survives
     # generation 1 or 2, and no replacement is allowed.
-    with pytest.raises(AllActorsDiedError, match="candidates of this generation are not evaluated"):
+    with injected_faults(evaluate={"on_call": 4}), \
+            pytest.raises(AllActorsDiedError, match="candidates of this generation are not evaluated"):
         run_search(problem.spec, problem.state, problem.images, problem.labels,
                    SearchConfig(**SEARCH, num_actors=2, max_actor_replacements=0), str(tmp_path), "run-a",
-                   "synthetic", progress=None, fault=CrashPlan(on_call=4))
+                   "synthetic")
     done = len(read_population(tmp_path)["generation"].unique())
     assert 1 <= done < 3
     assert not [p for p in (tmp_path / POPULATION_DIR).iterdir() if p.name.startswith(".")]
@@ -234,6 +235,8 @@ def test_a_finished_run_is_not_recomputed_and_other_settings_are_refused(baselin
 
     with pytest.raises(ResumeMismatchError, match="config.m_prob=0.2; this command has 0.3"):
         search(problem, out, m_prob=0.3)
+    with pytest.raises(ResumeMismatchError, match="holds 3 generations; generations=2 cannot undo them"):
+        search(problem, out, generations=2)
     shuffled = replace(problem, labels=np.roll(problem.labels, 1))
     with pytest.raises(ResumeMismatchError, match="val_sha256"):
         search(shuffled, out)
@@ -247,7 +250,7 @@ def test_more_generations_extend_a_finished_run(baseline, problem, tmp_path):
     shutil.copytree(baseline.out, out)
     result, _ = search(problem, out, num_actors=2, generations=4)
     frame = read_population(out)
-    assert result.generations_done == 4 and len(frame) == 32 and frame["subnet"].is_unique
+    assert result.generations_done == 4 and len(frame) == 32 and frame["key"].is_unique
     first_three = frame[frame["generation"] < 3].reset_index(drop=True)
     pd.testing.assert_frame_equal(without_timing(first_three), without_timing(read_population(baseline.out)))
     assert result.best.val_acc >= baseline.result.best.val_acc
@@ -256,12 +259,33 @@ def test_more_generations_extend_a_finished_run(baseline, problem, tmp_path):
 def test_a_candidate_that_keeps_killing_actors_is_an_error(ray_local, problem):
     ray = ray_local
     refs = [ray.put(problem.state), ray.put(problem.images), ray.put(problem.labels)]
-    pool = EvaluatorPool(problem.spec, *refs, 1, ActorSettings(32, EvalMode.MERGED, 1, 1.0, 0.0),
-                         max_replacements=3, max_candidate_retries=0, crash=CrashPlan(on_call=1))
     key = problem.net.subnet_key(problem.net.largest_subnet())
-    try:
-        with pytest.raises(CandidateCrashError, match=f"candidate '{key}'.*died 1 times"):
-            pool.evaluate([key], batch_size=1)
-        assert pool.deaths and pool.deaths[0].startswith("actor-0")
-    finally:
-        pool.shutdown()
+    with injected_faults(evaluate={"on_call": 1}):
+        pool = EvaluatorPool(problem.spec, *refs, 1, ActorSettings(32, EvalMode.MERGED, 1, 1.0, 0.0),
+                             max_replacements=3, max_candidate_retries=0)
+        try:
+            with pytest.raises(CandidateCrashError, match=f"candidate '{key}'.*died 1 times"):
+                pool.evaluate([key], batch_size=1)
+            assert pool.deaths and pool.deaths[0].startswith("actor-0")
+        finally:
+            pool.shutdown()
+
+
+def test_a_hung_actor_is_ended_and_its_batch_resubmitted(ray_local, problem):
+    # actor-0 never returns from its first call: call_timeout_s ends it, and its batch goes to
+    # the replacement (actor-1), which the plan leaves alone.
+    ray = ray_local
+    refs = [ray.put(problem.state), ray.put(problem.images), ray.put(problem.labels)]
+    rng = np.random.default_rng(3)
+    keys = list(dict.fromkeys(problem.net.subnet_key(problem.net.sample_genes(rng)) for _ in range(3)))
+    with injected_faults(evaluate={"on_call": 1, "actors": [0], "action": "hang"}):
+        pool = EvaluatorPool(problem.spec, *refs, 1, ActorSettings(32, EvalMode.MERGED, 1, 1.0, 0.0),
+                             max_replacements=1, max_candidate_retries=1, call_timeout_s=5.0)
+        try:
+            results = pool.evaluate(keys, batch_size=len(keys))
+        finally:
+            pool.shutdown()
+    assert pool.deaths == ["actor-0: killed after call_timeout_s=5.0"]
+    assert sorted(results) == sorted(keys) and {r.actor for r in results.values()} == {"actor-1"}
+    want = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=32, threads=1)
+    assert [results[key].val_acc for key in keys] == [r.val_acc for r in want.evaluate(keys)]

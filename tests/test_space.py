@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from glora_ray import TENSORS, SearchSpace, SearchSpaceError
+from glora_ray import TENSORS, GLoRARayTypeError, SearchSpace, SearchSpaceError
 
 
 def test_choices_follow_spec_table():
@@ -31,7 +31,7 @@ def test_encode_decode_round_trip_and_string_key():
     assert genes.dtype == np.int8 and genes.shape == (7 * len(TENSORS),)
     assert space.decode(genes, names) == subnet
     key = space.genes_to_string(genes)
-    assert len(key) == genes.size
+    assert key.startswith("r8r4:") and len(key) == len("r8r4:") + genes.size
     assert np.array_equal(space.genes_from_string(key, len(names)), genes)
     # Hashable and canonical: dict order of the mapping does not change the key.
     reordered = {n: dict(reversed(list(subnet[n].items()))) for n in reversed(names)}
@@ -52,7 +52,7 @@ def test_bad_choice_names_layer_tensor_and_allowed_values():
     with pytest.raises(SearchSpaceError, match="out of range"):
         space.validate_genes(np.array([0, 0, 9, 0, 0]), 1)
     with pytest.raises(SearchSpaceError, match="outside"):
-        space.genes_from_string("00!00", 1)
+        space.genes_from_string("r8r4:00!00", 1)
     with pytest.raises(SearchSpaceError):
         SearchSpace((4, 4))
 
@@ -68,3 +68,20 @@ def test_sampling_is_driven_by_the_generator_only():
     card = space.gene_cardinalities(1)
     for g in range(len(TENSORS)):
         assert set(many[:, g]) == set(range(card[g]))
+
+
+# -- misuse: ranks are distinct positive integers, nothing is coerced into one ----------------
+def test_fractional_rank_is_refused():
+    with pytest.raises(GLoRARayTypeError, match=r"ranks must be a sequence of distinct positive integers.*8.7"):
+        SearchSpace(ranks=(8.7, 4))
+
+
+def test_string_ranks_are_refused():
+    with pytest.raises(GLoRARayTypeError, match=r"ranks must be .*got str '84'"):
+        SearchSpace(ranks="84")
+
+
+def test_bool_rank_is_refused():
+    with pytest.raises(GLoRARayTypeError, match=r"True in \(True, 4\) is not an integer"):
+        SearchSpace(ranks=(True, 4))
+    assert SearchSpace(np.array([8, 4])).ranks == (8, 4)  # numpy integers are integers

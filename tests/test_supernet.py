@@ -4,7 +4,7 @@ import timm
 import torch
 from torch import nn
 
-from glora_ray import GLoRALinear, SearchSpace, SearchSpaceError, Supernet
+from glora_ray import GLoRALinear, GLoRARayError, GLoRARayTypeError, SearchSpace, SearchSpaceError, Supernet
 from helpers import randomize_adapters, tiny_supernet, tiny_vit
 
 
@@ -130,3 +130,43 @@ def test_arbitrary_model_without_timm_head_api():
     net.set_subnet(genes)
     x = torch.randn(5, 4)
     torch.testing.assert_close(net.merged(genes)(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+# -- misuse: refused with a GLoRARayError naming the argument and what is valid ----------------
+def test_wrapping_a_supernet_is_refused():
+    space = SearchSpace((2,))
+    with pytest.raises(GLoRARayTypeError, match="already a Supernet"):
+        Supernet(Supernet(tiny_vit(), space), space)
+
+
+def test_adapting_one_model_twice_is_refused():
+    model, space = tiny_vit(), SearchSpace((2,))
+    Supernet(model, space)
+    with pytest.raises(GLoRARayError, match="already holds GLoRA layers.*blocks.0.attn.qkv"):
+        Supernet(model, space)
+    assert not any(n.endswith(".base.base") for n, _ in model.named_modules())
+
+
+def test_unknown_head_is_refused_naming_the_real_one():
+    with pytest.raises(GLoRARayError, match=r"head 'nope' is not a module of VisionTransformer.*'head'"):
+        Supernet(tiny_vit(), SearchSpace((2,)), head="nope")
+
+
+def test_a_key_from_another_space_is_refused():
+    small = Supernet(tiny_vit(), SearchSpace((4, 2)))
+    large = Supernet(tiny_vit(), SearchSpace((8, 4)))
+    key = small.subnet_key(small.largest_subnet())
+    assert key.startswith("r4r2:") and np.array_equal(small.to_genes(key), small.largest_subnet())
+    with pytest.raises(SearchSpaceError, match=r"not made for SearchSpace\(ranks=\(8, 4\)\).*'r8r4:'"):
+        large.to_genes(key)
+    with pytest.raises(SearchSpaceError, match="not made for"):
+        large.set_subnet(key)
+
+
+def test_unknown_layer_types_are_refused_naming_the_valid_ones():
+    with pytest.raises(GLoRARayError, match=r"'conv3d' is not adaptable; valid are names \['conv2d', 'linear'\]"):
+        Supernet(tiny_vit(), SearchSpace((2,)), layer_types=("conv3d",))
+    with pytest.raises(GLoRARayTypeError, match="LayerNorm cannot be adapted"):
+        Supernet(tiny_vit(), SearchSpace((2,)), layer_types=(nn.LayerNorm,))
+    with pytest.raises(GLoRARayTypeError, match="non-empty sequence"):
+        Supernet(tiny_vit(), SearchSpace((2,)), layer_types="linear")

@@ -2,7 +2,6 @@
 import copy
 import json
 from dataclasses import replace
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from glora_ray.train import (
     train_supernet,
 )
 from glora_ray.train.job import prepare_spec
+from helpers import injected_faults
 
 # One 16x16 patch per 16-px digit and mean pooling: even a random frozen ViT then carries enough
 # of the image for the head and adapters to learn in a few epochs.
@@ -202,10 +202,9 @@ def test_bad_input_fails_before_training(data, digits_root, tmp_path):
     storage = tmp_path / "runs"
 
     def refused(exc, match, spec=None, data_cfg=data, cfg=None):
-        start = time.perf_counter()
         with pytest.raises(exc, match=match):
             train_supernet(spec or make_spec(), data_cfg, cfg or quick(), str(storage), "bad")
-        assert time.perf_counter() - start < 10 and not (storage / "bad").exists()
+        assert not (storage / "bad").exists()  # refused before anything was written
 
     refused(TrainConfigError, "num_classes=5 but dataset 'digits' has 10", spec=make_spec(num_classes=5))
     refused(TrainConfigError, "img_size=16 but data img_size=32", data_cfg=DataConfig(digits_root, "digits", 32))
@@ -233,8 +232,9 @@ def test_bad_input_fails_before_training(data, digits_root, tmp_path):
 @pytest.fixture(scope="module")
 def ddp_run(ray_local, data, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("ddp"))
-    cfg = quick(epochs=3, num_workers=2, max_failures=1, inject_failure_at_step=15)
-    return train_supernet(make_spec(), data, cfg, storage, "sn")
+    cfg = quick(epochs=3, num_workers=2, max_failures=1)
+    with injected_faults(train_step=15):
+        return train_supernet(make_spec(), data, cfg, storage, "sn")
 
 
 @pytest.mark.slow
@@ -281,3 +281,42 @@ def test_a_worker_group_the_cluster_cannot_hold_is_refused(ray_local, data, tmp_
     with pytest.raises(TrainConfigError, match="GPU, but the Ray cluster has 0"):
         train_supernet(make_spec(), data, quick(num_workers=1, use_gpu=True), str(storage), "gpu")
     assert not storage.exists()
+
+
+# -- a frozen CNN backbone ------------------------------------------------------------------------
+def _bn_buffers(module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+def test_an_epoch_leaves_batchnorm_statistics_bit_equal():
+    """docs/method.md §7: training adapters on convolutions keeps the frozen backbone's norm layers
+    in eval mode, so their running statistics do not move, while the adapters do."""
+    from torch import nn
+
+    from glora_ray.data import ArrayDataset
+    from glora_ray.space import SearchSpace
+    from glora_ray.supernet import Supernet
+
+    def cnn() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, stride=2, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    rng = np.random.default_rng(0)
+    dataset = ArrayDataset(rng.standard_normal((32, 3, 8, 8), dtype=np.float32), rng.integers(0, 3, 32))
+    supernet = Supernet(cnn(), SearchSpace((2,)), layer_types=("conv2d",), generator=torch.Generator().manual_seed(0))
+    assert supernet.num_layers == 2
+    statistics, adapters = _bn_buffers(supernet.model), copy.deepcopy(supernet.adapter_state_dict())
+    training = SupernetTraining(supernet, dataset, quick(epochs=1, warmup_epochs=0, batch_size=8, lr=1e-2), "cpu")
+    training.run()
+    assert training.state.step == 4
+    for key, value in _bn_buffers(supernet.model).items():
+        assert torch.equal(value, statistics[key]), key
+    assert any(not torch.equal(v, adapters[k]) for k, v in supernet.adapter_state_dict().items())
+    # The check can fail: the same epoch with the norm layers in training mode moves them.
+    plain_train = Supernet(cnn(), SearchSpace((2,)), layer_types=("conv2d",))
+    nn.Module.train(plain_train)
+    with torch.no_grad():
+        plain_train(torch.from_numpy(dataset.images.numpy()[:8]))
+    assert not torch.equal(_bn_buffers(plain_train.model)["1.running_mean"], statistics["1.running_mean"])

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from .. import storage
 from .vtab import LIST_SUFFIX, DataError, validate_dataset
 
 DIGITS = "digits"
@@ -109,25 +108,19 @@ def write_digits_dataset(root: str | os.PathLike, seed: int = 0) -> Path:
         raise DataError(
             f"{target} exists but is not the digits dataset for seed {seed}; remove it or choose another root"
         )
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DIGITS}.", dir=root))
     try:
-        for label in np.unique(labels):
-            (staging / IMAGES_DIR / str(int(label))).mkdir(parents=True)
-        pixels = np.rint(images * (255.0 / _PIXEL_MAX)).clip(0, 255).astype(np.uint8)
-        for index, (image, label) in enumerate(zip(pixels, labels)):
-            Image.fromarray(image).save(staging / _image_path(index, int(label)))
-        for split, text in texts.items():
-            (staging / f"{split}{LIST_SUFFIX}").write_text(text)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            # Another writer won the rename; keep its copy if it is the same dataset.
-            if not _matches(target, texts):
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        with storage.staged_dir(target, replace=False) as staging:
+            for label in np.unique(labels):
+                (staging / IMAGES_DIR / str(int(label))).mkdir(parents=True)
+            pixels = np.rint(images * (255.0 / _PIXEL_MAX)).clip(0, 255).astype(np.uint8)
+            for index, (image, label) in enumerate(zip(pixels, labels)):
+                Image.fromarray(image).save(staging / _image_path(index, int(label)))
+            for split, text in texts.items():
+                (staging / f"{split}{LIST_SUFFIX}").write_text(text)
+    except OSError:
+        # Another writer won the rename; keep its copy if it is the same dataset.
+        if not _matches(target, texts):
+            raise
     return target
 
 

@@ -5,7 +5,8 @@
 
 Each list line is ``<path relative to <root>/<dataset>> <integer label>``.  Preprocessing is
 SPEC's: resize straight to ``img_size`` x ``img_size`` (bicubic, no crop), RGB, ImageNet
-mean/std, no augmentation.  Every problem with the input is a ``DataError`` naming the file
+mean/std, no augmentation; a backbone whose weights were trained with other values passes its
+own (``DataConfig`` mean, std, interpolation).  Every problem with the input is a ``DataError`` naming the file
 (and line) at fault, raised by ``validate_dataset`` before any training starts.
 """
 from __future__ import annotations
@@ -29,6 +30,12 @@ SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
 LIST_SUFFIX = ".txt"
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# Resize filters by timm's names (``pretrained_cfg["interpolation"]``); SPEC §4 uses bicubic.
+RESAMPLING: Mapping[str, Image.Resampling] = MappingProxyType({
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+})
+VTAB_INTERPOLATION = "bicubic"
 
 # "<path> <label>": the label is the last whitespace-separated token, so a path may hold spaces.
 _LINE = re.compile(r"(?P<path>\S(?:.*\S)?)\s+(?P<label>[+-]?\d+)")
@@ -130,6 +137,8 @@ class Sample:
     path: Path
     label: int
     source: str  # "<list file>:<line>", for error messages
+    list_file: Path | None = None  # the list file and line that name this sample
+    line: int | None = None
 
 
 def _raise_problems(path: Path, problems: list[str]) -> None:
@@ -176,7 +185,7 @@ def parse_list_file(path: str | Path, num_classes: int | None, check_exists: boo
         if check_exists and not image.is_file():
             problems.append(f"{where}: image {str(image)!r} does not exist")
             continue
-        samples.append(Sample(image, label, where))
+        samples.append(Sample(image, label, where, path, number))
     _raise_problems(path, problems)
     if not samples:
         raise DataError(f"list file {str(path)!r} holds no samples")
@@ -205,20 +214,17 @@ def validate_dataset(
     for split in splits:
         samples = read_split(root, dataset, split)
         if open_images:
-            verify_images(samples, list_file(root, dataset, split))
+            check_decodable(samples, list_file(root, dataset, split))
         counts[split] = len(samples)
     return counts
 
 
-def verify_images(samples: Sequence[Sample], list_path: str | Path) -> None:
+def check_decodable(samples: Sequence[Sample], list_path: str | Path) -> None:
     """Every image of ``samples`` decodes; else a ``DataError`` naming each bad line of ``list_path``."""
-    problems = []
-    for sample in samples:
-        try:
-            with Image.open(sample.path) as image:
-                image.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError) as err:
-            problems.append(f"{sample.source}: cannot decode image {str(sample.path)!r}: {err}")
+    from .verify import sample_refs, verify_images  # verify.py builds on this module
+
+    found = verify_images(sample_refs(samples))
+    problems = [f"{p.ref.where}: cannot decode image {str(p.ref.path)!r}: {p.problem}" for p in found]
     _raise_problems(Path(list_path), problems)
 
 
@@ -228,18 +234,20 @@ def preprocess_image(
     img_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = VTAB_INTERPOLATION,
 ) -> np.ndarray:
-    """SPEC §4: RGB, resize straight to img_size (bicubic, no crop), normalise -> (3, H, W) float32."""
-    rgb = image.convert("RGB").resize((img_size, img_size), Image.Resampling.BICUBIC)
+    """docs/method.md §4: RGB, resize straight to img_size (no crop), normalise -> (3, H, W) float32."""
+    rgb = image.convert("RGB").resize((img_size, img_size), RESAMPLING[interpolation])
     array = np.asarray(rgb, dtype=np.float32) / 255.0
     array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def load_sample(sample: Sample, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+def load_sample(sample: Sample, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                interpolation: str = VTAB_INTERPOLATION) -> np.ndarray:
     try:
         with Image.open(sample.path) as image:
-            return preprocess_image(image, img_size, mean, std)
+            return preprocess_image(image, img_size, mean, std, interpolation)
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise DataError(f"{sample.source}: cannot decode image {str(sample.path)!r}: {err}") from err
 
@@ -251,9 +259,10 @@ def load_split_arrays(
     img_size: int = 224,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = VTAB_INTERPOLATION,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A whole split, preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
-    return decode_samples(read_split(root, dataset, split), img_size, mean, std)
+    return decode_samples(read_split(root, dataset, split), img_size, mean, std, interpolation)
 
 
 def decode_samples(
@@ -261,11 +270,12 @@ def decode_samples(
     img_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = VTAB_INTERPOLATION,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Samples preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
     images = np.empty((len(samples), 3, img_size, img_size), dtype=np.float32)
     for i, sample in enumerate(samples):
-        images[i] = load_sample(sample, img_size, mean, std)
+        images[i] = load_sample(sample, img_size, mean, std, interpolation)
     labels = np.fromiter((s.label for s in samples), dtype=np.int64, count=len(samples))
     return images, labels
 
@@ -279,9 +289,10 @@ class ListDataset(Dataset):
         img_size: int = 224,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = VTAB_INTERPOLATION,
     ):
         self.img_size = img_size
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.interpolation = tuple(mean), tuple(std), interpolation
         self.samples = list(samples)
 
     @property
@@ -293,7 +304,7 @@ class ListDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        return torch.from_numpy(load_sample(sample, self.img_size, self.mean, self.std)), sample.label
+        return torch.from_numpy(load_sample(sample, self.img_size, self.mean, self.std, self.interpolation)), sample.label
 
 
 class VTABDataset(ListDataset):
@@ -307,8 +318,9 @@ class VTABDataset(ListDataset):
         img_size: int = 224,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = VTAB_INTERPOLATION,
     ):
-        super().__init__(read_split(root, dataset, split), img_size, mean, std)
+        super().__init__(read_split(root, dataset, split), img_size, mean, std, interpolation)
         self.info = dataset_info(dataset)
         self.split = split
 
@@ -343,7 +355,8 @@ class ListFile:
 
 @dataclass
 class DataConfig:
-    """Where a dataset lives and how it is preprocessed.
+    """Where a dataset lives and how it is preprocessed (defaults: docs/method.md §4's VTAB protocol;
+    a pretrained backbone passes its own mean, std and interpolation).
 
     ``in_memory`` decodes a split once into arrays (800 images at 224 px: 0.5 GB per worker);
     otherwise images are decoded every epoch, by ``loader_workers`` DataLoader processes.
@@ -358,6 +371,7 @@ class DataConfig:
     img_size: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = VTAB_INTERPOLATION
     in_memory: bool = True
     loader_workers: int = 0
     class_count: int | None = None  # a dataset outside the registry: labels 0..class_count-1
@@ -398,12 +412,12 @@ class DataConfig:
         return parse_list_file(list_file(self.root, self.dataset, split), self.num_classes, check_exists)
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """A whole split, preprocessed (see ``decode_samples``)."""
-        return decode_samples(self.samples(split), self.img_size, self.mean, self.std)
+        """The whole split preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
+        return decode_samples(self.samples(split), self.img_size, self.mean, self.std, self.interpolation)
 
-    def stream(self, split: str) -> ListDataset:
-        """A split decoded lazily, item by item."""
-        return ListDataset(self.samples(split), self.img_size, self.mean, self.std)
+    def lazy(self, split: str) -> ListDataset:
+        """The split decoded image by image, as it is read."""
+        return ListDataset(self.samples(split), self.img_size, self.mean, self.std, self.interpolation)
 
     def check(self) -> None:
         """Field checks that touch no file."""
@@ -415,6 +429,8 @@ class DataConfig:
             raise DataError(f"img_size must be positive, got {self.img_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise DataError(f"mean and std need 3 values each (std > 0), got mean={self.mean}, std={self.std}")
+        if self.interpolation not in RESAMPLING:
+            raise DataError(f"interpolation {self.interpolation!r} is not one of {sorted(RESAMPLING)}")
         if self.loader_workers < 0:
             raise DataError(f"loader_workers must be >= 0, got {self.loader_workers}")
 
@@ -427,14 +443,12 @@ class DataConfig:
         for split in splits:
             samples = self.samples(split)
             if open_images:
-                verify_images(samples, self.list_path(split))
+                check_decodable(samples, self.list_path(split))
             counts[split] = len(samples)
         return counts
 
     def build(self, split: str) -> Dataset:
-        if self.in_memory:
-            return ArrayDataset(*self.arrays(split))
-        return self.stream(split)
+        return ArrayDataset(*self.arrays(split)) if self.in_memory else self.lazy(split)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -28,7 +28,7 @@ def best_per_generation(population: pd.DataFrame) -> pd.DataFrame:
 
 def top_candidates(population: pd.DataFrame, count: int) -> pd.DataFrame:
     """The ``count`` best evaluations: accuracy first, fewer parameters on ties."""
-    return population.sort_values(["val_acc", "params", "subnet"], ascending=[False, True, True]).head(count)
+    return population.sort_values(["val_acc", "params", "key"], ascending=[False, True, True]).head(count)
 
 
 def choice_distribution(candidates: pd.DataFrame, layer_names: Sequence[str], gene_column) -> pd.DataFrame:

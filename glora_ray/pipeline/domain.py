@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import pandas as pd
 
 from .. import storage
 from ..data import DataConfig
-from ..data.embedded import write_digits_domain
+from ..identity import EXECUTION_ONLY
+from ..data.embedded import DIGITS, write_digits_domain
 from ..data.fewshot import (
     DEFAULT_SEARCH_LIST,
     DOMAIN_SHOTS,
@@ -57,7 +58,8 @@ class DomainConfig(PipelineConfig):
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     search_list: str = DEFAULT_SEARCH_LIST  # under few-shot/imagenet/annotations
     target_sets: tuple[str, ...] = DOMAIN_TARGETS
-    write_embedded_domain: bool = False  # write the digits stand-in under data_root first
+    # Write the digits stand-in under data_root first
+    write_embedded_domain: bool = field(default=False, metadata=EXECUTION_ONLY)
 
     def __post_init__(self) -> None:
         self.seeds = tuple(int(s) for s in self.seeds)
@@ -78,11 +80,6 @@ class DomainConfig(PipelineConfig):
             raise PipelineConfigError(f"domain generalization trains on {IMAGENET!r}, got {name!r}")
         return name
 
-    def identity(self) -> dict[str, Any]:
-        data = super().identity()
-        data.pop("write_embedded_domain")
-        return data
-
     @property
     def class_count(self) -> int:
         return IMAGENET_CLASSES if self.num_classes is None else self.num_classes
@@ -91,11 +88,12 @@ class DomainConfig(PipelineConfig):
 def domain_preset(name: str) -> dict[str, Any]:
     """The VTAB preset of that name for ImageNet 16-shot and the four target sets."""
     values = preset(name)
+    embedded = values["datasets"] == (DIGITS,)  # an embedded preset ('default', 'tiny')
     values["datasets"] = (IMAGENET,)
-    if name == "default":
+    if embedded:
         # A 10-class stand-in made of the bundled digits (see glora_ray.data.embedded).
         values.update(data_root=os.path.join(default_home(), "data", "digits-domain"), num_classes=10,
-                      out=os.path.join(default_home(), "results", "domain-default"), write_embedded_domain=True,
+                      out=os.path.join(default_home(), "results", f"domain-{name}"), write_embedded_domain=True,
                       train=replace(values["train"], batch_size=32, epochs=20, warmup_epochs=2, checkpoint_every=10))
     else:
         values.update(data_root=os.path.join(default_home(), "data"),
@@ -125,7 +123,7 @@ def domain_units(cfg: DomainConfig) -> tuple[list[TrainingUnit], dict[str, list[
         train = require_list(source.list_file(shot_list_name(DOMAIN_SHOTS, seed)),
                              f"ImageNet {DOMAIN_SHOTS}-shot seed {seed} (--seeds)")
         data = DataConfig(root=root, dataset=IMAGENET, img_size=cfg.backbone.img_size, class_count=cfg.class_count,
-                          lists={TRAIN_SPLIT: train, **lists})
+                          lists={TRAIN_SPLIT: train, **lists}, **cfg.preprocessing_values())
         units.append(TrainingUnit(
             name=f"{IMAGENET} {DOMAIN_SHOTS}-shot seed {seed}", path=f"{IMAGENET}/seed-{seed}", data=data,
             train_split=TRAIN_SPLIT, search_split=SEARCH_SPLIT, tests=tuple(tests), group=None,
@@ -137,8 +135,8 @@ def domain_units(cfg: DomainConfig) -> tuple[list[TrainingUnit], dict[str, list[
 def table_frame(rows: Sequence[dict[str, Any]], test_sets: Sequence[str]) -> pd.DataFrame:
     """The paper's Table 2: one row per seed, the source's and each target's test accuracy."""
     records = [{"seed": row["extra"]["seed"], "params": row["params"], "val_acc": row["val_acc"],
-                **{name: row["extra"]["tests"][name] for name in test_sets}, "subnet": row["subnet"]} for row in rows]
-    return pd.DataFrame(records, columns=["seed", "params", "val_acc", *test_sets, "subnet"])
+                **{name: row["extra"]["tests"][name] for name in test_sets}, "key": row["key"]} for row in rows]
+    return pd.DataFrame(records, columns=["seed", "params", "val_acc", *test_sets, "key"])
 
 
 def format_table(frame: pd.DataFrame, test_sets: Sequence[str], restricted: dict[str, list[int] | None]) -> str:
@@ -168,8 +166,9 @@ def run_domain(cfg: DomainConfig) -> pd.DataFrame:
 
 
 # -- command line -------------------------------------------------------------------------------
-def build_domain_parser() -> argparse.ArgumentParser:
+def build_domain_parser(preset_name: str = "default") -> argparse.ArgumentParser:
     parser = build_parser(
+        preset_name,
         prog="pipelines/domain.py",
         description=("GLoRA domain generalization (the paper's Table 2): train on ImageNet 16-shot, search on a "
                      "held-out ImageNet list, test the winner once on ImageNet's validation list and on ImageNet-V2, "
@@ -177,14 +176,16 @@ def build_domain_parser() -> argparse.ArgumentParser:
                      "bundled digits and four real shifts of them, local Ray, offline)."),
         datasets_help=None,
         data_root_help="folder holding few-shot/imagenet/ and domain-generalization/<target>/ (NOAH's layout)",
+        presets=domain_preset,
     )
     g = parser.add_argument_group("domain generalization")
     g.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
-                   help=f"seeds of the {DOMAIN_SHOTS}-shot training lists, one run each")
+                   help=f"seeds of the {DOMAIN_SHOTS}-shot training lists, one run each "
+                        f"(default: {' '.join(map(str, DEFAULT_SEEDS))})")
     g.add_argument("--search-list", default=DEFAULT_SEARCH_LIST,
-                   help=f"held-out list under few-shot/{IMAGENET}/annotations to search on")
+                   help=f"held-out list under few-shot/{IMAGENET}/annotations to search on (default: %(default)s)")
     g.add_argument("--target-sets", nargs="+", choices=DOMAIN_TARGETS, default=list(DOMAIN_TARGETS),
-                   help="target sets to test on")
+                   help=f"target sets to test on (default: {' '.join(DOMAIN_TARGETS)})")
     return parser
 
 
@@ -200,4 +201,4 @@ def domain_config_from_args(args: argparse.Namespace) -> DomainConfig:
 
 
 def parse_domain_config(argv: Sequence[str] | None = None) -> DomainConfig:
-    return parse_with(build_domain_parser(), domain_config_from_args, argv)
+    return parse_with(build_domain_parser, domain_config_from_args, argv)

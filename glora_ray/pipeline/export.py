@@ -4,6 +4,11 @@
 
     model = timm.create_model(subnet["model"], **subnet["create_model_kwargs"])
     model.load_state_dict(safetensors.torch.load_file("merged.safetensors"))
+
+Biases that a merge gives bias-less layers are folded into the BatchNorms reading them
+(docs/method.md §7).  Where one cannot be, ``subnet["loader"]`` (also in the file's metadata) is
+``glora_ray.load_merged_state_dict`` and ``subnet["added_bias_keys"]`` names the extra biases;
+otherwise it is ``load_state_dict``.
 """
 from __future__ import annotations
 
@@ -31,12 +36,19 @@ class ExportedWinner:
     adapters_uri: str
 
 
-def subnet_record(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, **scores: Any) -> dict[str, Any]:
+PLAIN_LOADER = "load_state_dict"
+GLORA_LOADER = "glora_ray.load_merged_state_dict"
+
+
+def subnet_record(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, added_bias_keys: list[str],
+                  **scores: Any) -> dict[str, Any]:
     """Everything needed to rebuild, load and cite the winner."""
     layers = supernet.decode(genes)
     return {
         "model": spec.backbone.name,
         "create_model_kwargs": plain_model_kwargs(spec.backbone, spec.num_classes),
+        "loader": GLORA_LOADER if added_bias_keys else PLAIN_LOADER,
+        "added_bias_keys": added_bias_keys,
         "dataset": spec.dataset,
         "ranks": list(spec.ranks),
         "key": supernet.subnet_key(genes),
@@ -50,11 +62,12 @@ def subnet_record(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, **s
 
 def export_winner(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, out_uri: str, **scores: Any) -> ExportedWinner:
     """Write the three artefacts under ``out_uri``, each atomically."""
-    record = subnet_record(supernet, spec, genes, **scores)
+    state = supernet.merged_state_dict(genes)
+    record = subnet_record(supernet, spec, genes, supernet.added_bias_keys(state), **scores)
     # Clone: a merged state dict references the supernet's own tensors, which may be shared.
-    merged = {k: v.detach().cpu().contiguous().clone() for k, v in supernet.merged_state_dict(genes).items()}
+    merged = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     metadata = {"model": spec.backbone.name, "create_model_kwargs": json.dumps(record["create_model_kwargs"]),
-                "subnet": record["key"]}
+                "key": record["key"], "loader": record["loader"]}
     paths = ExportedWinner(
         merged_uri=storage.join(out_uri, MERGED_FILE),
         subnet_uri=storage.join(out_uri, SUBNET_FILE),

@@ -69,10 +69,10 @@ class FewShotConfig(PipelineConfig):
 def fewshot_preset(name: str) -> dict[str, Any]:
     """The VTAB preset of that name with the few-shot datasets, data and output."""
     values = preset(name)
-    if name == "default":
+    if values["datasets"] == (DIGITS,):  # an embedded preset ('default', 'tiny')
         # The embedded digits in NOAH's layout; a 1-shot list holds 10 images: batch 10.  One CPU per
         # training worker, so that two of the 15 units train at once on 2 cores.
-        values.update(datasets=(DIGITS,), out=os.path.join(default_home(), "results", "fewshot-default"),
+        values.update(out=os.path.join(default_home(), "results", f"fewshot-{name}"),
                       train=replace(values["train"], batch_size=10, epochs=20, warmup_epochs=2, checkpoint_every=10,
                                     cpus_per_worker=1))
     else:
@@ -95,7 +95,8 @@ def fewshot_units(cfg: FewShotConfig) -> list[TrainingUnit]:
                 train = require_list(folder.list_file(shot_list_name(shots, seed)),
                                      f"{dataset}: {shots}-shot seed {seed} (--shots, --seeds)")
                 data = DataConfig(root=root, dataset=dataset, img_size=cfg.backbone.img_size, class_count=classes,
-                                  lists={TRAIN_SPLIT: train, SEARCH_SPLIT: val, TEST_SPLIT: test})
+                                  lists={TRAIN_SPLIT: train, SEARCH_SPLIT: val, TEST_SPLIT: test},
+                                  **cfg.preprocessing_values())
                 units.append(TrainingUnit(
                     name=f"{dataset} {shots}-shot seed {seed}", path=f"{dataset}/shots-{shots}/seed-{seed}", data=data,
                     train_split=TRAIN_SPLIT, search_split=SEARCH_SPLIT, tests=(TestList(TEST_SPLIT, TEST_SPLIT),),
@@ -167,8 +168,9 @@ def run_fewshot(cfg: FewShotConfig) -> pd.DataFrame:
 
 
 # -- command line -------------------------------------------------------------------------------
-def build_fewshot_parser() -> argparse.ArgumentParser:
+def build_fewshot_parser(preset_name: str = "default") -> argparse.ArgumentParser:
     parser = build_parser(
+        preset_name,
         prog="pipelines/fewshot.py",
         description=("GLoRA few-shot learning (the paper's Figure 2): per dataset, shots and seed train a supernet "
                      "on the K-shot list, search on val_meta.list, test the winner once on test_meta.list. With "
@@ -176,10 +178,11 @@ def build_fewshot_parser() -> argparse.ArgumentParser:
         datasets_help=(f"few-shot datasets ({', '.join(FEWSHOT_DATASETS)}), '{ALL_DATASETS}' for those five, or "
                        f"the folder name of an own dataset under <data root>/few-shot"),
         data_root_help="folder holding few-shot/<dataset>/{images,annotations}/ (NOAH's layout)",
+        presets=fewshot_preset,
     )
     g = parser.add_argument_group("few-shot")
-    g.add_argument("--shots", type=int, nargs="+", default=list(SHOTS), help="shots per class to run")
-    g.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds of the K-shot lists to run")
+    g.add_argument("--shots", type=int, nargs="+", default=list(SHOTS), help=f"shots per class to run (default: {' '.join(map(str, SHOTS))})")
+    g.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help=f"seeds of the K-shot lists to run (default: {' '.join(map(str, SEEDS))})")
     return parser
 
 
@@ -194,4 +197,4 @@ def fewshot_config_from_args(args: argparse.Namespace) -> FewShotConfig:
 
 
 def parse_fewshot_config(argv: Sequence[str] | None = None) -> FewShotConfig:
-    return parse_with(build_fewshot_parser(), fewshot_config_from_args, argv)
+    return parse_with(build_fewshot_parser, fewshot_config_from_args, argv)

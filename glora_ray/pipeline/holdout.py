@@ -22,7 +22,7 @@ def split_accuracies(checkpoint_dir: str, genes_list: Sequence[np.ndarray], data
     """
     supernet, _ = load_supernet(checkpoint_dir)
     device = default_device()  # a GPU when Ray gave this task one (it hides the others)
-    loader = DataLoader(data.stream(split), batch_size=batch_size, shuffle=False, num_workers=data.loader_workers)
+    loader = DataLoader(data.lazy(split), batch_size=batch_size, shuffle=False, num_workers=data.loader_workers)
     allowed = None if classes is None else torch.as_tensor(sorted(classes), dtype=torch.int64, device=device)
     accuracies = []
     for genes in genes_list:

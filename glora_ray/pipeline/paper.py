@@ -9,7 +9,4 @@ PAPER_LR: dict[str, float] = {
     "diabetic_retinopathy": 1e-4, "clevr_count": 1e-4, "clevr_dist": 1e-4, "dmlab": 5e-4, "kitti": 5e-4,
     "dsprites_loc": 5e-4, "dsprites_ori": 5e-4, "smallnorb_azi": 1e-4, "smallnorb_ele": 1e-4,
 }
-
-# Appendix A: the only hyperparameter the paper searches.
-PAPER_LR_CANDIDATES: tuple[float, ...] = (1e-4, 5e-4)
 DEFAULT_LR = 5e-4

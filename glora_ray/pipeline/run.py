@@ -1,35 +1,37 @@
-"""The job: per dataset, stage 1 (train), stage 2 (search), stage 3 (test once, merge, export)."""
+"""The job: per training unit, stage 1 (train), stage 2 (search), stage 3 (test once, merge, export).
+
+VTAB-1k runs one unit per dataset; few-shot and domain generalization build their own units
+(``unit.TrainingUnit``, docs/method.md §8) and run them through ``run_units`` too.
+"""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from .. import storage
-from ..backbone import BackboneError, create_backbone
-from ..budget import Budget
 from ..checkpoint import SupernetSpec, load_supernet, numpy_state
-from ..data import EMBEDDED_DATASETS, DataConfig
-from ..data.digits import write_digits_dataset
+from ..data import DataConfig
+from ..errors import GLoRARayError
+from ..runtime import child_runtime_env, init_ray, quiet_ray_logs
 from ..search import run_search
 from ..train import train_supernet
 from . import layout
-from .config import DatasetOutcome, PipelineConfig, PipelineConfigError
+from .config import DatasetOutcome, PipelineConfig, run_record
 from .export import export_winner
 from .holdout import split_accuracies
 from .lr_sweep import sweep_learning_rate
-from .summary import format_summary, summary_frame
+from .preflight import check_cluster, preflight
+from .summary import summary_frame
 from .unit import TrainingUnit, vtab_data, vtab_unit
 
 log = logging.getLogger(__name__)
-EVAL_SPLITS = ("val200", "test")
 TEST_FILE = "test.json"  # the winner's single test result; present means "tested once already"
 PARETO_TEST_FILE = "pareto_test.parquet"
 LR_SWEEP_FILE = "lr_sweep.json"
@@ -37,84 +39,36 @@ LR_SWEEP_FILE = "lr_sweep.json"
 
 def run_id_for(cfg: PipelineConfig) -> str:
     """Stable across reruns of the same job, so a resumed run writes the same rows."""
-    identity = json.dumps(cfg.identity(), sort_keys=True, default=str)
+    identity = json.dumps(cfg.identity(), sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 def spec_for(cfg: PipelineConfig, dataset: str | DataConfig) -> SupernetSpec:
     data = data_for(cfg, dataset) if isinstance(dataset, str) else dataset
     return SupernetSpec(backbone=cfg.backbone, num_classes=data.num_classes, ranks=cfg.ranks,
-                        targets=cfg.targets, dataset=data.name, adapter_seed=cfg.train.seed)
+                        targets=cfg.targets, layer_types=cfg.layer_types, dataset=data.name,
+                        adapter_seed=cfg.train.seed)
 
 
 def data_for(cfg: PipelineConfig, dataset: str) -> DataConfig:
     return vtab_data(cfg, dataset)
 
 
-# -- before any compute ----------------------------------------------------------------------
-def _check_backbone_weights(cfg: PipelineConfig) -> None:
-    """Checkpoint file and (offline) hub cache: loads the weights once on the CPU."""
-    if cfg.backbone.pretrained or cfg.backbone.checkpoint_path:
-        create_backbone(cfg.backbone, num_classes=2)
-
-
-def _check_output(cfg: PipelineConfig) -> None:
-    config_uri = storage.join(cfg.out, layout.CONFIG_FILE)
-    if storage.exists(config_uri):
-        stored = storage.read_json(config_uri)
-        if not cfg.resume:
-            raise PipelineConfigError(f"--out {cfg.out} already holds a run; drop --no-resume to continue it, "
-                                      f"or choose another --out")
-        stored_identity, identity = stored.get("identity", {}), json.loads(json.dumps(cfg.identity(), default=str))
-        differing = sorted(_differences(stored_identity, identity))
-        if differing:
-            raise PipelineConfigError(
-                f"--out {cfg.out} holds a different run's results (differs in {', '.join(differing[:6])}); "
-                f"choose another --out"
-            )
-    elif not storage.is_empty_dir(cfg.out):
-        raise PipelineConfigError(f"--out {cfg.out} is not empty and holds no glora-ray run ({layout.CONFIG_FILE}); "
-                                  f"choose an empty or new folder")
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
-    """Every check that needs no training, in order of cost; returns each dataset's budget."""
-    _check_output(cfg)
-    try:
-        cfg.backbone.validate()  # model name and checkpoint path: before anything builds a model
-    except BackboneError as err:
-        raise PipelineConfigError(str(err)) from err
-    for dataset in cfg.datasets:
-        if dataset in EMBEDDED_DATASETS and cfg.write_embedded_data:
-            write_digits_dataset(cfg.data_root)
-        data_for(cfg, dataset).validate((cfg.train.split, *EVAL_SPLITS))
-    budgets = {}
-    for dataset in cfg.datasets:
-        counter = spec_for(cfg, dataset).build_empty().counter
-        budgets[dataset] = Budget(cfg.search.min_params, cfg.search.max_params).resolve(counter)
-    try:
-        _check_backbone_weights(cfg)
-    except BackboneError as err:
-        raise PipelineConfigError(str(err)) from err
-    return budgets
-
-
-# -- one dataset -------------------------------------------------------------------------------
-def run_dataset(cfg_dict: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """Stages 1-3 for one dataset; every stage resumes from what an earlier run completed."""
+# -- one unit ----------------------------------------------------------------------------------
+def run_dataset(cfg_dict: dict[str, Any], dataset: str, progress: Any = None) -> dict[str, Any]:
+    """Stages 1-3 for one VTAB-1k dataset (or an own one in its layout); see ``run_unit``."""
     cfg = PipelineConfig.from_dict(cfg_dict)
-    return run_unit(cfg, vtab_unit(cfg, dataset))
+    return run_unit(cfg, vtab_unit(cfg, dataset), progress)
 
 
-def run_unit(cfg: PipelineConfig, unit: TrainingUnit) -> dict[str, Any]:
-    """Stages 1-3 for one training unit; every stage resumes from what an earlier run completed."""
-    say = _progress(unit.name)
+def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> dict[str, Any]:
+    """Stages 1-3 for one training unit; every stage resumes from what an earlier run completed.
+
+    ``progress``: a ``ray.util.queue.Queue`` that carries this unit's progress lines to the
+    driver (``run_units``); None: they are logged here.
+    """
+    quiet_ray_logs(cfg.verbose)
+    say = _progress(unit.name, progress)
     started = time.perf_counter()
     spec, data = spec_for(cfg, unit.data), unit.data
     export_uri = layout.export_uri(cfg.out, unit.path)
@@ -132,7 +86,7 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit) -> dict[str, Any]:
         lr = unit.lr
         say(f"stage 1: training the supernet, lr {lr:g}, {cfg.train.epochs} epochs, {cfg.train.world_size} worker(s)")
         trained = train_supernet(spec, data, unit.train_config(cfg.train, lr), layout.train_uri(cfg.out, unit.path),
-                                 "supernet")
+                                 "supernet", progress=_stage(say, "stage 1"))
         checkpoint_dir = trained.checkpoint_dir
         last = trained.history[-1] if trained.history else {}
         say(f"stage 1: done, loss {last.get('loss', float('nan')):.4f}, train acc {last.get('train_acc', float('nan')):.4f}")
@@ -141,7 +95,8 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit) -> dict[str, Any]:
     val_images, val_labels = data.arrays(unit.search_split)
     say("stage 2: evolutionary search")
     search = run_search(spec, numpy_state(supernet), val_images, val_labels, cfg.search,
-                        layout.search_uri(cfg.out, unit.path), run_id_for(cfg), unit.name, progress=say)
+                        layout.search_uri(cfg.out, unit.path), run_id_for(cfg), unit.name,
+                        progress=_stage(say, "stage 2"))
     best = search.best
     del val_images, val_labels
 
@@ -155,17 +110,17 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit) -> dict[str, Any]:
     outcome = DatasetOutcome(
         dataset=unit.data.name, group=unit.group, lr=lr, params=best.params,
         head_params=supernet.head_num_params, val_acc=best.val_acc, test_acc=test_acc,
-        wall_seconds=time.perf_counter() - started, subnet=best.key, extra={**unit.extra, **several},
+        wall_seconds=time.perf_counter() - started, key=best.key, extra={**unit.extra, **several},
     )
     return asdict(outcome)
 
 
 def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, best, test_uri: str,
-               say: Callable[[str], None]) -> dict[str, float]:
+               say: "_Progress") -> dict[str, float]:
     """Each test list's accuracy of the winner; a list already tested for this winner is never tested again."""
     stored = storage.read_json(test_uri) if storage.exists(test_uri) else {}
     tests: dict[str, float] = {}
-    if stored.get("subnet") == best.key:  # this winner was tested already: keep what it scored
+    if stored.get("key") == best.key:  # this winner was tested already: keep what it scored
         tests = dict(stored.get("tests") or {unit.tests[0].name: stored["test_acc"]})
     for test in unit.tests:
         if test.name in tests:
@@ -175,7 +130,7 @@ def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, bes
             f"{restricted}")
         tests[test.name] = _remote_accuracies(cfg, checkpoint_dir, [best.genes], unit.data, test.split,
                                               test.classes)[0]
-        record: dict[str, Any] = {"subnet": best.key, "tests": tests}
+        record: dict[str, Any] = {"key": best.key, "tests": tests}
         if unit.tests[0].name in tests:
             record["test_acc"] = tests[unit.tests[0].name]
         storage.write_json(test_uri, record)
@@ -202,29 +157,32 @@ def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig,
     storage.write_bytes(storage.join(export_uri, PARETO_TEST_FILE), buffer.getvalue())
 
 
-def _progress(name: str) -> Callable[[str], None]:
-    def say(line: str) -> None:
-        print(f"[{name}] {line}", flush=True)
+class _Progress:
+    """One unit's progress lines: to the driver's queue, else to this module's logger.
 
-    return say
+    A class rather than a closure: Ray pickles it into the training workers.
+    """
+
+    def __init__(self, prefix: str, queue: Any = None):
+        self.prefix, self.queue = prefix, queue
+
+    def __call__(self, line: str) -> None:
+        line = f"{self.prefix} {line}"
+        if self.queue is None:
+            log.info(line)
+        else:
+            self.queue.put_nowait(line)
+
+
+def _progress(name: str, queue: Any = None) -> _Progress:
+    return _Progress(f"[{name}]", queue)
+
+
+def _stage(say: _Progress, stage: str) -> _Progress:
+    return _Progress(f"{say.prefix} {stage}:", say.queue)
 
 
 # -- the whole job ------------------------------------------------------------------------------
-def init_ray() -> None:
-    """Join the cluster a `ray job submit` (or RAY_ADDRESS) names; else start a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-    else:
-        # The dashboard (when ray[default] is installed) serves the State API that Train V2's
-        # placement-group cleaner polls; without it that actor logs an error every second.
-        ray.init(address="local", logging_level=logging.WARNING)
-
-
 def _concurrency(cfg: PipelineConfig) -> int:
     import ray
 
@@ -236,36 +194,72 @@ def _concurrency(cfg: PipelineConfig) -> int:
 
 
 def run_units(cfg: PipelineConfig, units: list[TrainingUnit]) -> list[dict[str, Any]]:
-    """Every unit, concurrently where the cluster has room; their rows in the units' order."""
-    import ray
+    """Every unit, concurrently where the cluster has room; their rows in the units' order.
 
-    init_ray()
+    Ray must be up (``init_ray``).  Progress lines reach this driver's logger through a queue;
+    a unit's bad-input error is raised as itself (``_outcome``).
+    """
+    import ray
+    from ray.util.queue import Queue
+
     # The unit driver only orchestrates: its Train workers and actors hold the resources.
-    remote_unit = ray.remote(num_cpus=0)(run_unit)
+    # Its children (Train's controller and cleaner, Tune) must find this Ray instance and no other.
+    remote_unit = ray.remote(num_cpus=0)(run_unit).options(runtime_env=child_runtime_env())
+    progress = Queue(actor_options={"num_cpus": 0})
     limit, pending = _concurrency(cfg), list(range(len(units)))
     rows: dict[int, dict[str, Any]] = {}
     running: dict[Any, int] = {}
-    while pending or running:
-        while pending and len(running) < limit:
-            index = pending.pop(0)
-            running[remote_unit.remote(cfg, units[index])] = index
-        done, _ = ray.wait(list(running), num_returns=1)
-        for ref in done:
-            rows[running.pop(ref)] = ray.get(ref)
+    try:
+        while pending or running:
+            while pending and len(running) < limit:
+                index = pending.pop(0)
+                running[remote_unit.remote(cfg, units[index], progress)] = index
+            done, _ = ray.wait(list(running), num_returns=1, timeout=_PROGRESS_POLL_S)
+            _drain(progress)
+            for ref in done:
+                rows[running.pop(ref)] = _outcome(ref)
+        _drain(progress)
+    finally:
+        progress.shutdown()
     return [rows[i] for i in range(len(units))]
 
 
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
-    """Check everything, then run every dataset (concurrently where the cluster has room)."""
+    """Check everything, then run every dataset (concurrently where the cluster has room).
+
+    Progress (stages, epochs, generations with elapsed time and ETA) is logged on this module's
+    logger; bad input raises a ``GLoRARayError`` before compute, also from inside a dataset's task.
+    """
     budgets = preflight(cfg)
+    quiet_ray_logs(cfg.verbose)
+    init_ray()
+    check_cluster(cfg)  # the last check: config.json marks a run that passed every one
     storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
-                       {"config": cfg.to_dict(), "identity": cfg.identity(), "run_id": run_id_for(cfg),
+                       {**run_record(cfg), "run_id": run_id_for(cfg),
                         "budgets": {d: list(b) for d, b in budgets.items()}})
     frame = summary_frame(run_units(cfg, [vtab_unit(cfg, dataset) for dataset in cfg.datasets]))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(cfg.out, layout.SUMMARY_FILE), buffer.getvalue())
-    print(format_summary(frame), flush=True)
-    print(f"results: {cfg.out} (summary: {storage.join(cfg.out, layout.SUMMARY_FILE)}; "
-          f"per dataset: <dataset>/export/merged.safetensors, subnet.json, adapters.safetensors)", flush=True)
     return frame
+
+
+_PROGRESS_POLL_S = 0.5
+
+
+def _drain(progress) -> None:
+    for line in progress.get_nowait_batch(progress.qsize()):
+        log.info(line)
+
+
+def _outcome(ref) -> dict[str, Any]:
+    """A unit's row; its bad-input error as itself (one line), not Ray's wrapper."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as err:
+        if isinstance(err.cause, GLoRARayError):
+            raise err.cause from None
+        raise

@@ -8,7 +8,7 @@ import pandas as pd
 
 # VTAB-1k groups in the paper's column order.
 GROUP_ORDER: tuple[str, ...] = ("natural", "specialized", "structured")
-SUMMARY_COLUMNS = ["dataset", "group", "lr", "params", "head_params", "val_acc", "test_acc", "wall_seconds", "subnet"]
+SUMMARY_COLUMNS = ["dataset", "group", "lr", "params", "head_params", "val_acc", "test_acc", "wall_seconds", "key"]
 
 
 def summary_frame(rows: Sequence[Mapping]) -> pd.DataFrame:

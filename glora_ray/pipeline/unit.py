@@ -63,7 +63,8 @@ class TrainingUnit:
 
 def vtab_data(cfg: PipelineConfig, dataset: str) -> DataConfig:
     """``<data root>/<dataset>`` in the VTAB-1k layout; an own dataset's classes counted from its labels."""
-    data = DataConfig(root=os.path.abspath(cfg.data_root), dataset=dataset, img_size=cfg.backbone.img_size)
+    data = DataConfig(root=os.path.abspath(cfg.data_root), dataset=dataset, img_size=cfg.backbone.img_size,
+                      **cfg.preprocessing_values())
     if is_registered(dataset):
         return data
     return replace(data, class_count=own_dataset_classes(data.root, dataset, cfg.train.split, cfg.num_classes))

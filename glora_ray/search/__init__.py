@@ -18,7 +18,7 @@ _EXPORTS: dict[str, str] = {
     "Candidate": "evolution", "EvolutionPlanner": "evolution", "Origin": "evolution",
     "ResumeMismatchError": "evolution", "Scored": "evolution", "SpaceExhaustedWarning": "evolution",
     "best_under": "pareto", "pareto_front": "pareto", "pareto_mask": "pareto",
-    "ActorStartError": "pool", "AllActorsDiedError": "pool", "CandidateCrashError": "pool", "CrashPlan": "pool",
+    "ActorStartError": "pool", "AllActorsDiedError": "pool", "CandidateCrashError": "pool",
     "EvaluationPoolError": "pool", "EvaluatorPool": "pool", "plan_actor_count": "pool",
     "ResultStore": "results", "gene_column": "results", "population_schema": "results", "read_pareto": "results",
     "read_population": "results", "read_result": "results", "without_timing": "results",
@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .evolution import Candidate, EvolutionPlanner, Origin, ResumeMismatchError, Scored, SpaceExhaustedWarning
     from .pareto import best_under, pareto_front, pareto_mask
     from .pool import (
-        ActorStartError, AllActorsDiedError, CandidateCrashError, CrashPlan, EvaluationPoolError, EvaluatorPool,
+        ActorStartError, AllActorsDiedError, CandidateCrashError, EvaluationPoolError, EvaluatorPool,
         plan_actor_count,
     )
     from .results import (

@@ -5,11 +5,14 @@ from ..errors import GLoRARayError
 
 import enum
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from ..budget import parse_param_count
+from ..identity import EXECUTION_ONLY, EXTENDS, result_identity
+from ..precision import Precision, parse_precision
 from ..settings import from_known_fields
+from .merge import AUTO as AUTO_MERGE, MergeStrategy
 
 
 class SearchConfigError(GLoRARayError):
@@ -48,7 +51,7 @@ class SearchConfig:
     mutants: int = 25
     crossovers: int = 25
     m_prob: float = 0.2
-    generations: int = 20
+    generations: int = field(default=20, metadata=EXTENDS)  # raising it extends a run
     min_params: int | str | None = None  # "0.29M", "800k" or an int; None: what the space reaches
     max_params: int | str | None = None
     seed: int = 0
@@ -58,25 +61,31 @@ class SearchConfig:
     # -- evaluation ---------------------------------------------------------------------
     eval_batch_size: int = 64
     eval_mode: EvalMode = EvalMode.MERGED
-    # -- resources and fault handling (do not change results) ---------------------------
-    num_actors: int | None = None  # None: as many as the cluster's CPUs / GPUs hold
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0  # fractional allowed, e.g. 0.25: four actors per GPU
-    candidates_per_call: int | None = None  # None: about four calls per actor per generation
-    threads_per_actor: int | None = None  # torch threads; None: the actor's CPUs, at least 1
-    max_candidate_retries: int = 2  # a candidate that killed its actor more often is an error
-    max_actor_replacements: int | None = None  # None: 2 x num_actors over the whole run
-    call_timeout_s: float | None = None  # an evaluate call running longer marks its actor dead
-    actor_start_timeout_s: float = 600.0
-    actor_placement: Placement = Placement.SPREAD
-
-    # Fields whose change would change the search's results: a resume refuses to continue
-    # a run stored with different values.  ``generations`` may grow (extends the run); the
-    # resource fields may change freely.
-    RESULT_FIELDS = (
-        "population", "parents", "mutants", "crossovers", "m_prob", "min_params", "max_params",
-        "seed", "max_draw_tries", "eval_batch_size", "eval_mode",
-    )
+    # Forward passes of the evaluation: "fp32", "tf32" (CUDA actors only) or "bf16" autocast.
+    precision: Precision = Precision.FP32
+    # How merged mode merges: "auto" (just_in_time on CPUs, batched on CUDA), "just_in_time",
+    # "per_candidate" or "batched" (search/merge.py).  just_in_time and per_candidate give equal
+    # accuracies bit for bit; batched up to float summation order, so it is not execution-only
+    # in principle, but every strategy computes the same function: treated as how the run executes.
+    merge_strategy: str = field(default=AUTO_MERGE, metadata=EXECUTION_ONLY)
+    # -- resources and fault handling: changing these continues a run (glora_ray.identity) --
+    # None: as many as the cluster's CPUs / GPUs hold
+    num_actors: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    cpus_per_actor: float = field(default=1.0, metadata=EXECUTION_ONLY)
+    # Fractional allowed, e.g. 0.25: four actors per GPU
+    gpus_per_actor: float = field(default=0.0, metadata=EXECUTION_ONLY)
+    # None: about four calls per actor per generation
+    candidates_per_call: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    # Torch threads; None: the actor's CPUs, at least 1
+    threads_per_actor: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    # A candidate that killed its actor more often is an error
+    max_candidate_retries: int = field(default=2, metadata=EXECUTION_ONLY)
+    # None: 2 x num_actors over the whole run
+    max_actor_replacements: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    # An evaluate call running longer marks its actor dead
+    call_timeout_s: float | None = field(default=None, metadata=EXECUTION_ONLY)
+    actor_start_timeout_s: float = field(default=600.0, metadata=EXECUTION_ONLY)
+    actor_placement: Placement = field(default=Placement.SPREAD, metadata=EXECUTION_ONLY)
 
     def __post_init__(self) -> None:
         try:
@@ -85,6 +94,10 @@ class SearchConfig:
             raise SearchConfigError(
                 f"eval_mode={self.eval_mode!r} is not one of {[m.value for m in EvalMode]}"
             ) from None
+        self.precision = parse_precision(self.precision, "precision", error=SearchConfigError)
+        valid_merges = [AUTO_MERGE] + [m.value for m in MergeStrategy]
+        if self.merge_strategy not in valid_merges:
+            raise SearchConfigError(f"merge_strategy={self.merge_strategy!r} is not one of {valid_merges}")
         try:
             self.actor_placement = Placement(self.actor_placement)
         except ValueError:
@@ -142,6 +155,9 @@ class SearchConfig:
              "max_actor_replacements", "must be None (2 x num_actors) or an integer >= 0")
         need(self.call_timeout_s is None or self.call_timeout_s > 0, "call_timeout_s", "must be None or > 0 seconds")
         need(self.actor_start_timeout_s > 0, "actor_start_timeout_s", "must be > 0 seconds")
+        if self.precision is Precision.TF32 and not self.gpus_per_actor > 0:
+            raise SearchConfigError("precision='tf32' is a GPU format: it needs GPU actors (gpus_per_actor > 0, "
+                                    f"got {self.gpus_per_actor!r}); on CPUs use 'fp32' or 'bf16'")
 
     # -- derived values ---------------------------------------------------------------------
     @property
@@ -163,6 +179,7 @@ class SearchConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["eval_mode"] = self.eval_mode.value
+        data["precision"] = self.precision.value
         data["actor_placement"] = self.actor_placement.value
         return data
 
@@ -172,5 +189,4 @@ class SearchConfig:
 
     def result_identity(self) -> dict[str, Any]:
         """The settings that determine the search's results (compared on resume)."""
-        data = self.to_dict()
-        return {name: data[name] for name in self.RESULT_FIELDS}
+        return result_identity(self)

@@ -6,11 +6,15 @@ builds its plain backbone once, keeps the validation data resident on its device
 every candidate under ``torch.inference_mode`` in eval mode.
 
 Merged evaluation (the default): the plain backbone's non-adapted tensors are assigned once
-(views of the shared weights); per candidate only the adapted layers' weight and bias are
-replaced by the merged ``W0 + W0*A + B`` and ``b0 + b0*D + E + W0@C``, built out of place.  The
-forward pass then costs exactly the backbone's.  Replacing those few parameters is cheaper than
+(views of the shared weights); only the adapted layers compute the merged ``W0 + W0*A + B`` and
+``b0 + b0*D + E + W0@C``, built out of place (the shared weights are never written): just before
+each layer runs on the CPU, for all layers of one shape at once on CUDA (merge.py).  The forward
+pass then costs the backbone's plus the merge.  Replacing those few parameters is cheaper than
 ``load_state_dict(assign=True)`` or ``torch.func.functional_call`` of a whole merged state dict,
 which pay a Python walk over every module per candidate (or per batch).
+
+``precision`` (docs/method.md §3): the forward passes run in fp32, TF32 (CUDA) or bf16 autocast;
+the merge itself always runs in fp32.
 """
 from __future__ import annotations
 
@@ -25,8 +29,11 @@ from torch import nn
 
 from ..backbone import empty_backbone
 from ..checkpoint import SupernetSpec, supernet_from_numpy
+from ..errors import GLoRARayError
 from ..supernet import Supernet, SubnetLike
+from ..precision import Precision, compute_precision, matmul_precision, resolve_precision
 from .config import EvalMode
+from .merge import AUTO, BatchedMerge, JustInTimeMerge, MergeStrategy, Merger, PerCandidateMerge, resolve_merge_strategy
 
 
 @dataclass(frozen=True)
@@ -55,27 +62,30 @@ def _as_tensor(array: np.ndarray, dtype: np.dtype, device: torch.device) -> torc
 def check_val_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
     """Cheap checks on the validation arrays, before any expensive work."""
     if not isinstance(images, np.ndarray) or images.ndim != 4:
-        raise ValueError(f"val_images must be a numpy array (N, C, H, W), got {type(images).__name__} "
+        raise GLoRARayError(f"val_images must be a numpy array (N, C, H, W), got {type(images).__name__} "
                          f"with shape {getattr(images, 'shape', None)}")
     if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"val_labels must be a 1-D integer numpy array, got {getattr(labels, 'dtype', None)} "
+        raise GLoRARayError(f"val_labels must be a 1-D integer numpy array, got {getattr(labels, 'dtype', None)} "
                          f"with shape {getattr(labels, 'shape', None)}")
     if len(images) != len(labels) or len(labels) == 0:
-        raise ValueError(f"val_images ({len(images)}) and val_labels ({len(labels)}) must be equally long and non-empty")
+        raise GLoRARayError(f"val_images ({len(images)}) and val_labels ({len(labels)}) must be equally long and non-empty")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"val_labels span {int(labels.min())}..{int(labels.max())}, outside the model's "
+        raise GLoRARayError(f"val_labels span {int(labels.min())}..{int(labels.max())}, outside the model's "
                          f"{num_classes} classes")
 
 
 class MergedModel:
-    """A plain backbone whose adapted layers carry one subnet's merged weights at a time.
+    """A plain backbone whose adapted layers compute one subnet's merged weights at a time.
 
     ``plain`` must have the supernet's architecture without GLoRA (``empty_backbone`` on meta,
-    or a deep copy).  Its non-adapted tensors are bound once to the supernet's own tensors.
+    or a deep copy).  Its non-adapted tensors are bound once to the supernet's own tensors; how
+    the adapted layers get their merged weights is the ``strategy`` (merge.py).
     """
 
-    def __init__(self, supernet: Supernet, plain: nn.Module):
+    def __init__(self, supernet: Supernet, plain: nn.Module,
+                 strategy: MergeStrategy | str = MergeStrategy.PER_CANDIDATE):
         self.supernet = supernet
+        self.strategy = MergeStrategy(strategy)
         self.plain = plain.eval().requires_grad_(False)
         prefixes = tuple(f"{n}." for n in supernet.layer_names)
         fixed = {k: v for k, v in supernet.model.state_dict().items() if not k.startswith(prefixes)}
@@ -88,27 +98,23 @@ class MergedModel:
                 f"the plain backbone does not match the supernet: missing {sorted(unexpected_missing)[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"
             )
-        self._targets: list[nn.Module] = []
-        for name in supernet.layer_names:
+        targets: list[nn.Module] = []
+        for name, layer in zip(supernet.layer_names, supernet.layers()):
             module = self.plain.get_submodule(name)
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"plain backbone layer {name!r} is {type(module).__name__}, expected nn.Linear")
-            self._targets.append(module)
-        self._zero_bias: dict[int, torch.Tensor] = {}
+            if type(module) is not type(layer.base):
+                raise ValueError(f"plain backbone layer {name!r} is {type(module).__name__}, expected "
+                                 f"{type(layer.base).__name__}")
+            targets.append(module)
+        if self.strategy is MergeStrategy.JUST_IN_TIME:
+            self.merger: Merger = JustInTimeMerge(supernet, targets)
+        elif self.strategy is MergeStrategy.BATCHED:
+            self.merger = BatchedMerge(supernet, targets)
+        else:
+            self.merger = PerCandidateMerge(supernet, targets)
 
-    @torch.inference_mode()
     def load(self, genes: np.ndarray) -> None:
-        """Put the merged weights of ``genes`` into the adapted layers (out of place)."""
-        space = self.supernet.space
-        per_layer = np.asarray(genes).reshape(self.supernet.num_layers, -1)
-        for i, (name, layer, target) in enumerate(zip(self.supernet.layer_names, self.supernet.layers(), self._targets)):
-            weight, bias = layer.merged_weight_and_bias(space.decode_layer(per_layer[i], name))
-            if bias is None:  # no base bias and no D / E / C term: a zero bias keeps one code path
-                bias = self._zero_bias.get(i)
-                if bias is None:
-                    bias = self._zero_bias[i] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-            target.weight = nn.Parameter(weight, requires_grad=False)
-            target.bias = nn.Parameter(bias, requires_grad=False)
+        """Make the adapted layers compute the merged weights of ``genes``."""
+        self.merger.load(genes)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.plain(x)
@@ -143,14 +149,18 @@ class Evaluator:
         device: torch.device | str | None = None,
         threads: int | None = None,
         actor_id: str = "local",
+        precision: Precision | str = Precision.FP32,
+        merge: MergeStrategy | str = AUTO,
     ):
         check_val_arrays(images, labels, spec.num_classes)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise GLoRARayError(f"batch_size must be >= 1, got {batch_size}")
         if threads is not None:
             torch.set_num_threads(threads)
         self.mode = EvalMode(mode)
         self.device = torch.device(device) if device is not None else default_device()
+        self.precision = resolve_precision(precision, self.device)
+        self.merge_strategy = resolve_merge_strategy(merge, self.device)
         self.batch_size = batch_size
         self.actor_id = actor_id
         supernet = supernet_from_numpy(spec, dict(state))
@@ -164,7 +174,7 @@ class Evaluator:
         if self.mode is EvalMode.MERGED:
             plain = empty_backbone(spec.backbone, spec.num_classes)
             # Bound to the supernet's tensors, already on the device; merged weights follow them.
-            self.model = MergedModel(self.supernet, plain)
+            self.model = MergedModel(self.supernet, plain, self.merge_strategy)
         else:
             self.model = self.supernet
         self.calls = 0
@@ -174,11 +184,17 @@ class Evaluator:
         """One image through the largest subnet: shape errors surface at start, kernels load."""
         genes = self.supernet.largest_subnet()
         self._select(genes)
-        _count_correct(self.model, self.images[:1], self.labels[:1], 1)
+        self._count_correct(self.images[:1], self.labels[:1], 1)
+
+    def _count_correct(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> int:
+        # The merge above runs in full fp32; only the forward passes take the precision.
+        with compute_precision(self.precision, self.device):
+            return _count_correct(self.model, images, labels, batch_size)
 
     def _select(self, genes: np.ndarray) -> None:
         if self.mode is EvalMode.MERGED:
-            self.model.load(genes)
+            with matmul_precision(Precision.FP32, self.device):  # the merge in full fp32, whatever the forward's
+                self.model.load(genes)
         else:
             self.supernet.set_subnet(genes)
 
@@ -190,7 +206,7 @@ class Evaluator:
             genes = self.supernet.to_genes(subnet)
             start = time.perf_counter()
             self._select(genes)
-            correct = _count_correct(self.model, self.images, self.labels, self.batch_size)
+            correct = self._count_correct(self.images, self.labels, self.batch_size)
             seconds = time.perf_counter() - start
             results.append(EvalResult(self.supernet.space.genes_to_string(genes), correct / len(self.labels),
                                       seconds, self.actor_id, correct, len(self.labels)))
@@ -207,7 +223,7 @@ def evaluate_subnet(supernet: Supernet, genes: SubnetLike, images: np.ndarray, l
     num_classes = head.out_features if isinstance(head, nn.Linear) else int(np.max(labels)) + 1
     check_val_arrays(images, labels, num_classes)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise GLoRARayError(f"batch_size must be >= 1, got {batch_size}")
     device = next(supernet.parameters()).device
     plain = supernet.merged(genes).eval().requires_grad_(False)
     correct = _count_correct(plain, _as_tensor(images, np.float32, "cpu"),

@@ -16,8 +16,9 @@ when every actor has died.  Here:
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from .. import faults
 from ..checkpoint import SupernetSpec
 from .config import EvalMode, SearchConfig
 from .evaluator import EvalResult, Evaluator
@@ -50,18 +52,6 @@ class ActorStartError(EvaluationPoolError):
 
 
 @dataclass(frozen=True)
-class CrashPlan:
-    """Test hook: the listed actors (by start index; None: every actor, replacements included)
-    end their process with ``os._exit`` at the start of their ``on_call``-th evaluate call."""
-
-    on_call: int
-    actor_indices: frozenset[int] | None = None
-
-    def hits(self, index: int, call: int) -> bool:
-        return call == self.on_call and (self.actor_indices is None or index in self.actor_indices)
-
-
-@dataclass(frozen=True)
 class ActorSettings:
     batch_size: int
     mode: EvalMode
@@ -69,29 +59,50 @@ class ActorSettings:
     cpus: float
     gpus: float
     placement: str = "SPREAD"  # Ray's scheduling_strategy for the actors: "SPREAD" or "DEFAULT"
+    precision: str = "fp32"  # of the forward passes: fp32, tf32 (CUDA), bf16
+    merge: str = "auto"  # merge strategy of merged mode (merge.py)
 
 
 class EvaluatorActor:
     """The Ray actor around ``Evaluator``: picks its device from the GPUs Ray assigned it."""
 
     def __init__(self, spec: SupernetSpec, state: Mapping[str, np.ndarray], images: np.ndarray,
-                 labels: np.ndarray, settings: ActorSettings, index: int, crash: CrashPlan | None = None):
+                 labels: np.ndarray, settings: ActorSettings, index: int):
         # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s); none assigned means the CPU.
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.index = index
-        self.crash = crash
         self.evaluator = Evaluator(
             spec, state, images, labels, batch_size=settings.batch_size, mode=settings.mode,
             device=device, threads=settings.threads, actor_id=f"actor-{index}",
+            precision=settings.precision, merge=settings.merge,
         )
 
     def ready(self) -> str:
         return f"actor-{self.index} on {self.evaluator.device}"
 
     def evaluate(self, keys: Sequence[str]) -> list[EvalResult]:
-        if self.crash is not None and self.crash.hits(self.index, self.evaluator.calls + 1):
-            os._exit(1)
-        return self.evaluator.evaluate(keys)
+        faults.at_evaluate_call(self.index, self.evaluator.calls + 1)  # test-only; nothing by default
+        results = self.evaluator.evaluate(keys)
+        _release_freed_memory()
+        return results
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap blocks back to the OS.  glibc keeps the blocks of the merge's layer-sized
+    temporaries after they are freed; an actor idle between calls should not hold them."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 _RemoteEvaluator = ray.remote(EvaluatorActor)
@@ -144,7 +155,6 @@ class EvaluatorPool:
         max_candidate_retries: int,
         call_timeout_s: float | None = None,
         start_timeout_s: float = 600.0,
-        crash: CrashPlan | None = None,
     ):
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
@@ -156,11 +166,11 @@ class EvaluatorPool:
         self.replacements_left = max_replacements
         self.max_candidate_retries = max_candidate_retries
         self.call_timeout_s = call_timeout_s
-        self.crash = crash
         self.deaths: list[str] = []
         self._next_index = 0
+        self.start_timeout_s = start_timeout_s
         self.live: list[_Slot] = [self._start_actor() for _ in range(num_actors)]
-        self._wait_ready(start_timeout_s)
+        self._wait_ready(self.live)
 
     # -- actors -------------------------------------------------------------------------
     def _start_actor(self) -> _Slot:
@@ -173,11 +183,12 @@ class EvaluatorPool:
             # their work, so no evaluation is silently retried or lost.
             num_cpus=self.settings.cpus, num_gpus=self.settings.gpus, max_restarts=0,
             scheduling_strategy=self.settings.placement,
-        ).remote(self.spec, *self._refs, self.settings, index, self.crash)
+        ).remote(self.spec, *self._refs, self.settings, index)
         return _Slot(index, handle)
 
-    def _wait_ready(self, timeout: float) -> None:
-        refs = [slot.handle.ready.remote() for slot in self.live]
+    def _wait_ready(self, slots: list[_Slot]) -> None:
+        timeout = self.start_timeout_s
+        refs = [slot.handle.ready.remote() for slot in slots]
         try:
             ray.get(refs, timeout=timeout)
         except GetTimeoutError:
@@ -203,6 +214,8 @@ class EvaluatorPool:
         self.replacements_left -= 1
         replacement = self._start_actor()
         self.live.append(replacement)
+        # Ready before its first call: call_timeout_s counts a call's time, not an actor's start.
+        self._wait_ready([replacement])
         return replacement
 
     def shutdown(self) -> None:

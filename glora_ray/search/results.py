@@ -16,12 +16,12 @@ table.
 Population rows: one row per evaluation.  A generation's file holds exactly the candidates
 evaluated in that generation; a parent surviving into later generations is not repeated
 (its children name it in ``parent_ids``), so ``len(table)`` is the number of evaluations and
-``subnet`` is unique across the table.  The elite at generation g is the top ``parents`` rows
-of generations < g by (val_acc desc, params asc, subnet asc).
+``key`` is unique across the table.  The elite at generation g is the top ``parents`` rows
+of generations < g by (val_acc desc, params asc, key asc).
 
 Columns, in order: run_id, dataset, generation (int32), candidate_id, parent_ids (list<string>),
-origin ("random" | "mutation" | "crossover"), subnet (the canonical key, one character per
-gene), then one string column per adapted layer and tensor named "<layer name>/<tensor>"
+origin ("random" | "mutation" | "crossover"), key (the canonical subnet key: the space's
+prefix, then one character per gene), then one string column per adapted layer and tensor named "<layer name>/<tensor>"
 (e.g. "blocks.0.attn.qkv/A") holding the choice name ("lora8", "vector", "scalar", "none"),
 in gene order, then params (int64), val_acc (float64), eval_seconds (float64), actor, seed (int64).
 """
@@ -40,12 +40,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..errors import GLoRARayError
 from ..space import TENSORS, SearchSpace
 from .evaluator import EvalResult
 from .evolution import Scored
 from .pareto import FRONT_COLUMNS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keys carry their space ("r8r4:..."), population column "key"
 MANIFEST_FILE = "run.json"
 POPULATION_DIR = "population"
 PARETO_FILE = "pareto.parquet"
@@ -55,8 +56,13 @@ _GENERATION_FILE = re.compile(r"gen=(\d{4,})\.parquet")
 _TEMPORARY_FILE = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
 TIMING_COLUMNS = ("eval_seconds", "actor")  # the columns that differ between equal runs
 
-LEADING_COLUMNS = ("run_id", "dataset", "generation", "candidate_id", "parent_ids", "origin", "subnet")
-TRAILING_COLUMNS = ("params", "val_acc", "eval_seconds", "actor", "seed")
+
+class ResultFileError(GLoRARayError):
+    """A stored results file that is unreadable or was not written by this run's format."""
+
+
+class MissingResultsError(GLoRARayError, FileNotFoundError):
+    """No results where a reader was pointed."""
 
 
 def gene_column(layer: str, tensor: str) -> str:
@@ -77,7 +83,7 @@ def population_schema(layer_names: Sequence[str]) -> pa.Schema:
             ("candidate_id", pa.string()),
             ("parent_ids", pa.list_(pa.string())),
             ("origin", pa.string()),
-            ("subnet", pa.string()),
+            ("key", pa.string()),
         ]
         + [(name, pa.string()) for name in gene_columns(layer_names)]
         + [
@@ -119,7 +125,7 @@ def generation_table(
         "candidate_id": [s.candidate.candidate_id for s in scored],
         "parent_ids": [list(s.candidate.parent_ids) for s in scored],
         "origin": [s.candidate.origin.value for s in scored],
-        "subnet": [s.candidate.key for s in scored],
+        "key": [s.candidate.key for s in scored],
     }
     for j, column in enumerate(gene_columns(layer_names)):
         columns[column] = names[TENSORS[j % len(TENSORS)]][genes[:, j]].tolist()
@@ -218,13 +224,13 @@ class ResultStore:
         try:
             table = pq.read_table(path, filesystem=self.fs)
         except (OSError, pa.ArrowInvalid) as err:
-            raise ValueError(f"{path}: not a readable Parquet file ({err}); remove it to recompute that generation") from err
+            raise ResultFileError(f"{path}: not a readable Parquet file ({err}); remove it to recompute that generation") from err
         if schema is not None and not table.schema.equals(schema, check_metadata=False):
-            raise ValueError(f"{path}: its columns differ from this model's population schema "
+            raise ResultFileError(f"{path}: its columns differ from this model's population schema "
                              f"(e.g. {sorted(set(table.schema.names) ^ set(schema.names))[:5]})")
         raw = (table.schema.metadata or {}).get(METADATA_KEY)
         if raw is None:
-            raise ValueError(f"{path}: no commit record (metadata key {METADATA_KEY.decode()!r}); not written by glora_ray")
+            raise ResultFileError(f"{path}: no commit record (metadata key {METADATA_KEY.decode()!r}); not written by glora_ray")
         return StoredGeneration(generation, table, json.loads(raw))
 
 
@@ -232,7 +238,7 @@ def read_population(out_uri: str | os.PathLike) -> pd.DataFrame:
     """Every generation of a run as one DataFrame, ordered by generation and candidate."""
     store = ResultStore(out_uri)
     if not store.generation_numbers():
-        raise FileNotFoundError(f"{store.population_uri}: no generation files (gen=NNNN.parquet) here")
+        raise MissingResultsError(f"{store.population_uri}: no generation files (gen=NNNN.parquet) here")
     table = pq.read_table(store.path(POPULATION_DIR), filesystem=store.fs)
     frame = table.to_pandas()
     return frame.sort_values(["generation", "candidate_id"], kind="stable").reset_index(drop=True)
@@ -253,9 +259,9 @@ def without_timing(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def stored_scores(tables: Iterable[pa.Table]) -> list[list[tuple[str, str, float]]]:
-    """(candidate_id, subnet, val_acc) per stored generation, in candidate order."""
+    """(candidate_id, key, val_acc) per stored generation, in candidate order."""
     out = []
     for table in tables:
-        columns = table.select(["candidate_id", "subnet", "val_acc"]).to_pydict()
-        out.append(list(zip(columns["candidate_id"], columns["subnet"], columns["val_acc"])))
+        columns = table.select(["candidate_id", "key", "val_acc"]).to_pydict()
+        out.append(list(zip(columns["candidate_id"], columns["key"], columns["val_acc"])))
     return out

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -25,15 +26,21 @@ import ray
 
 from ..budget import Budget
 from ..checkpoint import SupernetSpec
+from ..errors import GLoRARayError, GLoRARayTypeError
+from ..identity import describe, differences
+from ..progress import StageClock
+from ..runtime import init_ray
 from .config import SearchConfig
-from .evaluator import check_val_arrays
-from .evolution import EvolutionPlanner, ResumeMismatchError, Scored
+from .evaluator import EvalResult, check_val_arrays
+from .evolution import Candidate, EvolutionPlanner, ResumeMismatchError, Scored
 from .pareto import FRONT_COLUMNS, pareto_front
-from .pool import ActorSettings, CrashPlan, EvaluatorPool, plan_actor_count
+from .pool import ActorSettings, EvaluatorPool, plan_actor_count
 from .results import (
     FORMAT_VERSION, MANIFEST_FILE, PARETO_FILE, POPULATION_DIR, RESULT_FILE, ResultStore, front_table, generation_table,
     population_schema, stored_scores,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,6 @@ class SearchResult:
     resumed_generations: int = 0  # complete generations found under out_uri at the start
     exhausted: bool = False  # stopped early: no new candidate fits the budget
     actors: int = 0  # actors used by this invocation (0 when nothing was left to evaluate)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def array_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
@@ -74,28 +80,16 @@ def array_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: data}
-
-
-def _normalised(data: Any) -> Any:
-    return json.loads(json.dumps(data, sort_keys=True))
-
-
 def check_manifest(stored: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
     """Refuse to continue a run whose results depended on something else; name the field."""
-    have, want = _flatten(_normalised(stored)), _flatten(_normalised(current))
-    for name in sorted(set(have) | set(want)):
-        if have.get(name) != want.get(name):
-            raise ResumeMismatchError(
-                f"{where} holds a run with {name}={have.get(name)!r}; this command has {want.get(name)!r}. "
-                f"Resume with the same settings, or write to a new output"
-            )
+    diffs = differences(stored, current)
+    if diffs:
+        name, have, want = diffs[0]
+        raise ResumeMismatchError(
+            f"{where} holds a run with {name}={have!r}; this command has {want!r}. "
+            f"Resume with the same settings, or write to a new output"
+            + (f" (also differs: {describe(diffs[1:])})" if len(diffs) > 1 else "")
+        )
 
 
 def _check_state(structure, state: Mapping[str, np.ndarray]) -> None:
@@ -103,10 +97,10 @@ def _check_state(structure, state: Mapping[str, np.ndarray]) -> None:
     have = {k: tuple(np.shape(v)) for k, v in state.items()}
     missing, unexpected = sorted(set(expected) - set(have)), sorted(set(have) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"state does not match the spec's supernet: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise GLoRARayError(f"state does not match the spec's supernet: missing {missing[:5]}, unexpected {unexpected[:5]}")
     wrong = [k for k in expected if expected[k] != have[k]]
     if wrong:
-        raise ValueError(f"state tensor {wrong[0]!r} has shape {have[wrong[0]]}, the spec's supernet has {expected[wrong[0]]}")
+        raise GLoRARayError(f"state tensor {wrong[0]!r} has shape {have[wrong[0]]}, the spec's supernet has {expected[wrong[0]]}")
 
 
 def _front_frame(scored: list[Scored]) -> pd.DataFrame:
@@ -121,42 +115,60 @@ def _front_frame(scored: list[Scored]) -> pd.DataFrame:
     return pareto_front(frame)
 
 
-def run_search(
-    spec: SupernetSpec,
-    state: Mapping[str, np.ndarray] | ray.ObjectRef,
-    val_images: np.ndarray,
-    val_labels: np.ndarray,
-    config: SearchConfig,
-    out_uri: str,
-    run_id: str,
-    dataset: str,
-    progress: Callable[[str], None] | None = print,
-    *,
-    fault: CrashPlan | None = None,
-) -> SearchResult:
-    """Evolve subnets of the supernet ``(spec, state)`` under ``config``'s budget.
+@dataclass
+class _Search:
+    """One search over one store: its settings, the planner, and what is stored so far."""
 
-    ``state`` is the supernet's state as numpy arrays (``checkpoint.numpy_state``), or an
-    ObjectRef to them already in the object store; it is put there at most once and shared
-    zero-copy by every actor, like the validation arrays.  ``fault`` is a test hook that makes
-    actors crash (see ``CrashPlan``).
+    config: SearchConfig
+    store: ResultStore
+    planner: EvolutionPlanner
+    space: Any
+    layer_names: tuple[str, ...]
+    budget: tuple[int, int]
+    fingerprint: str  # of run.json: every generation file must carry it
+    run_id: str
+    dataset: str
+    resumed: int  # complete generations found in the store
+    exhausted: bool = False
+
+    def result(self, actors: int) -> SearchResult:
+        """The best subnet and the front so far; writes pareto.parquet and result.json."""
+        scored = list(self.planner.evaluated.values())
+        best = self.planner.best
+        result = SearchResult(
+            best=BestSubnet(best.candidate.key, best.candidate.genes.copy(), best.candidate.params, best.val_acc,
+                            best.candidate.candidate_id, best.candidate.generation,
+                            self.space.decode(best.candidate.genes, self.layer_names)),
+            pareto=_front_frame(scored), population_path=self.store.population_uri, evaluations=len(scored),
+            generations_done=self.planner.generation, out_uri=self.store.uri, run_id=self.run_id,
+            dataset=self.dataset, budget=self.budget, resumed_generations=self.resumed,
+            exhausted=self.exhausted, actors=actors,
+        )
+        finished = self.exhausted or self.planner.generation >= self.config.generations
+        self.store.write_table(front_table(result.pareto), PARETO_FILE)
+        self.store.write_json(_result_record(result, self.config, finished), RESULT_FILE)
+        return result
+
+
+def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: np.ndarray, val_labels: np.ndarray,
+               config: SearchConfig, out_uri: str, run_id: str, dataset: str) -> _Search:
+    """Check the inputs, then open the store: a new run's manifest, or a stored run replayed.
+
+    Cheap checks first (structure on the meta device, budget, stored run); a rerun with other
+    result-defining settings is refused naming the field, as is one with fewer ``generations``
+    than the store already holds.
     """
-    say = progress or (lambda line: None)
     if not isinstance(config, SearchConfig):
-        raise TypeError(f"config must be a SearchConfig, got {type(config).__name__}")
+        raise GLoRARayTypeError(f"config must be a SearchConfig, got {type(config).__name__}")
     config.validate()
     for name, value in (("run_id", run_id), ("dataset", dataset)):
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+            raise GLoRARayError(f"{name} must be a non-empty string, got {value!r}")
     check_val_arrays(val_images, val_labels, spec.num_classes)
-
-    # Cheap checks first: structure on the meta device, budget, stored run.
     structure = spec.build_empty()
-    space, counter, layer_names = structure.space, structure.counter, structure.layer_names
-    lo, hi = Budget(config.min_params, config.max_params).resolve(counter)
-    state_ref = state if isinstance(state, ray.ObjectRef) else None
-    state_arrays = ray.get(state_ref) if state_ref is not None else dict(state)  # zero-copy for a ref
-    _check_state(structure, state_arrays)
+    space, layer_names = structure.space, tuple(structure.layer_names)
+    lo, hi = Budget(config.min_params, config.max_params).resolve(structure.counter)
+    _check_state(structure, state)
 
     store = ResultStore(out_uri)
     manifest = {
@@ -167,10 +179,10 @@ def run_search(
         "budget": {"min_params": lo, "max_params": hi},
         "spec": spec.to_dict(),
         "layers": list(layer_names),
-        "state_sha256": array_fingerprint(state_arrays),
+        "state_sha256": array_fingerprint(state),
         "val_sha256": array_fingerprint({"images": val_images, "labels": val_labels}),
     }
-    fingerprint = hashlib.sha256(json.dumps(_normalised(manifest), sort_keys=True).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
     stored_numbers = store.generation_numbers()
     if store.exists(MANIFEST_FILE):
         check_manifest(store.read_json(MANIFEST_FILE), manifest, store.uri)
@@ -180,91 +192,122 @@ def run_search(
     else:
         store.write_json(manifest, MANIFEST_FILE)
     store.remove_temporaries()  # leftovers of a run killed mid-write
-
-    planner = EvolutionPlanner(config, space, counter, lo, hi)
-    schema = population_schema(layer_names)
     if stored_numbers != list(range(len(stored_numbers))):
         raise ResumeMismatchError(f"{store.population_uri}: generations {stored_numbers} are not 0..n-1 without gaps")
+    if len(stored_numbers) > config.generations:
+        raise ResumeMismatchError(
+            f"{store.population_uri} holds {len(stored_numbers)} generations; generations={config.generations} "
+            f"cannot undo them: give generations >= {len(stored_numbers)} (more extends the run), or a new output"
+        )
+
+    planner = EvolutionPlanner(config, space, structure.counter, lo, hi)
+    schema = population_schema(layer_names)
     for number in stored_numbers:
         stored = store.read_generation(number, schema)
         if stored.commit.get("run_fingerprint") != fingerprint:
             raise ResumeMismatchError(f"{store.population_uri}: generation {number} belongs to another run")
         planner.replay(stored_scores([stored.table]))
-        if _normalised(planner.rng_state()) != _normalised(stored.commit.get("rng_state")):
+        if json.loads(json.dumps(planner.rng_state())) != stored.commit.get("rng_state"):
             raise ResumeMismatchError(f"generation {number}: the generator state differs from the stored one")
-    resumed = len(stored_numbers)
-    if resumed:
-        say(f"[{run_id}] resuming: {resumed} complete generations, {len(planner.evaluated)} evaluations "
-            f"found in {store.population_uri}")
+    return _Search(config, store, planner, space, layer_names, (lo, hi), fingerprint, run_id, dataset,
+                   resumed=len(stored_numbers))
 
-    def finish(exhausted: bool, finished: bool, actors: int) -> SearchResult:
-        scored = list(planner.evaluated.values())
-        front = _front_frame(scored)
-        best = planner.best
-        result = SearchResult(
-            best=BestSubnet(best.candidate.key, best.candidate.genes.copy(), best.candidate.params, best.val_acc,
-                            best.candidate.candidate_id, best.candidate.generation,
-                            space.decode(best.candidate.genes, layer_names)),
-            pareto=front, population_path=store.population_uri, evaluations=len(scored),
-            generations_done=planner.generation, out_uri=store.uri, run_id=run_id, dataset=dataset,
-            budget=(lo, hi), resumed_generations=resumed, exhausted=exhausted, actors=actors,
-        )
-        store.write_table(front_table(front), PARETO_FILE)
-        store.write_json(_result_record(result, config, finished), RESULT_FILE)
-        return result
 
-    exhausted = False
-    candidates = []
-    if planner.generation < config.generations:
-        candidates = planner.ask()  # drawn before any actor starts: a budget problem fails cheaply
-        exhausted = not candidates
-    if not candidates:
-        return finish(exhausted, True, 0)
+def plan_generation(search: _Search) -> list[Candidate]:
+    """The next generation's candidates, drawn completely before any is evaluated; [] when done."""
+    if search.planner.generation >= search.config.generations:
+        return []
+    candidates = search.planner.ask()
+    search.exhausted = not candidates  # no unevaluated subnet fits the budget
+    return candidates
 
-    # The expensive part: one put of the weights and the data, then the actors.
-    if not ray.is_initialized():
-        ray.init()
-    if state_ref is None:
-        state_ref = ray.put(state_arrays)
+
+def evaluate_generation(pool: EvaluatorPool, candidates: list[Candidate], config: SearchConfig) -> dict[str, EvalResult]:
+    """Every candidate's validation accuracy, whatever the actors' faults or finishing order."""
+    keys = [c.key for c in candidates]
+    return pool.evaluate(keys, config.batch_size_for(len(keys), pool.num_actors))
+
+
+def commit_generation(search: _Search, results: Mapping[str, EvalResult]) -> list[Scored]:
+    """Rank the evaluated generation and store it: its Parquet file is its commit."""
+    g = search.planner.generation
+    scored = search.planner.tell({key: r.val_acc for key, r in results.items()})
+    commit = {
+        "format": FORMAT_VERSION, "run_fingerprint": search.fingerprint, "generation": g,
+        "rng_state": search.planner.rng_state(), "evaluations": len(search.planner.evaluated),
+    }
+    search.store.write_generation(g, generation_table(
+        scored, results, run_id=search.run_id, dataset=search.dataset, seed=search.config.seed,
+        space=search.space, layer_names=search.layer_names, commit=commit,
+    ))
+    return scored
+
+
+def start_pool(spec: SupernetSpec, state: Mapping[str, np.ndarray] | ray.ObjectRef, val_images: np.ndarray,
+               val_labels: np.ndarray, config: SearchConfig) -> EvaluatorPool:
+    """One put of the weights and the data, then the actors (the expensive part)."""
+    init_ray()
+    state_ref = state if isinstance(state, ray.ObjectRef) else ray.put(dict(state))
     images_ref, labels_ref = ray.put(np.ascontiguousarray(val_images)), ray.put(np.ascontiguousarray(val_labels))
     num_actors = plan_actor_count(config, ray.cluster_resources())
     settings = ActorSettings(config.eval_batch_size, config.eval_mode, config.actor_threads,
-                             config.cpus_per_actor, config.gpus_per_actor, config.actor_placement.value)
-    pool = EvaluatorPool(
+                             config.cpus_per_actor, config.gpus_per_actor, config.actor_placement.value,
+                             config.precision.value, config.merge_strategy)
+    return EvaluatorPool(
         spec, state_ref, images_ref, labels_ref, num_actors, settings,
         max_replacements=config.replacements_allowed(num_actors),
         max_candidate_retries=config.max_candidate_retries, call_timeout_s=config.call_timeout_s,
-        start_timeout_s=config.actor_start_timeout_s, crash=fault,
+        start_timeout_s=config.actor_start_timeout_s,
     )
+
+
+def run_search(
+    spec: SupernetSpec,
+    state: Mapping[str, np.ndarray] | ray.ObjectRef,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    config: SearchConfig,
+    out_uri: str,
+    run_id: str,
+    dataset: str,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Evolve subnets of the supernet ``(spec, state)`` under ``config``'s budget.
+
+    ``state`` is the supernet's state as numpy arrays (``checkpoint.numpy_state``), or an
+    ObjectRef to them already in the object store; it is put there at most once and shared
+    zero-copy by every actor, like the validation arrays.  ``progress`` receives one line per
+    generation (default: this module's logger).
+    """
+    say = progress or log.info
+    state_arrays = ray.get(state) if isinstance(state, ray.ObjectRef) else state  # zero-copy for a ref
+    search = open_store(spec, state_arrays, val_images, val_labels, config, out_uri, run_id, dataset)
+    if search.resumed:
+        say(f"[{run_id}] resuming: {search.resumed} complete generations, {len(search.planner.evaluated)} "
+            f"evaluations found in {search.store.population_uri}")
+    candidates = plan_generation(search)  # drawn before any actor starts: a budget problem fails cheaply
+    if not candidates:
+        return search.result(actors=0)
+
+    pool = start_pool(spec, state, val_images, val_labels, config)
+    clock = StageClock(config.generations - search.planner.generation)
     try:
         while candidates:
-            g = planner.generation
-            start = time.perf_counter()
-            keys = [c.key for c in candidates]
-            results = pool.evaluate(keys, config.batch_size_for(len(keys), pool.num_actors))
-            scored = planner.tell({key: results[key].val_acc for key in keys})
-            commit = {
-                "format": FORMAT_VERSION, "run_fingerprint": fingerprint, "generation": g,
-                "rng_state": planner.rng_state(), "evaluations": len(planner.evaluated),
-            }
-            store.write_generation(g, generation_table(
-                scored, results, run_id=run_id, dataset=dataset, seed=config.seed, space=space,
-                layer_names=layer_names, commit=commit,
-            ))
-            done = planner.generation >= config.generations
-            candidates = [] if done else planner.ask()
-            exhausted = not done and not candidates
-            result = finish(exhausted, done or exhausted, pool.num_actors)
-            seconds = time.perf_counter() - start
+            started = time.perf_counter()
+            scored = commit_generation(search, evaluate_generation(pool, candidates, config))
+            candidates = plan_generation(search)
+            result = search.result(pool.num_actors)
+            seconds = time.perf_counter() - started
             say(
-                f"[{run_id}] generation {g + 1}/{config.generations}: best val_acc {result.best.val_acc:.4f} "
-                f"({result.best.params:,} params) | front {len(result.pareto)} | evaluations {result.evaluations} "
-                f"(+{len(scored)}) | {len(scored) / max(seconds, 1e-9):.1f} candidates/s"
+                f"[{run_id}] generation {search.planner.generation}/{config.generations}: best val_acc "
+                f"{result.best.val_acc:.4f} ({result.best.params:,} params) | front {len(result.pareto)} | "
+                f"evaluations {result.evaluations} (+{len(scored)}) | {len(scored) / max(seconds, 1e-9):.1f} "
+                f"candidates/s | {clock.step()}"
             )
     finally:
         pool.shutdown()
-    if exhausted:
-        say(f"[{run_id}] stopped after generation {planner.generation}: no unevaluated subnet fits the budget")
+    if search.exhausted:
+        say(f"[{run_id}] stopped after generation {search.planner.generation}: no unevaluated subnet fits the budget")
     return result
 
 
@@ -282,7 +325,7 @@ def _result_record(result: SearchResult, config: SearchConfig, finished: bool) -
         "budget": {"min_params": result.budget[0], "max_params": result.budget[1]},
         "config": {**config.result_identity(), "generations": config.generations},
         "best": {
-            "candidate_id": best.candidate_id, "generation": best.generation, "subnet": best.key,
+            "candidate_id": best.candidate_id, "generation": best.generation, "key": best.key,
             "genes": [int(g) for g in best.genes], "params": best.params, "val_acc": best.val_acc,
             "choices": best.choices,
         },

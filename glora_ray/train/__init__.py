@@ -1,6 +1,6 @@
 """Stage 1: supernet training (SPEC §2), as a Ray Train job around a Ray-free loop."""
 from .config import TrainConfig, TrainConfigError
-from .job import InjectedFailure, TrainResult, train_loop_per_worker, train_supernet
+from .job import TrainResult, train_loop_per_worker, train_supernet
 from .loop import (
     EpochStats,
     SupernetTraining,
@@ -18,7 +18,6 @@ from .loop import (
 
 __all__ = [
     "EpochStats",
-    "InjectedFailure",
     "SupernetTraining",
     "TrainConfig",
     "TrainConfigError",

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from ..errors import GLoRARayError
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from ..data.vtab import SPLITS
+from ..identity import EXECUTION_ONLY
+from ..precision import parse_precision
 from ..settings import from_known_fields
 
 
@@ -29,18 +31,26 @@ class TrainConfig:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     seed: int = 0
-    checkpoint_every: int = 10  # epochs; the last epoch is always checkpointed
-    keep_checkpoints: int = 2
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    gpus_per_worker: float | None = None  # None: 1 when use_gpu; a fraction shares a GPU
-    max_failures: int = 3
-    wait_for_resources: bool = False  # True: let Ray wait for an autoscaler instead of refusing
     split: str = "train800"
-    # Test hook: raise at this global step, in an attempt that did not start from a checkpoint,
-    # to exercise FailureConfig retries.
-    inject_failure_at_step: int | None = None
+    # -- how the job runs: changing these continues a run (glora_ray.identity) ---------------
+    # The global batch and the per-epoch reseeding make results independent of the worker count.
+    checkpoint_every: int = field(default=10, metadata=EXECUTION_ONLY)  # epochs; the last is always checkpointed
+    keep_checkpoints: int = field(default=2, metadata=EXECUTION_ONLY)
+    num_workers: int = field(default=1, metadata=EXECUTION_ONLY)
+    use_gpu: bool = field(default=False, metadata=EXECUTION_ONLY)
+    cpus_per_worker: int = field(default=1, metadata=EXECUTION_ONLY)
+    # None: 1 when use_gpu; a fraction shares a GPU
+    gpus_per_worker: float | None = field(default=None, metadata=EXECUTION_ONLY)
+    max_failures: int = field(default=3, metadata=EXECUTION_ONLY)
+    # True: let Ray wait for an autoscaler instead of refusing
+    wait_for_resources: bool = field(default=False, metadata=EXECUTION_ONLY)
+    # -- numerics (change results) --------------------------------------------------------------
+    # Forward passes: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "tf32" (CUDA) or
+    # "bf16" (autocast; on CPUs too); tf32 on a CPU is refused when training starts. The weights
+    # and the optimizer stay float32 in every case.
+    precision: str = "auto"
+    # Channels-last activations and weights: None = on CUDA when the backbone is convolutional.
+    channels_last: bool | None = None
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -67,6 +77,9 @@ class TrainConfig:
             raise TrainConfigError(f"split must name a training list (VTAB-1k: one of {list(SPLITS)}), got {self.split!r}")
         if self.split == "test":
             raise TrainConfigError("never train on 'test' (SPEC §2); use 'train800' or 'train800val200'")
+        parse_precision(self.precision, "precision", allow_auto=True, error=TrainConfigError)
+        if self.channels_last not in (None, True, False):
+            raise TrainConfigError(f"channels_last must be None (automatic), True or False, got {self.channels_last!r}")
         if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
             raise TrainConfigError(
                 f"gpus_per_worker={self.gpus_per_worker} needs use_gpu=True and a value > 0"

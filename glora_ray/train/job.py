@@ -11,36 +11,33 @@ from it, up to ``max_failures`` times.  Afterwards the driver copies the finishe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import storage
+from .. import faults, storage
 from ..checkpoint import CheckpointMismatchError, SupernetSpec, read_spec, save_supernet
 from ..data.vtab import DataConfig
+from ..identity import result_identity
+from ..progress import StageClock
+from ..runtime import init_ray, is_verbose
 from .config import TrainConfig, TrainConfigError
 from .loop import STATE_FILE, EpochStats, SupernetTraining, load_training_state, steps_per_epoch
 
 SUPERNET_DIR = "supernet"
 HISTORY_FILE = "history.json"
 TRAIN_CONFIG_FILE = "train_config.json"  # the settings a finished supernet was trained with
-# Settings that change the trained weights; resources and fault handling do not.
-_RESULT_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
-                    "seed", "split")
 RUN_SPEC_FILE = "run_spec.json"
+log = logging.getLogger(__name__)
 # Local mode (num_workers=0) persists nothing through Ray, so its checkpoints go here.
 LOCAL_CHECKPOINTS_DIR = "local_checkpoints"
 _LOCAL_CHECKPOINT_PREFIX = "checkpoint_epoch_"
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by ``TrainConfig.inject_failure_at_step`` to exercise worker retries."""
 
 
 @dataclass
@@ -105,20 +102,6 @@ def check_cluster_fits(train: TrainConfig) -> None:
             )
 
 
-def _install_dir(source: Path, destination: Path) -> None:
-    """Copy ``source`` to ``destination``, replacing it whole (never a half-written mix)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.with_name(f".{destination.name}.tmp-{uuid.uuid4().hex}")
-    shutil.copytree(source, staging)
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.old-{uuid.uuid4().hex}")
-        os.replace(destination, old)
-        os.replace(staging, destination)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, destination)
-
-
 def _check_rerun(run_dir: Path, spec: SupernetSpec) -> None:
     """Refuse, before starting Ray, to resume a run that was started for another model/space/data."""
     path = run_dir / RUN_SPEC_FILE
@@ -137,13 +120,15 @@ def train_supernet(
     run_name: str,
     *,
     output_dir: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a supernet with Ray Train; resume a run of the same name; return where it is saved.
 
     Everything that can be checked without training is checked here first: the settings, the
     dataset (every line, path, label and training image) and the backbone (weights readable or,
-    offline, cached).  Ray is not initialised here: an initialised Ray (or a Tune trial's) is used
-    as it is, otherwise Ray Train starts one.
+    offline, cached).  An initialised Ray (or a Tune trial's) is used as it is, otherwise
+    ``glora_ray.runtime.init_ray`` starts one.  ``progress`` (picklable: it runs in the rank-0
+    worker) receives one line per epoch; by default the worker logs it.
     """
     train.validate()
     spec = prepare_spec(spec, data, train)
@@ -155,7 +140,7 @@ def train_supernet(
             f"(global) over {train.world_size} worker(s)"
         )
     spec.backbone.validate()
-    if spec.backbone.pretrained or spec.backbone.checkpoint_path:
+    if spec.backbone.loads_weights:
         # Real weights are loaded once here, so an unreadable file or an offline hub fails now,
         # not in every worker after Ray starts (and again on every retry).
         spec.build()
@@ -172,16 +157,17 @@ def train_supernet(
     else:
         storage_path = os.path.abspath(storage_path)
         run_dir = os.path.join(storage_path, run_name)
-    if not local_mode:
-        check_cluster_fits(train)
-    if not _is_uri(run_dir):
-        _check_rerun(Path(run_dir), spec)
     final_dir = Path(output_dir) if output_dir is not None else Path(run_dir) / SUPERNET_DIR
     finished = _finished(final_dir, spec, train, run_dir)
     if finished is not None:
         return finished  # a rerun of a completed run: no worker group to start
+    if not local_mode:
+        init_ray()
+        check_cluster_fits(train)
+    if not _is_uri(run_dir):
+        _check_rerun(Path(run_dir), spec)
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -191,6 +177,7 @@ def train_supernet(
             "data": data.to_dict(),
             "train": train.to_dict(),
             "local_checkpoints": os.path.join(run_dir, LOCAL_CHECKPOINTS_DIR) if local_mode else None,
+            "progress": progress,
         },
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
@@ -202,17 +189,19 @@ def train_supernet(
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=train.max_failures),
+            # Ray Train's per-report lines only when asked for (--verbose).
+            logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
         ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        _install_dir(Path(directory) / SUPERNET_DIR, final_dir)
+        storage.install_dir(Path(directory) / SUPERNET_DIR, final_dir)
         history = load_training_state(directory)["history"]
     read_spec(final_dir).check_matches(spec, str(final_dir))
     storage.write_json(str(final_dir / HISTORY_FILE), history)
-    storage.write_json(str(final_dir / TRAIN_CONFIG_FILE), _result_settings(train))
+    storage.write_json(str(final_dir / TRAIN_CONFIG_FILE), result_identity(train))
     outcome = result.return_value or {}
     return TrainResult(
         checkpoint_dir=str(final_dir),
@@ -225,17 +214,12 @@ def train_supernet(
     )
 
 
-def _result_settings(train: TrainConfig) -> dict[str, Any]:
-    data = train.to_dict()
-    return {name: data[name] for name in _RESULT_SETTINGS}
-
-
 def _finished(final_dir: Path, spec: SupernetSpec, train: TrainConfig, run_dir: str) -> TrainResult | None:
     """The stored result of this exact run when it already completed every epoch, else None."""
     history_path, settings_path = final_dir / HISTORY_FILE, final_dir / TRAIN_CONFIG_FILE
     if not (history_path.is_file() and settings_path.is_file()):
         return None
-    if json.loads(settings_path.read_text()) != _result_settings(train):
+    if json.loads(settings_path.read_text()) != result_identity(train):
         return None  # other settings (e.g. more epochs): let Ray Train resume from its checkpoint
     history = json.loads(history_path.read_text())
     if not history or history[-1]["epoch"] != train.epochs - 1:
@@ -270,12 +254,18 @@ def _resume_payload(checkpoint, local_dir: Path | None, spec: SupernetSpec) -> d
 class _Reporter:
     """Reports every epoch to Ray Train; checkpoints every N epochs and at the end (rank 0 writes)."""
 
-    def __init__(self, training: SupernetTraining, spec: SupernetSpec, rank: int, local_dir: Path | None):
+    def __init__(self, training: SupernetTraining, spec: SupernetSpec, rank: int, local_dir: Path | None,
+                 progress: Callable[[str], None] | None):
         self.training, self.spec, self.rank, self.local_dir = training, spec, rank, local_dir
+        self.progress = progress or log.info
+        self.clock = StageClock(training.cfg.epochs - training.state.epoch)
 
     def epoch_end(self, training: SupernetTraining, stats: EpochStats) -> None:
         due = training.finished or training.state.epoch % training.cfg.checkpoint_every == 0
         self.report(stats, checkpoint=due)
+        if self.rank == 0:
+            self.progress(f"epoch {stats.epoch + 1}/{training.cfg.epochs}: loss {stats.loss:.4f}, train acc "
+                          f"{stats.train_acc:.4f}, {stats.images_per_s:.0f} images/s | {self.clock.step()}")
 
     def report(self, stats: EpochStats | None, checkpoint: bool) -> None:
         import ray.train
@@ -312,17 +302,6 @@ class _Reporter:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _failure_hook(train: TrainConfig, resumed: bool):
-    if train.inject_failure_at_step is None or resumed:
-        return None
-
-    def hook(step: int) -> None:
-        if step == train.inject_failure_at_step:
-            raise InjectedFailure(f"injected failure at step {step} (TrainConfig.inject_failure_at_step)")
-
-    return hook
-
-
 def train_loop_per_worker(config: Mapping[str, Any]) -> dict[str, Any]:
     """The function Ray Train runs on every worker (and in the driver in local mode)."""
     import ray.train
@@ -342,7 +321,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> dict[str, Any]:
     rng_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=rng_devices):
-            return _train_worker(spec, data, train, device, rank, world_size, local_dir)
+            return _train_worker(spec, data, train, device, rank, world_size, local_dir, config.get("progress"))
     finally:
         torch.set_num_threads(threads)
 
@@ -355,6 +334,7 @@ def _train_worker(
     rank: int,
     world_size: int,
     local_dir: Path | None,
+    progress: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
@@ -375,9 +355,10 @@ def _train_worker(
         prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
         meta={"spec": spec.to_dict(), "data": data.to_dict(), "train": train.to_dict()},
     ).setup(resume)
-    reporter = _Reporter(training, spec, rank, local_dir)
+    reporter = _Reporter(training, spec, rank, local_dir, progress)
     already_done = training.finished
-    training.run(on_epoch_end=reporter.epoch_end, on_step=_failure_hook(train, resume is not None))
+    resumed = resume is not None
+    training.run(on_epoch_end=reporter.epoch_end, on_step=lambda step: faults.at_train_step(step, resumed))
     if already_done:
         # A rerun of a finished run: report its final state (with the supernet) once more.
         reporter.report(None, checkpoint=True)

@@ -17,11 +17,11 @@ runs in one process (e.g. to profile the step on a GPU).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .. import storage
+from ..checkpoint import MissingCheckpointError
+from ..precision import Precision, autocast, matmul_precision, memory_format, resolve_precision
 from ..supernet import Supernet
 from .config import TrainConfig, TrainConfigError
 
@@ -102,8 +105,16 @@ def param_groups(supernet: Supernet, weight_decay: float) -> list[dict[str, Any]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_optimizer(supernet: Supernet) -> bool:
+    """Fused AdamW (one kernel for all tensors) when the trainable tensors are on CUDA; the CPU
+    keeps the default implementation, whose results earlier runs were checked against."""
+    params = supernet.trainable_parameters()
+    return bool(params) and all(p.is_cuda for p in params)
+
+
 def build_optimizer(supernet: Supernet, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(supernet, cfg.weight_decay), lr=cfg.lr)
+    fused = fused_optimizer(supernet)
+    return torch.optim.AdamW(param_groups(supernet, cfg.weight_decay), lr=cfg.lr, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupCosine) -> torch.optim.lr_scheduler.LambdaLR:
@@ -180,8 +191,14 @@ def train_epoch(
     *,
     epoch: int = 0,
     on_step: StepHook | None = None,
+    precision: Precision = Precision.FP32,
+    layout: torch.memory_format = torch.contiguous_format,
 ) -> EpochStats:
-    """One pass over ``loader``, a fresh subnet every step; metrics summed over all workers."""
+    """One pass over ``loader``, a fresh subnet every step; metrics summed over all workers.
+
+    ``precision``: of the forward pass (bf16 autocast) and the matmuls (TF32); the weights, the
+    gradients and the optimizer stay float32.  ``layout``: the images' memory format (channels-last
+    for a CNN on CUDA, matching the model's)."""
     supernet = unwrap(model)
     device = torch.device(device)
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -190,26 +207,28 @@ def train_epoch(
     correct = torch.zeros((), dtype=torch.float64, device=device)
     seen, keys, lr = 0, [], float("nan")
     start = time.perf_counter()
-    for images, labels in loader:
-        if on_step is not None:
-            on_step(step)
-        genes = subnet_for_step(seed, step, supernet)
-        supernet.set_subnet(genes)
-        keys.append(supernet.space.genes_to_string(genes))
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        lr = optimizer.param_groups[0]["lr"]
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        # Accumulate on the device: no host sync per step.
-        loss_sum += loss.detach().double() * labels.numel()
-        correct += (logits.detach().argmax(dim=1) == labels).sum()
-        seen += labels.numel()
+    with matmul_precision(precision, device):
+        for images, labels in loader:
+            if on_step is not None:
+                on_step(step)
+            genes = subnet_for_step(seed, step, supernet)
+            supernet.set_subnet(genes)
+            keys.append(supernet.space.genes_to_string(genes))
+            images = images.to(device, non_blocking=True, memory_format=layout)
+            labels = labels.to(device, non_blocking=True)
+            lr = optimizer.param_groups[0]["lr"]
+            with autocast(precision, device):  # the backward pass runs outside, as autocast wants
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            # Accumulate on the device: no host sync per step.
+            loss_sum += loss.detach().double() * labels.numel()
+            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            seen += labels.numel()
     totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
     digests = [subnet_digest(keys)]
     if _distributed(world_size):
@@ -245,11 +264,11 @@ class TrainingState:
 
 
 def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """The payload ``SupernetTraining.save`` wrote into ``directory``."""
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no training state here")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The payload ``SupernetTraining.save`` wrote into ``directory`` (a path or URI)."""
+    uri = storage.join(os.fspath(directory), STATE_FILE)
+    if not storage.exists(uri):
+        raise MissingCheckpointError(f"{uri}: no training state here")
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
 class SupernetTraining:
@@ -276,6 +295,9 @@ class SupernetTraining:
     ):
         self.supernet, self.cfg, self.rank, self.world_size = supernet, cfg, rank, world_size
         self.device = torch.device(device)
+        # Refused here (tf32 on a CPU), before any training: a clear error, not a late failure.
+        self.precision = resolve_precision(cfg.precision, self.device, error=TrainConfigError)
+        self.layout = memory_format(supernet, self.device, cfg.channels_last)
         self.meta = dict(meta or {})
         self.steps_per_epoch = steps_per_epoch(len(dataset), cfg, world_size)
         if self.steps_per_epoch < 1:
@@ -300,6 +322,8 @@ class SupernetTraining:
         if resume is not None:
             # Before the DDP wrap, so its initial broadcast already carries the restored weights.
             self.supernet.load_adapter_state_dict(resume["adapters"])
+        if self.layout is torch.channels_last:  # before the device move and the DDP wrap, which keep it
+            self.supernet.to(memory_format=self.layout)
         self.model = self._prepare_model(self.supernet) if self._prepare_model else self.supernet.to(self.device)
         if self._prepare_loader is not None:
             self.loader = self._prepare_loader(self.loader)
@@ -322,9 +346,11 @@ class SupernetTraining:
         # A resumed optimizer carries the saved run's lr and weight decay; the current config wins.
         fresh = param_groups(self.supernet, self.cfg.weight_decay)
         lr = self.schedule.lr_at(self.scheduler.last_epoch)
+        fused = fused_optimizer(self.supernet)  # the saved run may have trained on another device
         self.scheduler.base_lrs = [self.schedule.lr] * len(self.optimizer.param_groups)
         for group, settings in zip(self.optimizer.param_groups, fresh):
             group["weight_decay"] = settings["weight_decay"]
+            group["fused"] = fused or None
             group["initial_lr"] = self.schedule.lr
             group["lr"] = lr
 
@@ -334,7 +360,7 @@ class SupernetTraining:
         seed_epoch(self.cfg.seed, epoch, self.rank)
         stats = train_epoch(
             self.model, self.loader, self.optimizer, self.scheduler, self.state.step, self.cfg.seed,
-            self.device, epoch=epoch, on_step=on_step,
+            self.device, epoch=epoch, on_step=on_step, precision=self.precision, layout=self.layout,
         )
         self.state.step, self.state.epoch = stats.step, epoch + 1
         self.state.history.append(stats.to_dict())
@@ -372,12 +398,10 @@ class SupernetTraining:
             "meta": self.meta,
         }
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``state.pt`` into ``directory`` atomically (temporary name, then rename)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / STATE_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``state.pt`` into ``directory`` (a path or URI) atomically, through ``storage``."""
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        uri = storage.join(os.fspath(directory), STATE_FILE)
+        storage.write_bytes(uri, buffer.getvalue())
+        return uri

@@ -1,0 +1,200 @@
+"""What every GLoRA layer shares (docs/method.md §1): choice, counts, effective bias, merging.
+
+A subclass names the base type it wraps and how that base applies a weight; everything is
+computed over the 2-D view ``(d_out, d_in)`` of the base weight, so the linear and the
+convolution layers share the formula, the merge and the forward's plan.
+"""
+from __future__ import annotations
+
+import copy
+from typing import ClassVar, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import GLoRARayTypeError
+from ..space import TENSORS, Choice, LayerChoice, SearchSpace
+from .support import GLoRASupport, LowRank, PerRow, Term
+
+# A layer's choice as the user gives it (names) or as it flows inside (one Choice per tensor).
+LayerChoiceLike = LayerChoice | Sequence[Choice]
+
+
+class GLoRALayer(nn.Module):
+    """A frozen base layer plus GLoRA support tensors; ``set_choice`` fixes the subnet."""
+
+    base_type: ClassVar[type[nn.Module]]
+    groups: int = 1  # independent input groups of the weight (a grouped convolution has more)
+
+    def __init__(
+        self,
+        base: nn.Module,
+        space: SearchSpace,
+        init: str = "kaiming",
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        cls = type(self).__name__
+        if isinstance(base, GLoRALayer):
+            raise GLoRARayTypeError(f"{cls}: base is already a {type(base).__name__}; wrap the plain layer once")
+        if not isinstance(base, self.base_type):
+            raise GLoRARayTypeError(f"{cls}: base must be a torch.nn.{self.base_type.__name__}, "
+                                    f"got {type(base).__name__}")
+        if not isinstance(space, SearchSpace):
+            raise GLoRARayTypeError(f"{cls}: space must be a glora_ray.SearchSpace (e.g. SearchSpace((8, 4))), "
+                                    f"got {type(space).__name__} {space!r}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.space = space
+        d_out = base.weight.shape[0]
+        self.glora = GLoRASupport(
+            base.weight[0].numel(), d_out, space.max_rank, init, generator,
+            device=base.weight.device, dtype=base.weight.dtype,
+        )
+        self._choice: tuple[Choice, ...] = space.largest_layer_choices()
+
+    # -- geometry --------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.glora.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.glora.d_out
+
+    def weight_2d(self) -> torch.Tensor:
+        """The base weight as (d_out, d_in): a view, never a copy to write into."""
+        return self.base.weight.reshape(self.d_out, self.d_in)
+
+    # -- choice ------------------------------------------------------------------------
+    def set_choice(self, choice: LayerChoiceLike, layer_name: str = "<layer>") -> None:
+        self._choice = self._resolve(choice, layer_name)
+
+    def set_choice_genes(self, genes: Sequence[int], layer_name: str = "<layer>") -> None:
+        self._choice = self.space.choices_from_genes(genes, layer_name)
+
+    @property
+    def choice(self) -> dict[str, str]:
+        """The current choice by name, e.g. ``{"A": "lora8", "B": "vector", ...}``."""
+        return self.space.choice_names(self._choice)
+
+    @property
+    def choices(self) -> tuple[Choice, ...]:
+        return self._choice
+
+    def _resolve(self, choice: LayerChoiceLike | None, layer_name: str = "<layer>") -> tuple[Choice, ...]:
+        if choice is None:
+            return self._choice
+        if isinstance(choice, Mapping):
+            return self.space.choices_from_names(choice, layer_name)
+        return self.space.check_choices(choice, layer_name)
+
+    def terms(self, choice: LayerChoiceLike | None = None) -> tuple[Term | None, ...]:
+        """The support term of each tensor A..E under ``choice`` (default: the current one)."""
+        return tuple(self.glora.term(t, c) for t, c in zip(TENSORS, self._resolve(choice)))
+
+    def num_params(self, choice: LayerChoiceLike | None = None) -> int:
+        """Parameter count of ``choice`` (docs/method.md §1): the elements of the slices it uses."""
+        return sum(t.num_params for t in self.terms(choice) if t is not None)
+
+    # -- compute -----------------------------------------------------------------------
+    def effective_bias(self, terms: Sequence[Term | None] | None = None) -> torch.Tensor | None:
+        """b0 + b0 * D + E + W0 @ C (W0 the original weight), or None when every term is absent."""
+        _, _, c, d, e = terms if terms is not None else self.terms()
+        b0 = self.base.bias
+        bias = None
+        if b0 is not None:
+            bias = b0 if d is None else b0 + b0 * d.value
+        if e is not None:
+            bias = e.value.expand(self.d_out) if bias is None else bias + e.value
+        if c is not None:
+            prompt = (self.weight_2d() @ c.matrix())[:, 0]
+            bias = prompt if bias is None else bias + prompt
+        return bias
+
+    def _b_apart(self, b: Term) -> bool:
+        """Whether B is applied beside the base (thin factors, row sums) rather than folded in.
+
+        A per-row B never needs the kernel.  A LoRA B applied as two thin products costs about
+        rank * (groups * d_in + d_out) per output position, against d_in * d_out for the
+        weight-gradient of a folded kernel: the cheaper one wins.
+        """
+        if isinstance(b, PerRow):
+            return True
+        return b.rank * (self.groups * self.d_in + self.d_out) < self.d_in * self.d_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, *_ = terms = self.terms()
+        x = self._prepare_input(x)
+        fold_b = b is not None and (isinstance(a, LowRank) or not self._b_apart(b))
+        if isinstance(a, LowRank) or fold_b:
+            # One pass with the rebuilt kernel W0 + W0 * A (+ B).
+            w0 = self.weight_2d()
+            weight = w0 if a is None else w0 + w0 * a.matrix()
+            if fold_b:
+                weight = weight + b.matrix()
+            out = self._apply_weight(x, weight.view_as(self.base.weight))
+        else:
+            # A vector or scalar A scales the base output per channel: no kernel is rebuilt.
+            out = self._apply_weight(x, self.base.weight)
+            if a is not None:
+                out = out + out * self._per_channel(a.value)
+        if b is not None and not fold_b:
+            if isinstance(b, LowRank):
+                out = out + self._apply_low_rank(x, b)
+            else:  # constant along d_in: x's sum over each output's receptive field, scaled
+                out = out + self._row_sum(x) * self._per_channel(b.value)
+        bias = self.effective_bias(terms)
+        return out if bias is None else out + self._per_channel(bias)
+
+    # Subclasses: how the base applies a weight, along which axis its output channels lie.
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _apply_low_rank(self, x: torch.Tensor, term: LowRank) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _row_sum(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _per_channel(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    # -- merging -----------------------------------------------------------------------
+    @torch.no_grad()
+    def merged_weight_and_bias(self, choice: LayerChoiceLike | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W0 + W0 * A + B (shaped like the base weight) and the effective bias, out of place."""
+        terms = self.terms(choice)
+        a, b = terms[0], terms[1]
+        w0 = self.weight_2d()
+        # The first op makes a fresh tensor; later terms accumulate into it (never into W0).
+        # Fused ops keep the kernel count low: a candidate merges all its layers every time.
+        if isinstance(b, LowRank):
+            weight = torch.addmm(w0, b.down, b.up)
+        else:
+            weight = w0.clone() if b is None else w0 + b.matrix()
+        if a is not None:
+            weight.addcmul_(w0, a.matrix())
+        bias = self.effective_bias(terms)
+        if bias is not None:
+            bias = bias.detach().clone() if bias is self.base.bias else bias.detach()
+        return weight.detach().view_as(self.base.weight), bias
+
+    def merged(self, choice: LayerChoiceLike | None = None) -> nn.Module:
+        """A new plain layer of the base's own class equal to this layer under ``choice``.
+
+        The base is untouched: the copy gets fresh weight and bias tensors (a bias-less base
+        gains a bias when E or C is chosen, docs/method.md §1).
+        """
+        weight, bias = self.merged_weight_and_bias(choice)
+        # A copy of the base's class, settings and hooks without copying its tensors (memo: None).
+        plain = copy.deepcopy(self.base, memo={id(p): None for p in self.base.parameters(recurse=False)})
+        plain.register_parameter("weight", nn.Parameter(weight.contiguous(), requires_grad=False))
+        plain.register_parameter("bias", None if bias is None else nn.Parameter(bias.contiguous(), requires_grad=False))
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, choice={self.choice}"

@@ -1,0 +1,66 @@
+"""Starting Ray: the one place glora-ray initialises it (pipeline, training and search alike).
+
+``init_ray`` joins the cluster a ``ray job submit`` (or ``RAY_ADDRESS``) names, else starts a
+local instance, and exports that instance's address as ``RAY_ADDRESS``; ``child_runtime_env``
+hands it to a task's children (Train's controller and its PlacementGroupCleaner, Tune trials),
+so they query this instance even while another local Ray runs on the same machine (otherwise:
+"Found multiple active Ray instances").  Unless ``verbose``, Ray's internal chatter (worker
+output, Train's per-report lines, the token-authentication notice) stays in Ray's log files
+(``/tmp/ray/session_latest/logs``); the package's own progress and errors still show.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# Ray Train V2 prints a deprecation banner per run unless told otherwise.
+_QUIET_ENV = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+# Loggers of Ray internals that print at INFO/WARNING on every run of a healthy pipeline.
+_RAY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data")
+VERBOSE_ENV = "GLORA_RAY_VERBOSE"  # "1": Ray's own INFO lines too (--verbose)
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_ray_logs(verbose: bool) -> None:
+    """In this process: Ray's internal loggers at ERROR unless ``verbose``; remembered for later stages."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def init_ray(verbose: bool | None = None) -> None:
+    """Join or start Ray once per process; later calls do nothing.
+
+    ``verbose`` None keeps what this process was told before (default: quiet).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    verbose = is_verbose() if verbose is None else verbose
+    quiet_ray_logs(verbose)
+    for name, value in _QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    level = logging.INFO if verbose else logging.ERROR
+    # Workers' output (ours is logged, not printed) reaches this console only when verbose.
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=level, log_to_driver=verbose)
+    else:
+        ray.init(address="local", logging_level=level, log_to_driver=verbose)
+    # Children of this driver (Train controller, Tune trials) find this instance and no other.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    log.info("Ray %s at %s", ray.__version__, os.environ["RAY_ADDRESS"])
+
+
+def child_runtime_env() -> dict:
+    """``runtime_env`` for a task whose children query Ray's State API (Train's controller and its
+    PlacementGroupCleaner, Tune): this instance's address, so they never pick among several
+    local instances, and this process's verbosity."""
+    import ray
+
+    return {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, VERBOSE_ENV: "1" if is_verbose() else "0"}}

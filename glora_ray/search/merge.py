@@ -1,0 +1,250 @@
+"""How an evaluator puts one subnet's merged weights into the plain backbone (docs/method.md §3).
+
+Three strategies, one result (``W0 + W0*A + B`` and ``b0 + b0*D + E + W0@C`` per adapted layer,
+docs/method.md §1), different costs:
+
+``just_in_time`` (the default on the CPU)
+    Each adapted layer's weight is merged just before it runs (a forward pre-hook on the plain
+    layer), by the layer's own ``merged_weight_and_bias``, and dropped right after: an actor
+    holds one layer's merged weight at a time and a bias vector per layer instead of a private
+    merged copy of every adapted layer, so actors that share the weights zero-copy stay small.
+    The weight is merged once per batch instead of once per candidate.  Bit for bit the same
+    logits as ``per_candidate`` (same function, same plain layer ``forward``).
+``per_candidate``
+    Every adapted layer merged once per candidate into new tensors (the path before issue 14):
+    the least merging, but a private copy of the adapted weights per actor.
+``batched`` (the default on CUDA)
+    All adapted layers of one weight shape merged together by a few stacked ops (``baddbmm``,
+    ``bmm``, ``addcmul``) into persistent stacked buffers that the plain layers view: a few
+    dozen kernels per candidate instead of a dozen per layer, so the merge is not bound by
+    kernel launches.  The layers' frozen weights are re-pointed into one stacked tensor per
+    shape (no second copy).  Float results equal the per-layer merge up to summation order.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import GLoRARayError
+from ..precision import Precision, matmul_precision
+from ..space import TENSORS, Kind
+from ..supernet import Supernet
+
+
+class MergeStrategy(str, enum.Enum):
+    JUST_IN_TIME = "just_in_time"
+    PER_CANDIDATE = "per_candidate"
+    BATCHED = "batched"
+
+
+AUTO = "auto"
+
+
+def resolve_merge_strategy(value: MergeStrategy | str, device: torch.device) -> MergeStrategy:
+    """``auto``: ``batched`` on CUDA (device memory is per actor anyway; launches are what cost),
+    ``just_in_time`` elsewhere (host weights are shared between actors; private memory is what costs)."""
+    if value == AUTO:
+        return MergeStrategy.BATCHED if device.type == "cuda" else MergeStrategy.JUST_IN_TIME
+    try:
+        return MergeStrategy(value)
+    except ValueError:
+        raise GLoRARayError(f"merge strategy {value!r} is not one of "
+                            f"{[AUTO] + [s.value for s in MergeStrategy]}") from None
+
+
+class Merger(Protocol):
+    def load(self, genes: np.ndarray) -> None:
+        """Make the plain backbone compute the subnet ``genes``."""
+
+
+def _zero_bias(weight: torch.Tensor) -> torch.Tensor:
+    # No base bias and no D / E / C term: a zero bias keeps one code path (and equal bits).
+    return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+
+class PerCandidateMerge:
+    """Every adapted layer merged once per candidate into new tensors, set on the plain layers."""
+
+    def __init__(self, supernet: Supernet, targets: Sequence[nn.Module]):
+        self.supernet, self.targets = supernet, list(targets)
+        self._zero_bias: dict[int, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def load(self, genes: np.ndarray) -> None:
+        self.supernet.set_subnet(genes)
+        for i, (layer, target) in enumerate(zip(self.supernet.layers(), self.targets)):
+            weight, bias = layer.merged_weight_and_bias()
+            if bias is None:
+                bias = self._zero_bias.get(i)
+                if bias is None:
+                    bias = self._zero_bias[i] = _zero_bias(weight)
+            target.weight = nn.Parameter(weight, requires_grad=False)
+            target.bias = nn.Parameter(bias, requires_grad=False)
+
+
+class JustInTimeMerge:
+    """Each plain adapted layer gets its merged weight from a forward pre-hook and drops it after.
+
+    ``load`` computes every layer's bias (``b0 + b0*D + E + W0@C``: a vector, but half the merge's
+    work through ``W0@C``) once per candidate, then leaves the GLoRA layer set to a choice with
+    the candidate's A and B (all the weight depends on) and no C, D, E, so that the merge in the
+    hook builds the weight ``W0 + W0*A + B`` only.  The plain layer's own ``forward`` applies it
+    (``F.linear``, or a convolution with the base's settings).
+    """
+
+    def __init__(self, supernet: Supernet, targets: Sequence[nn.Module]):
+        self.supernet = supernet
+        self.targets = list(targets)
+        layers = list(supernet.layers())
+        # Every layer's bias lives in one buffer allocated once: kept small tensors allocated
+        # between the merge's large temporaries would pin freed heap blocks (glibc keeps them).
+        sizes = [l.base.weight.shape[0] for l in layers]
+        weight = layers[0].base.weight
+        store = torch.zeros(sum(sizes), dtype=weight.dtype, device=weight.device)
+        self.biases = list(torch.split(store, sizes))
+        for i, (layer, target) in enumerate(zip(layers, self.targets)):
+            # weight and bias become plain attributes, set only while the layer runs.
+            for name in ("weight", "bias"):
+                if name in target._parameters:
+                    del target._parameters[name]
+                setattr(target, name, None)
+            target.register_forward_pre_hook(self._hook_merge(i, layer))
+            target.register_forward_hook(_drop_weight)
+        space = supernet.space
+        # Gene columns of A, B (the weight) and of C, D, E (the bias), and each tensor's ``none``.
+        self._weight_only = [TENSORS.index(t) for t in ("C", "D", "E")]
+        self._bias_only = [TENSORS.index(t) for t in ("A", "B")]
+        self._none = {t: space.choices(t).index(Kind.NONE.value) for t in TENSORS}
+
+    def _hook_merge(self, i: int, layer: nn.Module):
+        def merge(module: nn.Module, args: tuple) -> None:
+            device = args[0].device
+            if torch.is_autocast_enabled(device.type) or device.type == "cuda":
+                # The merge in full fp32 (no autocast, no TF32); only the layer's own op takes the precision.
+                with torch.autocast(device.type, enabled=False), matmul_precision(Precision.FP32, device):
+                    weight, _ = layer.merged_weight_and_bias()
+            else:
+                weight, _ = layer.merged_weight_and_bias()
+            module.weight, module.bias = weight, self.biases[i]
+
+        return merge
+
+    @torch.inference_mode()
+    def load(self, genes: np.ndarray) -> None:
+        per_layer = np.asarray(genes).reshape(self.supernet.num_layers, -1)
+        bias_genes, weight_genes = per_layer.copy(), per_layer.copy()
+        bias_genes[:, self._bias_only] = [self._none[TENSORS[c]] for c in self._bias_only]
+        weight_genes[:, self._weight_only] = [self._none[TENSORS[c]] for c in self._weight_only]
+        for i, layer in enumerate(self.supernet.layers()):
+            layer.set_choice_genes(bias_genes[i])
+            _, bias = layer.merged_weight_and_bias()  # A, B none: the weight part is a copy of W0
+            if bias is None:  # as ``PerCandidateMerge``: a zero bias keeps one code path
+                self.biases[i].zero_()
+            else:
+                self.biases[i].copy_(bias)
+            layer.set_choice_genes(weight_genes[i])
+
+
+def _drop_weight(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    module.weight = None  # the merged weight is freed as soon as the layer has run
+
+
+# -- batched -----------------------------------------------------------------------------------
+def _choice_tables(space, max_rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per tensor, indexed by gene: ``columns[t, g, k]`` 1 where component k of the down factor is
+    used (k < rank for LoRA, k == 0 for vector and scalar, none for ``none``); ``flags[t, g]``:
+    (LoRA: the up factor is used, else a row of ones spreads the vector / scalar along d_in;
+    scalar: element [0, 0] stands for the whole down column)."""
+    most = max(len(space.choice_objects(t)) for t in TENSORS)
+    columns = np.zeros((len(TENSORS), most, max_rank), dtype=np.float32)
+    flags = np.zeros((len(TENSORS), most, 2), dtype=bool)
+    for t, tensor in enumerate(TENSORS):
+        for g, choice in enumerate(space.choice_objects(tensor)):
+            used = choice.rank if choice.kind is Kind.LORA else (0 if choice.kind is Kind.NONE else 1)
+            columns[t, g, :used] = 1.0
+            flags[t, g] = (choice.kind is Kind.LORA, choice.kind is Kind.SCALAR)
+    return columns, flags
+
+
+class _ShapeGroup:
+    """The adapted layers of one (d_out, d_in): stacked frozen weights, stacked support tensors,
+    and the stacked merged buffers their plain layers view."""
+
+    def __init__(self, indices: list[int], layers: list[nn.Module], targets: list[nn.Module]):
+        shapes = [l.base.weight.shape for l in layers]  # (d_out, d_in) for linear, 4-D for a conv kernel
+        w0 = torch.stack([l.base.weight.detach().reshape(s[0], -1) for l, s in zip(layers, shapes)])
+        for i, layer in enumerate(layers):  # the stack becomes the weights' storage: no second copy
+            layer.base.weight = nn.Parameter(w0[i].view(shapes[i]), requires_grad=False)
+        self.w0 = w0
+        self.index = torch.tensor(indices, device=w0.device)
+        self.b0 = torch.stack([l.base.bias.detach() if l.base.bias is not None else torch.zeros_like(w0[0, :, 0])
+                               for l in layers])
+        stack = lambda name: torch.stack([getattr(l.glora, name).detach() for l in layers])  # noqa: E731
+        self.down = {t: stack(f"{t}_down") for t in ("A", "B", "C")}
+        self.up = {t: stack(f"{t}_up") for t in ("A", "B", "C")}
+        # Row 0 of ones: ``down @ ones_row`` spreads a vector or scalar along d_in.
+        self.ones_row = {t: torch.zeros_like(up[0]).index_fill_(0, torch.tensor([0], device=w0.device), 1.0)
+                         for t, up in self.up.items()}
+        self.vectors = {t: stack(t) for t in ("D", "E")}
+        self.weight = torch.empty_like(w0)
+        self.bias = torch.empty_like(self.b0)
+        for i, target in enumerate(targets):
+            target.weight = nn.Parameter(self.weight[i].view(shapes[i]), requires_grad=False)
+            target.bias = nn.Parameter(self.bias[i], requires_grad=False)
+
+    def _low_rank(self, t: int, name: str, columns: torch.Tensor, flags: torch.Tensor):
+        """(down, up) whose product is the tensor's dense value (docs/method.md §1) in every layer."""
+        down, up = self.down[name], self.up[name]
+        lora, scalar = flags[:, t, 0, None, None], flags[:, t, 1, None, None]
+        down = torch.where(scalar, down[:, :1, :1], down) * columns[:, t, None, :]
+        return down, torch.where(lora, up, self.ones_row[name])
+
+    def _vector(self, t: int, name: str, columns: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        vec = self.vectors[name]
+        return torch.where(flags[:, t, 1, None], vec[:, :1], vec) * columns[:, t, :1]
+
+    def merge(self, columns: torch.Tensor, flags: torch.Tensor) -> None:
+        columns, flags = columns.index_select(0, self.index), flags.index_select(0, self.index)
+        a_down, a_up = self._low_rank(0, "A", columns, flags)
+        b_down, b_up = self._low_rank(1, "B", columns, flags)
+        c_down, c_up = self._low_rank(2, "C", columns, flags)
+        torch.baddbmm(self.w0, b_down, b_up, out=self.weight)  # W0 + B
+        self.weight.addcmul_(self.w0, torch.bmm(a_down, a_up))  # + W0 * A
+        prompt = torch.bmm(self.w0, torch.bmm(c_down, c_up))[..., 0]  # W0 @ C
+        d, e = self._vector(3, "D", columns, flags), self._vector(4, "E", columns, flags)
+        torch.addcmul(self.b0, self.b0, d, out=self.bias)  # b0 + b0 * D
+        self.bias.add_(e).add_(prompt)
+
+
+class BatchedMerge:
+    """All adapted layers of one shape merged by a few stacked ops into buffers the plain layers view."""
+
+    def __init__(self, supernet: Supernet, targets: Sequence[nn.Module]):
+        self.supernet = supernet
+        self.columns, self.flags = _choice_tables(supernet.space, supernet.space.max_rank)
+        layers = list(supernet.layers())
+        self.device = layers[0].base.weight.device
+        by_shape: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(layers):
+            weight = layer.base.weight
+            by_shape.setdefault((weight.shape[0], weight[0].numel()), []).append(i)
+        with torch.no_grad():
+            self.groups = [_ShapeGroup(idx, [layers[i] for i in idx], [targets[i] for i in idx])
+                           for idx in by_shape.values()]
+
+    def selectors(self, genes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(columns [L, 5, max_rank], flags [L, 5, 2]) of ``genes``, see ``_choice_tables``."""
+        per_layer = np.asarray(genes).reshape(self.supernet.num_layers, len(TENSORS)).astype(np.int64)
+        tensor = np.arange(len(TENSORS))
+        return self.columns[tensor, per_layer], self.flags[tensor, per_layer]
+
+    @torch.inference_mode()
+    def load(self, genes: np.ndarray) -> None:
+        columns, flags = self.selectors(genes)  # two small host-to-device copies per candidate
+        columns, flags = torch.from_numpy(columns).to(self.device), torch.from_numpy(flags).to(self.device)
+        for group in self.groups:
+            group.merge(columns, flags)

@@ -1,0 +1,43 @@
+"""What a run's results depend on: one definition for the pipeline, training and search."""
+from dataclasses import replace
+
+import pytest
+
+from glora_ray.identity import differences, result_extent, result_identity
+from glora_ray.pipeline.cli import parse_config
+from glora_ray.pipeline.config import PipelineConfigError, check_same_run, run_record
+from glora_ray.search import SearchConfig
+from glora_ray.train import TrainConfig
+
+
+def test_execution_settings_are_not_part_of_the_identity():
+    train = result_identity(TrainConfig())
+    assert set(train) == {"epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
+                          "seed", "split", "precision", "channels_last"}
+    search = result_identity(SearchConfig())
+    assert set(search) == {"population", "parents", "mutants", "crossovers", "m_prob", "min_params", "max_params",
+                           "seed", "max_draw_tries", "eval_batch_size", "eval_mode", "precision"}
+    assert search["eval_mode"] == "merged"  # enums by value: the identity is plain JSON
+    assert result_extent(SearchConfig(generations=7)) == {"generations": 7}
+    assert SearchConfig().result_identity() == search
+
+
+def test_differences_name_nested_fields_with_both_values():
+    a, b = parse_config(["--preset", "tiny", ]), parse_config(["--preset", "tiny", "--seed", "4", "--m-prob", "0.5", "--actors", "3", "--generations", "9"])
+    assert differences(a.identity(), b.identity()) == [
+        ("backbone.init_seed", 0, 4), ("search.m_prob", 0.2, 0.5), ("search.seed", 0, 4), ("train.seed", 0, 4)]
+    assert result_extent(b) == {"search": {"generations": 9}}
+
+
+def test_a_stored_run_continues_only_with_execution_changes_or_a_longer_search():
+    stored = run_record(parse_config(["--preset", "tiny", "--out", "/tmp/run", "--generations", "5"]))
+    for argv in (["--checkpoint-every", "1"], ["--actors", "4", "--actor-cpus", "0.5"], ["--train-workers", "2"],
+                 ["--train-cpus", "1"], ["--test-pareto"], ["--max-concurrent-datasets", "1"], ["--verbose"],
+                 ["--generations", "8"], ["--out", "/elsewhere"]):
+        check_same_run(parse_config(["--preset", "tiny", "--out", "/tmp/run", "--generations", "5", *argv]), stored, "--out /tmp/run")
+    with pytest.raises(PipelineConfigError, match=r"train\.epochs: stored 10, now 3"):
+        check_same_run(parse_config(["--preset", "tiny", "--generations", "5", "--epochs", "3"]), stored, "--out /tmp/run")
+    with pytest.raises(PipelineConfigError, match=r"search\.generations: stored 5, now 4.*may only grow"):
+        check_same_run(parse_config(["--preset", "tiny", "--generations", "4"]), stored, "--out /tmp/run")
+    cfg = parse_config(["--preset", "tiny", ])
+    assert replace(cfg, out="/x").identity() == cfg.identity()  # a run may move

@@ -1,0 +1,111 @@
+"""Issue 14: merge strategies (equal results, small actors), precision options, GPU training paths on CPU."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from glora_ray.errors import GLoRARayError
+from glora_ray.precision import Precision, is_convolutional, memory_format, resolve_precision
+from glora_ray.search import Evaluator, SearchConfig, SearchConfigError
+from glora_ray.search.merge import MergeStrategy
+from glora_ray.train import SupernetTraining, TrainConfig, TrainConfigError
+from test_search import problem, tiny_spec  # noqa: F401  (the shared tiny search problem)
+from test_train import make_spec, quick
+
+
+def evaluators(problem, **kw):  # noqa: F811
+    return {s: Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=24, threads=1,
+                         merge=s, **kw) for s in MergeStrategy}
+
+
+@torch.inference_mode()
+def logits(evaluator, genes, images):
+    evaluator.model.load(genes)
+    return evaluator.model(images)
+
+
+def test_merge_strategies_agree_and_just_in_time_equals_per_candidate_bit_for_bit(problem):  # noqa: F811
+    shared = {k: v.copy() for k, v in problem.state.items()}
+    for array in shared.values():
+        array.flags.writeable = False  # as the object store hands them out
+    evs = evaluators(problem.__class__(problem.spec, problem.net, shared, problem.images, problem.labels))
+    rng = np.random.default_rng(3)
+    subnets = [problem.net.sample_genes(rng) for _ in range(6)] + [problem.net.largest_subnet()]
+    x = evs[MergeStrategy.PER_CANDIDATE].images[:24]
+    for genes in subnets:
+        reference = logits(evs[MergeStrategy.PER_CANDIDATE], genes, x)
+        assert torch.equal(logits(evs[MergeStrategy.JUST_IN_TIME], genes, x), reference)
+        torch.testing.assert_close(logits(evs[MergeStrategy.BATCHED], genes, x), reference, rtol=1e-5, atol=1e-5)
+    accuracies = {s: [r.val_acc for r in ev.evaluate(subnets)] for s, ev in evs.items()}
+    assert accuracies[MergeStrategy.JUST_IN_TIME] == accuracies[MergeStrategy.PER_CANDIDATE]
+    assert len(set(accuracies[MergeStrategy.PER_CANDIDATE])) > 1
+    # Just in time: between forward passes the plain model holds no merged weight, and the
+    # shared weights stay shared.
+    jit = evs[MergeStrategy.JUST_IN_TIME]
+    adapted = [jit.model.plain.get_submodule(n) for n in jit.supernet.layer_names]
+    assert all(m.weight is None and not list(m.parameters(recurse=False)) for m in adapted)
+    assert jit.supernet.model.blocks[0].attn.qkv.base.weight.data_ptr() == \
+        shared["model.blocks.0.attn.qkv.base.weight"].ctypes.data
+
+
+def test_cpu_default_is_just_in_time_and_bf16_evaluation_stays_close(problem):  # noqa: F811
+    fp32 = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=64, threads=1)
+    bf16 = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=64, threads=1,
+                     precision="bf16")
+    assert fp32.merge_strategy is MergeStrategy.JUST_IN_TIME and bf16.precision is Precision.BF16
+    genes = problem.net.sample_genes(np.random.default_rng(4))
+    with torch.inference_mode():
+        bf16._select(genes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = bf16.model(bf16.images).float()
+        reference = logits(fp32, genes, fp32.images)
+    assert not torch.equal(low, reference)  # autocast really ran
+    assert float((low - reference).norm() / reference.norm()) < 5e-2
+    assert 0.0 <= bf16.evaluate([genes])[0].val_acc <= 1.0
+
+
+def test_precision_options_are_validated_with_the_valid_values(problem):  # noqa: F811
+    with pytest.raises(SearchConfigError, match=r"precision='fp16' .*\['fp32', 'tf32', 'bf16'\]"):
+        SearchConfig(precision="fp16")
+    with pytest.raises(SearchConfigError, match="'tf32' is a GPU format.*gpus_per_actor"):
+        SearchConfig(precision="tf32")
+    assert SearchConfig(precision="tf32", gpus_per_actor=1).to_dict()["precision"] == "tf32"
+    assert SearchConfig(precision="bf16").result_identity()["precision"] == "bf16"
+    with pytest.raises(SearchConfigError, match="merge_strategy='fast' is not one of"):
+        SearchConfig(merge_strategy="fast")
+    with pytest.raises(GLoRARayError, match="'tf32' needs a CUDA device"):
+        Evaluator(problem.spec, problem.state, problem.images, problem.labels, device="cpu", precision="tf32")
+    with pytest.raises(TrainConfigError, match=r"precision='half' .*\['auto', 'fp32', 'tf32', 'bf16'\]"):
+        quick(precision="half").validate()
+    with pytest.raises(TrainConfigError, match="channels_last"):
+        quick(channels_last="yes").validate()
+    assert resolve_precision("auto", "cpu") is Precision.FP32
+    assert resolve_precision("auto", "cuda") is Precision.BF16
+
+
+def test_channels_last_only_for_convolutional_backbones_on_cuda():
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    patchify = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4))  # a ViT's patch embedding
+    assert is_convolutional(cnn) and not is_convolutional(patchify)
+    assert memory_format(cnn, torch.device("cuda")) is torch.channels_last
+    assert memory_format(cnn, torch.device("cpu")) is torch.contiguous_format
+    assert memory_format(patchify, torch.device("cuda")) is torch.contiguous_format
+    assert memory_format(patchify, torch.device("cpu"), channels_last=True) is torch.channels_last
+
+
+def test_bf16_and_channels_last_training_run_on_the_cpu():
+    from glora_ray.data import ArrayDataset
+
+    rng = np.random.default_rng(0)
+    dataset = ArrayDataset(rng.standard_normal((128, 3, 16, 16), dtype=np.float32), rng.integers(0, 10, 128))
+    with pytest.raises(TrainConfigError, match="'tf32' needs a CUDA device"):
+        SupernetTraining(make_spec().build(), dataset, quick(precision="tf32"), "cpu")
+    cfg = quick(epochs=2, batch_size=32, precision="bf16", channels_last=True)
+    training = SupernetTraining(make_spec().build(), dataset, cfg, "cpu").setup()
+    head = training.supernet.head.weight.detach().clone()
+    assert training.precision is Precision.BF16 and training.layout is torch.channels_last
+    assert training.supernet.model.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not training.optimizer.param_groups[0]["fused"]  # fused AdamW on CUDA only
+    history = training.run().history
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    assert training.supernet.head.weight.dtype == torch.float32 and not torch.equal(training.supernet.head.weight, head)
