@@ -298,5 +298,5 @@ def test_rerun_with_execution_changes_and_more_generations_continues_the_run(fin
         front = storage.read_json(storage.join(layout.search_uri(cfg.out, dataset), "result.json"))["pareto_size"]
         tested = pd.read_parquet(storage.join(layout.export_uri(cfg.out, dataset), "pareto_test.parquet"))
         assert len(tested) == front and tested["key"].is_unique
-        assert tested.set_index("key").loc[row.subnet, "test_acc"] == row.test_acc
+        assert tested.set_index("key").loc[row.key, "test_acc"] == row.test_acc
     assert storage.read_json(storage.join(cfg.out, layout.CONFIG_FILE))["extent"] == {"search": {"generations": 3}}

@@ -158,16 +158,18 @@ def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
         raise PipelineConfigError(str(err)) from err
     _check_model(cfg)
     splits = (cfg.train.split, *EVAL_SPLITS)
+    datas = {}
     for dataset in cfg.datasets:
         if dataset in EMBEDDED_DATASETS and cfg.write_embedded_data:
             write_digits_dataset(cfg.data_root)
-        counts = vtab_data(cfg, dataset).validate(splits)  # an own dataset's classes counted first
+        datas[dataset] = vtab_data(cfg, dataset)  # an own dataset's classes are counted from its labels
+        counts = datas[dataset].validate(splits)
         _check_batch_size(cfg, dataset, counts[cfg.train.split])
     from .run import spec_for  # run.py imports this module
 
     budgets = {}
     for dataset in cfg.datasets:
-        supernet = spec_for(cfg, dataset).build_empty()
+        supernet = spec_for(cfg, datas[dataset]).build_empty()
         budgets[dataset] = Budget(cfg.search.min_params, cfg.search.max_params).resolve(supernet.counter)
         warning = budget_warning(supernet.counter, supernet.layer_names, budgets[dataset][1])
         if warning is not None:
@@ -177,8 +179,7 @@ def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
     except BackboneError as err:
         raise PipelineConfigError(str(err)) from err
     # Last: the costliest check, every image every split of every dataset names, opened once.
-    refs = [ref for dataset in cfg.datasets for split in splits
-            for ref in sample_refs(vtab_data(cfg, dataset).samples(split))]
+    refs = [ref for data in datas.values() for split in splits for ref in sample_refs(data.samples(split))]
     checked = check_images(refs)
     log.info("preflight: %d image(s) of %d dataset(s) open", checked, len(cfg.datasets))
     return budgets

@@ -116,7 +116,7 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
 
 
 def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, best, test_uri: str,
-               say: "_Progress") -> dict[str, float]:
+               say: _Progress) -> dict[str, float]:
     """Each test list's accuracy of the winner; a list already tested for this winner is never tested again."""
     stored = storage.read_json(test_uri) if storage.exists(test_uri) else {}
     tests: dict[str, float] = {}
