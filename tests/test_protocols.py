@@ -208,6 +208,8 @@ def load_entry(name):
 
 
 def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
+    # As cheap as a whole run gets: 1 shot, 1 seed, 1 epoch, 1 generation, training in Ray Train's
+    # local mode (no worker group to start); the VTAB pipeline's tests cover Train workers.
     data = tmp_path / "data root"
     write_digits_fewshot(data)
     write_digits_domain(data)
@@ -218,7 +220,7 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
 
     fewshot_out = tmp_path / "fewshot out"
     argv = tiny_args(data, fewshot_out, "--shots", "1", "--seeds", "0", "--generations", "1", "--epochs", "1",
-                     "--warmup-epochs", "0", "--checkpoint-every", "1")
+                     "--warmup-epochs", "0", "--checkpoint-every", "1", "--train-workers", "0")
     assert load_entry("fewshot").main(argv) == 0
     frame = pd.read_parquet(fewshot_out / RESULTS_FILE)
     assert list(frame[["dataset", "shots", "seed"]].itertuples(index=False, name=None)) == [("digits", 1, 0)]
@@ -230,7 +232,7 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
 
     domain_out = tmp_path / "domain out"
     argv = tiny_args(data, domain_out, "--num-classes", "10", "--generations", "1", "--epochs", "1",
-                     "--warmup-epochs", "0", "--checkpoint-every", "1", "--batch-size", "32")
+                     "--warmup-epochs", "0", "--checkpoint-every", "1", "--batch-size", "32", "--train-workers", "0")
     assert load_entry("domain").main(argv) == 0
     table = pd.read_parquet(domain_out / TABLE_FILE)
     assert list(table.columns[:3]) == ["seed", "params", "val_acc"]
