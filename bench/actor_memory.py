@@ -1,7 +1,7 @@
 """Issue 6, item 3: the private memory (USS) of each evaluator actor, against the weights.
 
 The supernet's state is put once in the object store as numpy arrays (``checkpoint.numpy_state``)
-and every ``EvaluatorPool`` actor maps it zero-copy (RAY-NOTES §2).  For 1, 2 and 4 actors, in
+and every ``EvaluatorPool`` actor maps it zero-copy (docs/method.md §9).  For 1, 2 and 4 actors, in
 merged and in supernet (unmerged) mode, each actor builds its evaluator, evaluates one candidate,
 and then its process's USS (memory no other process shares; psutil ``memory_full_info().uss``)
 is read, next to the bytes of the state in the object store.  An actor's "extra" memory is its

@@ -5,7 +5,7 @@ All three run the engine's own training code, ``SupernetTraining.run_epoch`` -> 
 over in-memory arrays, stochastic depth 0.1), on the same data, batch and threads, timed one
 epoch of a few steps at a time, interleaved:
 
-  supernet   every adapted layer draws its own random choice every step (SPEC §2);
+  supernet   every adapted layer draws its own random choice every step (docs/method.md §2);
   lora       one fixed subnet, B = LoRA of the largest rank and A, C, D, E none in every
              adapted layer: plain LoRA on the same layers;
   head       one fixed subnet with every tensor none: only the classifier head trains (a linear
@@ -41,7 +41,7 @@ from bench.common import (
 )
 from glora_ray.supernet import Supernet
 
-DROP_PATH_RATE = 0.1  # SPEC §2
+DROP_PATH_RATE = 0.1  # docs/method.md §2
 
 
 class PinnedSupernet(Supernet):
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     add_family_arg(parser)
-    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default: per --size; SPEC: 64)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default: per --size; docs/method.md §2: 64)")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed epoch (default: per --size)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each variant first (default 1)")
     parser.add_argument("--precisions", default=None,

@@ -4,7 +4,8 @@ Every field of a settings dataclass affects results unless its ``dataclasses.fie
 says otherwise:
 
 * ``EXECUTION_ONLY``: how the run executes (resources, checkpoint frequency, fault handling,
-  extra reports).  Changing it continues a run.
+  extra reports such as a tested front, baselines or more seeds, each kept in its own records).
+  Changing it continues a run.
 * ``EXTENDS``: the run's length (``SearchConfig.generations``).  Raising it extends a run from
   where it stopped; the stage that owns it refuses a value below what is already stored.
 

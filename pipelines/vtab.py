@@ -2,6 +2,7 @@
 
     python pipelines/vtab.py                     # embedded default: bundled digits, small ViT, local Ray
     python pipelines/vtab.py --help
+    python pipelines/vtab.py --baselines lora ssf bitfit head --test-pareto --seeds 0 1 2   # vs fixed adapters
     ray job submit --working-dir . -- python pipelines/vtab.py --preset paper --datasets cifar dtd \
         --data-root /mnt/vtab-1k --out s3://bucket/glora/run1 --train-gpus 1 --actor-gpus 0.25
 """
@@ -16,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from glora_ray.errors import GLoRARayError  # noqa: E402
 from glora_ray.pipeline import layout  # noqa: E402
 from glora_ray.pipeline.cli import parse_config, show_progress  # noqa: E402
-from glora_ray.pipeline.run import run_pipeline  # noqa: E402
+from glora_ray.pipeline.comparison import format_comparison  # noqa: E402
+from glora_ray.pipeline.run import comparison_table, run_pipeline  # noqa: E402
 from glora_ray.pipeline.summary import format_summary  # noqa: E402
 
 
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_summary(frame))
+    if config.baselines or config.test_pareto or config.seeds:  # GLoRA against fixed adapters
+        print(format_comparison(comparison_table(config)))
     print(f"results: {config.out} (summary: {layout.SUMMARY_FILE}; per dataset: "
           f"<dataset>/export/merged.safetensors, subnet.json, adapters.safetensors)")
     return 0

@@ -1,4 +1,4 @@
-"""VTAB-1k data: registry, parsing, SPEC preprocessing, every bad-input case, the digits writer."""
+"""VTAB-1k data: registry, parsing, VTAB preprocessing (docs/method.md §4), every bad-input case, the digits writer."""
 import os
 import re
 from pathlib import Path

@@ -13,7 +13,8 @@ from glora_ray.train import TrainConfig
 def test_execution_settings_are_not_part_of_the_identity():
     train = result_identity(TrainConfig())
     assert set(train) == {"epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
-                          "seed", "split", "precision", "channels_last"}
+                          "seed", "split", "precision", "channels_last",
+                          "fixed_subnet"}  # a fixed adapter (baseline) is another run
     search = result_identity(SearchConfig())
     assert set(search) == {"population", "parents", "mutants", "crossovers", "m_prob", "min_params", "max_params",
                            "seed", "max_draw_tries", "eval_batch_size", "eval_mode", "precision"}
@@ -33,6 +34,7 @@ def test_a_stored_run_continues_only_with_execution_changes_or_a_longer_search()
     stored = run_record(parse_config(["--preset", "tiny", "--out", "/tmp/run", "--generations", "5"]))
     for argv in (["--checkpoint-every", "1"], ["--actors", "4", "--actor-cpus", "0.5"], ["--train-workers", "2"],
                  ["--train-cpus", "1"], ["--test-pareto"], ["--max-concurrent-datasets", "1"], ["--verbose"],
+                 ["--baselines", "lora", "head"], ["--seeds", "0", "1"],
                  ["--generations", "8"], ["--out", "/elsewhere"]):
         check_same_run(parse_config(["--preset", "tiny", "--out", "/tmp/run", "--generations", "5", *argv]), stored, "--out /tmp/run")
     with pytest.raises(PipelineConfigError, match=r"train\.epochs: stored 10, now 3"):

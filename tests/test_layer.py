@@ -114,7 +114,7 @@ def test_spec_counts_per_tensor():
     assert tensor_param_count("D", c["D"]["scalar"], 768, 2304) == 1
     assert tensor_param_count("E", c["E"]["none"], 768, 2304) == 0
     layer = GLoRALinear(nn.Linear(768, 2304), space)
-    assert layer.num_params() == 32_260  # qkv of ViT-B, all-largest, SPEC §1
+    assert layer.num_params() == 32_260  # qkv of ViT-B, all-largest, docs/method.md §1
 
 
 def test_weight_entanglement():

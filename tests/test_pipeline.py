@@ -19,7 +19,9 @@ from glora_ray.pipeline import layout
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.config import PipelineConfigError
 from glora_ray.pipeline.lr_sweep import run_name_for
-from glora_ray.pipeline.run import _outcome, preflight, run_pipeline
+from glora_ray.pipeline.baselines import baseline
+from glora_ray.pipeline.comparison import format_comparison
+from glora_ray.pipeline.run import _outcome, comparison_table, preflight, run_pipeline, spec_for
 from glora_ray.pipeline.summary import format_summary, group_means
 from glora_ray.search import read_population, without_timing
 
@@ -139,8 +141,9 @@ def finished_run(tmp_path_factory, ray_local):
     write_vtab_named_digits(root / "data")
     # With the paper's lr search: per dataset two Tune trials, each a Ray Train run, on the 2-CPU test
     # cluster (their trial drivers reserve no CPU, or a second trial's worker could never start).
+    # One fixed-adapter baseline (LoRA) trained like the supernet and tested once beside the search.
     cfg = parse_config(tiny_args(root / "data", root / "out", "--datasets", *DATASETS,
-                                 "--lr-sweep", "1e-5", "3e-3"))
+                                 "--lr-sweep", "1e-5", "3e-3", "--baselines", "lora"))
     frame = run_pipeline(cfg)
     return cfg, frame
 
@@ -170,6 +173,30 @@ def test_vtab_group_means(finished_run):
     means = {line.split()[1]: float(line.split()[-1]) for line in format_summary(frame).splitlines()
              if line.startswith("mean ")}
     assert means == {"natural": round(acc["svhn"] * 100, 2), "specialized": round(acc["eurosat"] * 100, 2)}
+
+
+def test_baselines_are_trained_counted_and_compared(finished_run):
+    cfg, frame = finished_run
+    assert (frame["seed"] == 0).all()
+    table = comparison_table(cfg)
+    assert list(zip(table["dataset"], table["name"])) == [(d, n) for d in DATASETS for n in ("glora", "lora")]
+    assert (table["seed"] == 0).all() and table["test_acc"].between(0, 1).all() and table["val_acc"].between(0, 1).all()
+    winners = table[table["name"] == "glora"]
+    assert list(winners["key"]) == list(frame["key"]) and list(winners["test_acc"]) == list(frame["test_acc"])
+    supernet = spec_for(cfg, DATASETS[0]).build_empty()
+    genes = baseline("lora").genes(supernet)
+    for dataset, lr in zip(frame["dataset"], frame["lr"]):
+        dataset_uri = layout.dataset_uri(cfg.out, dataset)
+        record = storage.read_json(storage.join(dataset_uri, "baselines", "lora.json"))
+        assert record["key"] == supernet.subnet_key(genes) and record["params"] == supernet.num_params(genes) > 0
+        assert record["lr"] == lr and record["epochs"] == cfg.train.epochs and record["seed"] == 0
+        history = json.loads((Path(record["checkpoint_dir"]) / "history.json").read_text())
+        assert len(history) == cfg.train.epochs
+        row = table[(table["dataset"] == dataset) & (table["name"] == "lora")].iloc[0]
+        assert (row["params"], row["test_acc"]) == (record["params"], record["test_acc"])
+        plot = Path(dataset_uri) / "comparison.png"
+        assert plot.read_bytes().startswith(b"\x89PNG") and plot.stat().st_size > 5_000
+    assert "lora" in format_comparison(table)
 
 
 def test_lr_sweep_trains_one_run_per_lr_and_keeps_the_best(finished_run):
@@ -277,19 +304,22 @@ def test_population_notebook_runs_headless(finished_run, tmp_path):
 def test_rerun_with_execution_changes_and_more_generations_continues_the_run(finished_run):
     # Last: it changes the run.  Checkpoint frequency, workers, actors, CPUs, concurrency and
     # --test-pareto change how a run executes, not its results; a higher --generations extends the
-    # search from where it stopped.  Nothing done before is recomputed.
+    # search from where it stopped.  Nothing done before is recomputed, the baseline included.
     cfg, frame = finished_run
     before = {d: read_population(layout.search_uri(cfg.out, d)) for d in DATASETS}
-    supernets = {d: Path(cfg.out) / d / "train" / run_name_for(lr) / "supernet" / "adapters.safetensors"
-                 for d, lr in zip(frame["dataset"], frame["lr"])}
-    trained = {d: path.stat().st_mtime_ns for d, path in supernets.items()}
+    # The supernets, and the baseline's training and single test (its record).
+    done_once = [Path(cfg.out) / d / "train" / run_name_for(lr) / "supernet" / "adapters.safetensors"
+                 for d, lr in zip(frame["dataset"], frame["lr"])]
+    done_once += [Path(cfg.out) / d / "train" / "baseline-lora" / "supernet" / "adapters.safetensors" for d in DATASETS]
+    done_once += [Path(cfg.out) / d / "baselines" / "lora.json" for d in DATASETS]
+    stamps = [path.stat().st_mtime_ns for path in done_once]
     rerun = run_pipeline(parse_config(run_args(
         cfg, "--checkpoint-every", "1", "--train-workers", "2", "--actors", "2", "--actor-cpus", "0.5",
-        "--max-concurrent-datasets", "1", "--test-pareto", "--generations", "3")))
+        "--max-concurrent-datasets", "1", "--test-pareto", "--generations", "3", "--baselines", "lora")))
+    assert [path.stat().st_mtime_ns for path in done_once] == stamps  # neither trained nor tested again
     assert list(rerun["dataset"]) == list(DATASETS) and list(rerun["lr"]) == list(frame["lr"])
     assert (rerun["val_acc"].to_numpy() >= frame["val_acc"].to_numpy()).all()
     for dataset, row in zip(DATASETS, rerun.itertuples()):
-        assert supernets[dataset].stat().st_mtime_ns == trained[dataset]  # training not repeated
         after = read_population(layout.search_uri(cfg.out, dataset))
         assert set(after["generation"]) == {0, 1, 2} and after["key"].is_unique
         first_two = after[after["generation"] < 2].reset_index(drop=True)
@@ -299,4 +329,10 @@ def test_rerun_with_execution_changes_and_more_generations_continues_the_run(fin
         tested = pd.read_parquet(storage.join(layout.export_uri(cfg.out, dataset), "pareto_test.parquet"))
         assert len(tested) == front and tested["key"].is_unique
         assert tested.set_index("key").loc[row.key, "test_acc"] == row.test_acc
+    # The comparison now holds the tested front too, between the winner and the baseline.
+    table = comparison_table(cfg)
+    for dataset in DATASETS:
+        names = list(table.loc[table["dataset"] == dataset, "name"])
+        assert names[0] == "glora" and names[-1] == "lora" and len(names) == 2 + len(
+            pd.read_parquet(storage.join(layout.export_uri(cfg.out, dataset), "pareto_test.parquet")))
     assert storage.read_json(storage.join(cfg.out, layout.CONFIG_FILE))["extent"] == {"search": {"generations": 3}}

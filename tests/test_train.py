@@ -11,6 +11,7 @@ import torch
 from glora_ray.backbone import BackboneConfig, BackboneError
 from glora_ray.checkpoint import CheckpointMismatchError, SupernetSpec, load_supernet, save_supernet
 from glora_ray.data import DataConfig, DataError, write_digits_dataset
+from glora_ray.errors import GLoRARayError
 from glora_ray.train import (
     SupernetTraining,
     TrainConfig,
@@ -213,6 +214,7 @@ def test_bad_input_fails_before_training(data, digits_root, tmp_path):
     refused(BackboneError, "does not exist", spec=make_spec(backbone=missing))
     refused(TrainConfigError, "no full batch of 1024", cfg=quick(batch_size=1024))
     refused(DataError, "data root", data_cfg=DataConfig(str(tmp_path / "none"), "digits", 16))
+    refused(GLoRARayError, "keys start with", cfg=quick(fixed_subnet="00"))  # a fixed subnet of another space
     with pytest.raises(TrainConfigError, match="is remote: pass a local output_dir"):
         train_supernet(make_spec(), data, quick(num_workers=1), "s3://bucket/runs", "remote")
     # A broken list line in the training split names its file and line.

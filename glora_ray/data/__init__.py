@@ -1,4 +1,4 @@
-"""Data: VTAB-1k folders (SPEC §4) and the embedded offline digits dataset in the same layout."""
+"""Data: VTAB-1k folders (docs/method.md §4) and the embedded offline digits dataset in the same layout."""
 from .vtab import (
     DATASETS,
     EMBEDDED_DATASETS,

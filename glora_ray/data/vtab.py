@@ -1,10 +1,10 @@
-"""VTAB-1k as the field stores it (SPEC §4): registry, list-file parsing, validation, datasets.
+"""VTAB-1k as the field stores it (docs/method.md §4): registry, list-file parsing, validation, datasets.
 
     <root>/<dataset>/images/...
     <root>/<dataset>/train800.txt  val200.txt  train800val200.txt  test.txt
 
 Each list line is ``<path relative to <root>/<dataset>> <integer label>``.  Preprocessing is
-SPEC's: resize straight to ``img_size`` x ``img_size`` (bicubic, no crop), RGB, ImageNet
+The paper's (docs/method.md §4): resize straight to ``img_size`` x ``img_size`` (bicubic, no crop), RGB, ImageNet
 mean/std, no augmentation; a backbone whose weights were trained with other values passes its
 own (``DataConfig`` mean, std, interpolation).  Every problem with the input is a ``DataError`` naming the file
 (and line) at fault, raised by ``validate_dataset`` before any training starts.
@@ -30,7 +30,7 @@ SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
 LIST_SUFFIX = ".txt"
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# Resize filters by timm's names (``pretrained_cfg["interpolation"]``); SPEC §4 uses bicubic.
+# Resize filters by timm's names (``pretrained_cfg["interpolation"]``); docs/method.md §4 uses bicubic.
 RESAMPLING: Mapping[str, Image.Resampling] = MappingProxyType({
     "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,

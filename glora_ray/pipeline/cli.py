@@ -10,7 +10,9 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..backbone import PACKAGED_WEIGHTS, packaged_weights
 from ..errors import GLoRARayError
-from .config import ALL_DATASETS, PREPROCESSINGS, PRESETS, PipelineConfig, expand_datasets, preset
+
+from .baselines import BASELINES
+from .config import ALL_DATASETS, PREPROCESSINGS, PRESETS, PipelineConfig, PipelineConfigError, expand_datasets, preset
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -77,9 +79,11 @@ VTAB_DATA_ROOT_HELP = "folder holding <dataset>/{images,train800.txt,val200.txt,
 
 def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", description: str = VTAB_DESCRIPTION,
                  datasets_help: str | None = VTAB_DATASETS_HELP, data_root_help: str = VTAB_DATA_ROOT_HELP,
-                 presets: Callable[[str], dict[str, Any]] = preset) -> argparse.ArgumentParser:
+                 presets: Callable[[str], dict[str, Any]] = preset,
+                 repeat_seeds: bool = True) -> argparse.ArgumentParser:
     """The options every pipeline shares; ``--help`` shows the values ``presets`` gives ``preset_name``
-    (or the --preset given).  ``datasets_help`` None leaves out --datasets."""
+    (or the --preset given).  ``datasets_help`` None leaves out --datasets; ``repeat_seeds`` False
+    leaves out VTAB's --seeds (the few-shot and domain jobs' --seeds name their lists' seeds)."""
     values = presets(preset_name if preset_name in PRESETS else "default")
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -104,6 +108,13 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
                    help="when the cluster lacks the CPUs/GPUs asked for, wait this long for it to autoscale "
                         "(default: refuse at once)")
     g.add_argument("--test-pareto", action="store_true", default=None, help="also test every Pareto-front subnet")
+    g.add_argument("--baselines", nargs="+", choices=sorted(BASELINES), metavar="NAME",
+                   help="fixed adapters trained like the supernet and tested once beside the winner: "
+                        + "; ".join(f"{b.name}: {b.description}" for b in BASELINES.values()))
+    if repeat_seeds:
+        g.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                       help="repeat supernet, search and baselines per seed under <out>/seed=<s>/ and report "
+                            "mean ± std per configuration (excludes --seed)")
     g.add_argument("--verbose", action="store_true", default=None,
                    help="also show Ray's own log lines (worker output, Train reports, warnings)")
 
@@ -168,12 +179,15 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     """The preset's values, replaced by every option the user gave."""
     values = preset(args.preset)
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "seed" in given and "seeds" in given:
+        raise PipelineConfigError("--seed and --seeds exclude each other: give one seed or a list of seeds")
     return PipelineConfig(datasets=expand_datasets(given.get("datasets", values["datasets"])),
-                          **shared_fields(given, values))
+                          seeds=tuple(given.get("seeds", ())), **shared_fields(given, values))
 
 
 def shared_fields(given: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """PipelineConfig's fields but ``datasets``: a preset's ``values`` replaced by the options ``given``."""
+    """PipelineConfig's fields but ``datasets`` and ``seeds``: a preset's ``values`` replaced by the
+    options ``given``."""
 
     backbone_changes = {field: given[dest] for dest, field in _BACKBONE_OPTIONS.items() if dest in given}
     # One source of weights: the one given replaces the preset's.
@@ -213,6 +227,7 @@ def shared_fields(given: dict[str, Any], values: Mapping[str, Any]) -> dict[str,
         test_pareto=given.get("test_pareto", False),
         resume=given.get("resume", True),
         max_concurrent_datasets=given.get("max_concurrent_datasets"),
+        baselines=tuple(given.get("baselines", ())),
         wait_for_resources_s=given.get("wait_for_resources", 0.0),
         verbose=given.get("verbose", False),
         num_classes=given.get("num_classes", values.get("num_classes")),

@@ -5,6 +5,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
+from .. import storage
 from ..backbone import BackboneConfig, pretrained_preprocessing
 from ..data import IMAGENET_MEAN, IMAGENET_STD, VTAB_DATASETS, canonical_dataset_name
 from ..data.custom import resolve_dataset_name
@@ -15,6 +16,7 @@ from ..space import SearchSpace
 from ..supernet import resolve_layer_types
 from ..search import SearchConfig
 from ..train import TrainConfig
+from .baselines import check_baseline_names
 from .paper import DEFAULT_LR, PAPER_LR
 
 ALL_DATASETS = "all"  # the CLI word for the 19 VTAB-1k datasets
@@ -61,6 +63,11 @@ class PipelineConfig:
     # > 0: wait this long for an autoscaling cluster to fit the run
     wait_for_resources_s: float = field(default=0.0, metadata=EXECUTION_ONLY)
     verbose: bool = field(default=False, metadata=EXECUTION_ONLY)  # Ray's own log lines too
+    # Extra reports with their own records, so they may be added to a finished run:
+    # fixed adapters trained and tested beside the search (BASELINES) ...
+    baselines: tuple[str, ...] = field(default=(), metadata=EXECUTION_ONLY)
+    # ... and, non-empty, the whole job once per seed, each its own run under <out>/seed=<s>/.
+    seeds: tuple[int, ...] = field(default=(), metadata=EXECUTION_ONLY)
 
     def __post_init__(self) -> None:
         self.datasets = tuple(self.resolve_dataset(d) for d in self.datasets)
@@ -68,6 +75,10 @@ class PipelineConfig:
             raise PipelineConfigError(f"num_classes must be >= 1, got {self.num_classes}")
         self.ranks = SearchSpace(self.ranks).ranks  # validates: distinct positive integers
         self.lr_sweep = tuple(float(x) for x in self.lr_sweep)
+        self.baselines = check_baseline_names(self.baselines)
+        self.seeds = tuple(self.seeds)
+        if any(not isinstance(x, int) or x < 0 for x in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise PipelineConfigError(f"seeds must be distinct integers >= 0, got {list(self.seeds)}")
         self.layer_types = tuple(self.layer_types)
         resolve_layer_types(self.layer_types)  # validates: names of adaptable module types
         if self.preprocessing not in PREPROCESSINGS:
@@ -105,6 +116,18 @@ class PipelineConfig:
 
     def train_for(self, dataset: str, lr: float | None = None) -> TrainConfig:
         return replace(self.train, lr=self.lr_for(dataset) if lr is None else lr)
+
+    def for_seed(self, seed: int) -> "PipelineConfig":
+        """The job of one seed (backbone init, adapters, training, search) in ``<out>/seed=<seed>``."""
+        return replace(self, seeds=(), out=storage.join(self.out, f"seed={seed}"),
+                       backbone=replace(self.backbone, init_seed=seed), train=replace(self.train, seed=seed),
+                       search=replace(self.search, seed=seed))
+
+    def seed_runs(self) -> list[tuple[int, "PipelineConfig"]]:
+        """(seed, job) pairs: one per ``seeds``, else this job itself with its own seed."""
+        if not self.seeds:
+            return [(self.train.seed, self)]
+        return [(seed, self.for_seed(seed)) for seed in self.seeds]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -196,7 +219,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Offline, a few minutes on 2 CPU cores: GLoRA on the convolutions of the last stages of an
     # ImageNet EfficientNet-Lite0 (weights from a pip package), on the bundled digits.
     "default": _digits_preset("default", _packaged_efficientnet(), ("conv2d",), BACKBONE_PREPROCESSING,
-                              targets=DEFAULT_TARGETS, lr=1e-3, epochs=8, batch_size=32, generations=4,
+                              targets=DEFAULT_TARGETS, lr=5e-4, epochs=20, batch_size=32, generations=4,
                               max_params="50k"),
     # A random-init 4-block ViT-Tiny on the bundled digits: the cheapest whole run (tests).
     "tiny": _digits_preset("tiny", _tiny_vit(), ("linear",), VTAB_PREPROCESSING, targets=None, lr=2e-3,
@@ -249,6 +272,7 @@ class DatasetOutcome:
 
     dataset: str
     group: str | None
+    seed: int
     lr: float
     params: int
     head_params: int

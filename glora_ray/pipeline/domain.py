@@ -53,7 +53,11 @@ def test_list_split(test_set: str) -> str:
 
 @dataclass
 class DomainConfig(PipelineConfig):
-    """The VTAB job's settings for ImageNet 16-shot, plus the seeds, the search list and the target sets."""
+    """The VTAB job's settings for ImageNet 16-shot, plus the seeds, the search list and the target sets.
+
+    ``seeds`` here names the 16-shot lists' seeds, one unit each; it replaces VTAB's repeat-per-seed
+    ``seeds``, and the training seed stays ``--seed``.
+    """
 
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     search_list: str = DEFAULT_SEARCH_LIST  # under few-shot/imagenet/annotations
@@ -177,6 +181,7 @@ def build_domain_parser(preset_name: str = "default") -> argparse.ArgumentParser
         datasets_help=None,
         data_root_help="folder holding few-shot/imagenet/ and domain-generalization/<target>/ (NOAH's layout)",
         presets=domain_preset,
+        repeat_seeds=False,
     )
     g = parser.add_argument_group("domain generalization")
     g.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),

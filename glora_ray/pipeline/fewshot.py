@@ -40,7 +40,8 @@ from .unit import TestList, TrainingUnit
 RESULTS_FILE = "fewshot.parquet"
 FIGURE_FILE = "figure2.png"
 TRAIN_SPLIT, SEARCH_SPLIT, TEST_SPLIT = "train", "val", "test"
-COLUMNS = ["dataset", "shots", "seed", *SUMMARY_COLUMNS[2:]]  # without the VTAB group
+# The seed is the K-shot list's (the training seed is the run's --seed); no VTAB group.
+COLUMNS = ["dataset", "shots", "seed", *(c for c in SUMMARY_COLUMNS if c not in ("dataset", "group", "seed"))]
 
 
 def _distinct_positive(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
@@ -52,7 +53,11 @@ def _distinct_positive(name: str, values: Sequence[int], minimum: int) -> tuple[
 
 @dataclass
 class FewShotConfig(PipelineConfig):
-    """The VTAB job's settings, plus the shots and seeds of the few-shot lists to run."""
+    """The VTAB job's settings, plus the shots and seeds of the few-shot lists to run.
+
+    ``seeds`` here names the K-shot lists' seeds (NOAH's ``seed_<S>``), each (shots, seed) one unit
+    of this run; it replaces VTAB's repeat-per-seed ``seeds``, and the training seed stays ``--seed``.
+    """
 
     shots: tuple[int, ...] = SHOTS
     seeds: tuple[int, ...] = SEEDS
@@ -179,10 +184,13 @@ def build_fewshot_parser(preset_name: str = "default") -> argparse.ArgumentParse
                        f"the folder name of an own dataset under <data root>/few-shot"),
         data_root_help="folder holding few-shot/<dataset>/{images,annotations}/ (NOAH's layout)",
         presets=fewshot_preset,
+        repeat_seeds=False,
     )
     g = parser.add_argument_group("few-shot")
-    g.add_argument("--shots", type=int, nargs="+", default=list(SHOTS), help=f"shots per class to run (default: {' '.join(map(str, SHOTS))})")
-    g.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help=f"seeds of the K-shot lists to run (default: {' '.join(map(str, SEEDS))})")
+    g.add_argument("--shots", type=int, nargs="+", default=list(SHOTS),
+                   help=f"shots per class to run (default: {' '.join(map(str, SHOTS))})")
+    g.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                   help=f"seeds of the K-shot lists to run (default: {' '.join(map(str, SEEDS))})")
     return parser
 
 

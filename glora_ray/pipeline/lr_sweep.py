@@ -5,6 +5,8 @@ the same seeded random in-budget subnets, so trials differ only in their learnin
 """
 from __future__ import annotations
 
+import hashlib
+
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -74,6 +76,9 @@ def sweep_learning_rate(spec: SupernetSpec, data: DataConfig, train: TrainConfig
         # No CPU for the trial driver; Tune refuses an all-zero request, so it asks for one byte.
         {"CPU": 0, "memory": 1},
     )
+    # Tune registers a trainable under its name for the whole Ray job: sweeps running at once (other
+    # datasets, other seeds) under one name would run each other's trials.  One name per sweep.
+    trainable.__name__ = f"lr_sweep_{hashlib.sha256(storage_path.encode()).hexdigest()[:12]}"
     tuner = tune.Tuner(
         trainable,
         param_space={"lr": tune.grid_search([float(x) for x in lrs])},

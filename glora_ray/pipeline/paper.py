@@ -1,4 +1,4 @@
-"""Numbers taken from the GLoRA paper (shared/reference/glora-paper.txt)."""
+"""Numbers taken from the GLoRA paper (Chavan et al. 2023, arXiv:2306.07967; docs/method.md §2, §4)."""
 from __future__ import annotations
 
 # Appendix A, Table 4: supernet learning rate per VTAB-1k dataset. The table prints 18 values

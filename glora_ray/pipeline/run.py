@@ -10,8 +10,8 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, replace
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -23,6 +23,8 @@ from ..runtime import child_runtime_env, init_ray, quiet_ray_logs
 from ..search import run_search
 from ..train import train_supernet
 from . import layout
+from .baselines import TEST_SPLIT as BASELINE_TEST_SPLIT, VAL_SPLIT as BASELINE_VAL_SPLIT, run_baselines
+from .comparison import comparison_rows, read_comparisons, write_comparison
 from .config import DatasetOutcome, PipelineConfig, run_record
 from .export import export_winner
 from .holdout import split_accuracies
@@ -55,20 +57,24 @@ def data_for(cfg: PipelineConfig, dataset: str) -> DataConfig:
 
 
 # -- one unit ----------------------------------------------------------------------------------
-def run_dataset(cfg_dict: dict[str, Any], dataset: str, progress: Any = None) -> dict[str, Any]:
-    """Stages 1-3 for one VTAB-1k dataset (or an own one in its layout); see ``run_unit``."""
+def run_dataset(cfg_dict: dict[str, Any], dataset: str, progress: Any = None,
+                label: str | None = None) -> dict[str, Any]:
+    """Stages 1-3, baselines and comparison for one VTAB-1k dataset (or an own one in its layout);
+    see ``run_unit``.  ``label``: the progress lines' prefix (default: the dataset's name)."""
     cfg = PipelineConfig.from_dict(cfg_dict)
-    return run_unit(cfg, vtab_unit(cfg, dataset), progress)
+    return run_unit(cfg, replace(vtab_unit(cfg, dataset), label=label), progress)
 
 
 def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> dict[str, Any]:
-    """Stages 1-3 for one training unit; every stage resumes from what an earlier run completed.
+    """Stages 1-3 for one training unit, then its baselines (``cfg.baselines``, trained like the
+    supernet on the unit's training list, scored on its search list and its first test list) and
+    its comparison table; every stage resumes from what an earlier run completed.
 
     ``progress``: a ``ray.util.queue.Queue`` that carries this unit's progress lines to the
     driver (``run_units``); None: they are logged here.
     """
     quiet_ray_logs(cfg.verbose)
-    say = _progress(unit.name, progress)
+    say = _progress(unit.label or unit.name, progress)
     started = time.perf_counter()
     spec, data = spec_for(cfg, unit.data), unit.data
     export_uri = layout.export_uri(cfg.out, unit.path)
@@ -104,11 +110,23 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
     test_acc = tests[unit.tests[0].name]
     several = {"tests": tests} if len(unit.tests) > 1 else {}
     export_winner(supernet, spec, best.genes, export_uri, val_acc=best.val_acc, test_acc=test_acc, lr=lr, **several)
-    if cfg.test_pareto:
-        _test_front(cfg, search.pareto, checkpoint_dir, data, export_uri, supernet, unit.tests[0].split)
+    front = (_test_front(cfg, search.pareto, checkpoint_dir, data, export_uri, supernet, unit.tests[0].split)
+             if cfg.test_pareto else None)
     say(f"stage 3: exported to {export_uri} (test acc {test_acc:.4f})")
+    dataset_uri = layout.dataset_uri(cfg.out, unit.path)
+    # Baselines score on the baseline module's val and test splits: this unit's search and first test list.
+    unit_split = {BASELINE_VAL_SPLIT: unit.search_split, BASELINE_TEST_SPLIT: unit.tests[0].split}
+    classes = {BASELINE_VAL_SPLIT: None, BASELINE_TEST_SPLIT: unit.tests[0].classes}
+    baselines = run_baselines(
+        cfg.baselines, spec, data, unit.train_config(cfg.train, lr), layout.train_uri(cfg.out, unit.path), dataset_uri,
+        lambda checkpoint, genes, split: _remote_accuracies(cfg, checkpoint, genes, data, unit_split[split],
+                                                            classes[split]),
+        progress=say,
+    )
+    winner = {"key": best.key, "params": best.params, "val_acc": best.val_acc, "test_acc": test_acc}
+    write_comparison(dataset_uri, comparison_rows(unit.name, cfg.train.seed, winner, front, baselines))
     outcome = DatasetOutcome(
-        dataset=unit.data.name, group=unit.group, lr=lr, params=best.params,
+        dataset=unit.data.name, group=unit.group, seed=cfg.train.seed, lr=lr, params=best.params,
         head_params=supernet.head_num_params, val_acc=best.val_acc, test_acc=test_acc,
         wall_seconds=time.perf_counter() - started, key=best.key, extra={**unit.extra, **several},
     )
@@ -147,14 +165,21 @@ def _remote_accuracies(cfg: PipelineConfig, checkpoint_dir: str, genes_list, dat
     return ray.get(task.remote(checkpoint_dir, genes_list, data, split, cfg.search.eval_batch_size, classes))
 
 
-def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig, export_uri: str, supernet,
-                split: str) -> None:
+def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig, export_uri: str,
+                supernet, split: str) -> pd.DataFrame:
+    """The front with its test accuracies; a front tested before is read back, never retested."""
+    uri = storage.join(export_uri, PARETO_TEST_FILE)
+    if storage.exists(uri):
+        tested = pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
+        if list(tested["key"]) == list(front["key"]):
+            return tested
     genes = [supernet.to_genes(key) for key in front["key"]]
     accuracies = _remote_accuracies(cfg, checkpoint_dir, genes, data, split)
     table = front.assign(test_acc=accuracies)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
-    storage.write_bytes(storage.join(export_uri, PARETO_TEST_FILE), buffer.getvalue())
+    storage.write_bytes(uri, buffer.getvalue())
+    return table
 
 
 class _Progress:
@@ -182,6 +207,17 @@ def _stage(say: _Progress, stage: str) -> _Progress:
     return _Progress(f"{say.prefix} {stage}:", say.queue)
 
 
+def _dataset_comparison(cfg: PipelineConfig, dataset: str) -> pd.DataFrame:
+    """One dataset's comparison table over every seed of ``cfg``, as each seed's run stored it."""
+    return read_comparisons([layout.dataset_uri(run.out, dataset) for _, run in cfg.seed_runs()])
+
+
+def comparison_table(cfg: PipelineConfig) -> pd.DataFrame:
+    """GLoRA against fixed adapters (``comparison.COMPARISON_COLUMNS``) for every dataset and seed
+    of the finished run ``cfg``: the searched winner, the tested front and every baseline."""
+    return pd.concat([_dataset_comparison(cfg, dataset) for dataset in cfg.datasets], ignore_index=True)
+
+
 # -- the whole job ------------------------------------------------------------------------------
 def _concurrency(cfg: PipelineConfig) -> int:
     import ray
@@ -193,12 +229,15 @@ def _concurrency(cfg: PipelineConfig) -> int:
     return max(1, int(cpus // per_dataset))
 
 
-def run_units(cfg: PipelineConfig, units: list[TrainingUnit]) -> list[dict[str, Any]]:
+def run_units(cfg: PipelineConfig, units: Sequence[TrainingUnit],
+              runs: Sequence[PipelineConfig] | None = None) -> list[dict[str, Any]]:
     """Every unit, concurrently where the cluster has room; their rows in the units' order.
 
-    Ray must be up (``init_ray``).  Progress lines reach this driver's logger through a queue;
-    a unit's bad-input error is raised as itself (``_outcome``).
+    ``runs``: the configuration each unit runs under (default ``cfg`` for all; VTAB's --seeds
+    gives each seed its own).  Ray must be up (``init_ray``).  Progress lines reach this driver's
+    logger through a queue; a unit's bad-input error is raised as itself (``_outcome``).
     """
+    runs = [cfg] * len(units) if runs is None else list(runs)
     import ray
     from ray.util.queue import Queue
 
@@ -213,7 +252,7 @@ def run_units(cfg: PipelineConfig, units: list[TrainingUnit]) -> list[dict[str, 
         while pending or running:
             while pending and len(running) < limit:
                 index = pending.pop(0)
-                running[remote_unit.remote(cfg, units[index], progress)] = index
+                running[remote_unit.remote(runs[index], units[index], progress)] = index
             done, _ = ray.wait(list(running), num_returns=1, timeout=_PROGRESS_POLL_S)
             _drain(progress)
             for ref in done:
@@ -237,10 +276,17 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
                        {**run_record(cfg), "run_id": run_id_for(cfg),
                         "budgets": {d: list(b) for d, b in budgets.items()}})
-    frame = summary_frame(run_units(cfg, [vtab_unit(cfg, dataset) for dataset in cfg.datasets]))
+    # Every (dataset, seed) is one independent unit; with --seeds each seed has its own output folder.
+    runs = [(dataset, seed, run) for dataset in cfg.datasets for seed, run in cfg.seed_runs()]
+    units = [replace(vtab_unit(run, dataset), label=f"{dataset} seed={seed}" if cfg.seeds else None)
+             for dataset, seed, run in runs]
+    frame = summary_frame(run_units(cfg, units, [run for _, _, run in runs]))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(cfg.out, layout.SUMMARY_FILE), buffer.getvalue())
+    if cfg.seeds:  # the mean ± std table and the plot over every seed, in <out>/<dataset>/
+        for dataset in cfg.datasets:
+            write_comparison(layout.dataset_uri(cfg.out, dataset), _dataset_comparison(cfg, dataset))
     return frame
 
 

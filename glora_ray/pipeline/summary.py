@@ -8,12 +8,12 @@ import pandas as pd
 
 # VTAB-1k groups in the paper's column order.
 GROUP_ORDER: tuple[str, ...] = ("natural", "specialized", "structured")
-SUMMARY_COLUMNS = ["dataset", "group", "lr", "params", "head_params", "val_acc", "test_acc", "wall_seconds", "key"]
+SUMMARY_COLUMNS = ["dataset", "group", "seed", "lr", "params", "head_params", "val_acc", "test_acc", "wall_seconds", "key"]
 
 
 def summary_frame(rows: Sequence[Mapping]) -> pd.DataFrame:
     frame = pd.DataFrame(list(rows), columns=SUMMARY_COLUMNS)
-    return frame.astype({"params": "int64", "head_params": "int64"}) if len(frame) else frame
+    return frame.astype({"seed": "int64", "params": "int64", "head_params": "int64"}) if len(frame) else frame
 
 
 def group_means(frame: pd.DataFrame, column: str = "test_acc") -> dict[str, float]:
@@ -37,11 +37,11 @@ def _fmt(value, spec: str) -> str:
 
 def format_summary(frame: pd.DataFrame) -> str:
     """A fixed-width text table: per-dataset rows, then group means of val and test accuracy."""
-    header = f"{'dataset':<22}{'group':<13}{'params':>11}{'val acc':>9}{'test acc':>10}{'wall s':>9}"
+    header = f"{'dataset':<22}{'group':<13}{'seed':>5}{'params':>11}{'val acc':>9}{'test acc':>10}{'wall s':>9}"
     lines = [header, "-" * len(header)]
     for row in frame.itertuples(index=False):
         lines.append(
-            f"{row.dataset:<22}{(row.group if isinstance(row.group, str) else '-'):<13}{row.params / 1e6:>10.3f}M"
+            f"{row.dataset:<22}{(row.group if isinstance(row.group, str) else '-'):<13}{row.seed:>5}{row.params / 1e6:>10.3f}M"
             f"{_fmt(row.val_acc * 100, '.2f'):>9}{_fmt(row.test_acc * 100, '.2f'):>10}{_fmt(row.wall_seconds, '.0f'):>9}"
         )
     val_means, test_means = group_means(frame, "val_acc"), group_means(frame, "test_acc")
@@ -50,7 +50,7 @@ def format_summary(frame: pd.DataFrame) -> str:
         for name in (*GROUP_ORDER, "average"):
             if name in test_means:
                 lines.append(
-                    f"{'mean ' + name:<35}{'':>11}{_fmt(val_means.get(name, float('nan')) * 100, '.2f'):>9}"
+                    f"{'mean ' + name:<40}{'':>11}{_fmt(val_means.get(name, float('nan')) * 100, '.2f'):>9}"
                     f"{test_means[name] * 100:>10.2f}"
                 )
     return "\n".join(lines)

@@ -41,6 +41,7 @@ class TrainingUnit:
     lr: float
     batch_size: int | None = None  # None: the configured batch; set when the training list is smaller
     extra: dict[str, Any] = field(default_factory=dict)  # columns of the unit's row, e.g. shots and seed
+    label: str | None = None  # the progress lines' prefix; None: the name
 
     def __post_init__(self) -> None:
         if not self.tests:

@@ -1,4 +1,4 @@
-"""Settings of the evolutionary search (SPEC §3 defaults), validated when constructed."""
+"""Settings of the evolutionary search (docs/method.md §3 defaults), validated when constructed."""
 from __future__ import annotations
 
 from ..errors import GLoRARayError
@@ -45,7 +45,7 @@ class Placement(str, enum.Enum):
 
 @dataclass
 class SearchConfig:
-    # -- the algorithm (SPEC §3) --------------------------------------------------------
+    # -- the algorithm (docs/method.md §3) --------------------------------------------------------
     population: int = 50
     parents: int = 10
     mutants: int = 25

@@ -1,4 +1,4 @@
-"""The evolutionary search as an ask/tell planner, free of Ray (SPEC §3).
+"""The evolutionary search as an ask/tell planner, free of Ray (docs/method.md §3).
 
 One seeded ``numpy.random.Generator`` drives every draw.  ``ask()`` draws all of a generation's
 candidates (mutants, crossovers, random fill) before any of that generation's results exist,

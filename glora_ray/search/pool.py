@@ -1,4 +1,4 @@
-"""A fault-tolerant pool of evaluator actors over one shared supernet (RAY-NOTES §2, §3).
+"""A fault-tolerant pool of evaluator actors over one shared supernet (docs/method.md §9).
 
 Our own ``ray.wait`` loop rather than ``ray.util.ActorPool``: in Ray 2.60 the latter evicts an
 actor only on ``ActorDiedError`` (not ``ActorUnavailableError``) and silently drops queued work

@@ -1,5 +1,5 @@
-"""Stage 1: supernet training (SPEC §2), as a Ray Train job around a Ray-free loop."""
-from .config import TrainConfig, TrainConfigError
+"""Stage 1: supernet training (docs/method.md §2), as a Ray Train job around a Ray-free loop."""
+from .config import TrainConfig, TrainConfigError, TrainConfigTypeError
 from .job import TrainResult, train_loop_per_worker, train_supernet
 from .loop import (
     EpochStats,
@@ -21,6 +21,7 @@ __all__ = [
     "SupernetTraining",
     "TrainConfig",
     "TrainConfigError",
+    "TrainConfigTypeError",
     "TrainResult",
     "TrainingState",
     "WarmupCosine",

@@ -1,7 +1,7 @@
-"""Stage-1 training settings (SPEC §2 defaults) and how the job is spread over Ray Train workers."""
+"""Stage-1 training settings (docs/method.md §2 defaults) and how the job is spread over Ray Train workers."""
 from __future__ import annotations
 
-from ..errors import GLoRARayError
+from ..errors import GLoRARayError, GLoRARayTypeError
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
@@ -14,6 +14,10 @@ from ..settings import from_known_fields
 
 class TrainConfigError(GLoRARayError):
     """A training setting that cannot work, named with the values that would."""
+
+
+class TrainConfigTypeError(TrainConfigError, GLoRARayTypeError):
+    """A training setting of the wrong type."""
 
 
 @dataclass
@@ -32,6 +36,9 @@ class TrainConfig:
     min_lr: float = 1e-5
     seed: int = 0
     split: str = "train800"
+    # One subnet for every step (its string key, ``Supernet.subnet_key``) instead of a random one
+    # per layer and step: trains a fixed adapter such as a LoRA or SSF baseline (docs/method.md §2).
+    fixed_subnet: str | None = None
     # -- how the job runs: changing these continues a run (glora_ray.identity) ---------------
     # The global batch and the per-epoch reseeding make results independent of the worker count.
     checkpoint_every: int = field(default=10, metadata=EXECUTION_ONLY)  # epochs; the last is always checkpointed
@@ -76,7 +83,14 @@ class TrainConfig:
         if not self.split:
             raise TrainConfigError(f"split must name a training list (VTAB-1k: one of {list(SPLITS)}), got {self.split!r}")
         if self.split == "test":
-            raise TrainConfigError("never train on 'test' (SPEC §2); use 'train800' or 'train800val200'")
+            raise TrainConfigError("never train on 'test' (docs/method.md §2); use 'train800' or 'train800val200'")
+        if self.fixed_subnet is not None and not isinstance(self.fixed_subnet, str):
+            raise TrainConfigTypeError(
+                f"fixed_subnet must be a subnet key (a str, Supernet.subnet_key) or None, "
+                f"got {type(self.fixed_subnet).__name__} {self.fixed_subnet!r}"
+            )
+        if self.fixed_subnet == "":
+            raise TrainConfigError("fixed_subnet must be a subnet key (Supernet.subnet_key) or None, got ''")
         parse_precision(self.precision, "precision", allow_auto=True, error=TrainConfigError)
         if self.channels_last not in (None, True, False):
             raise TrainConfigError(f"channels_last must be None (automatic), True or False, got {self.channels_last!r}")

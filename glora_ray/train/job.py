@@ -143,9 +143,11 @@ def train_supernet(
     if spec.backbone.loads_weights:
         # Real weights are loaded once here, so an unreadable file or an offline hub fails now,
         # not in every worker after Ray starts (and again on every retry).
-        spec.build()
+        structure = spec.build()
     else:
-        spec.build_empty()  # the architecture builds and the targets match its layers
+        structure = spec.build_empty()  # the architecture builds and the targets match its layers
+    if train.fixed_subnet is not None:
+        structure.to_genes(train.fixed_subnet)  # a key of this space and these layers, before Ray starts
 
     local_mode = train.num_workers == 0
     if _is_uri(storage_path):

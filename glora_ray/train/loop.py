@@ -1,8 +1,10 @@
-"""The stage-1 training loop, free of Ray (SPEC §2).
+"""The stage-1 training loop, free of Ray (docs/method.md §2).
 
 Every step every adapted layer gets its own random choice, drawn from a numpy Generator seeded
 by ``(seed, step)``: every data-parallel worker draws the same subnet in the same step without
 talking to the others, and a resumed run draws exactly what the interrupted one would have.
+With ``TrainConfig.fixed_subnet`` set, every step uses that one subnet instead (a fixed
+adapter trained with the same job, data and schedule, e.g. a LoRA baseline).
 
 Randomness, all of it reproducible from ``(seed, epoch, step, rank)``:
   * subnets: ``np.random.default_rng([seed, step])``;
@@ -128,7 +130,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupCosine) ->
 
 # -- data --------------------------------------------------------------------------------------
 def steps_per_epoch(num_samples: int, cfg: TrainConfig, world_size: int) -> int:
-    """Full batches per worker and epoch (SPEC §2: drop_last), after DistributedSampler's split."""
+    """Full batches per worker and epoch (docs/method.md §2: drop_last), after DistributedSampler's split."""
     return (num_samples // world_size) // cfg.per_worker_batch(world_size)
 
 
@@ -193,8 +195,10 @@ def train_epoch(
     on_step: StepHook | None = None,
     precision: Precision = Precision.FP32,
     layout: torch.memory_format = torch.contiguous_format,
+    fixed_genes: np.ndarray | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``, a fresh subnet every step; metrics summed over all workers.
+    """One pass over ``loader``, a fresh subnet every step (or ``fixed_genes`` in every step);
+    metrics summed over all workers.
 
     ``precision``: of the forward pass (bf16 autocast) and the matmuls (TF32); the weights, the
     gradients and the optimizer stay float32.  ``layout``: the images' memory format (channels-last
@@ -211,7 +215,7 @@ def train_epoch(
         for images, labels in loader:
             if on_step is not None:
                 on_step(step)
-            genes = subnet_for_step(seed, step, supernet)
+            genes = subnet_for_step(seed, step, supernet) if fixed_genes is None else fixed_genes
             supernet.set_subnet(genes)
             keys.append(supernet.space.genes_to_string(genes))
             images = images.to(device, non_blocking=True, memory_format=layout)
@@ -316,6 +320,8 @@ class SupernetTraining:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.resumed_from_step: int | None = None
+        # Validated against this supernet's space and layers now, not at the first step.
+        self.fixed_genes = None if cfg.fixed_subnet is None else supernet.to_genes(cfg.fixed_subnet)
 
     def setup(self, resume: Mapping[str, Any] | None = None) -> "SupernetTraining":
         """Restore ``resume`` (a payload of ``save``), then build model wrapper, optimizer, scheduler."""
@@ -361,6 +367,7 @@ class SupernetTraining:
         stats = train_epoch(
             self.model, self.loader, self.optimizer, self.scheduler, self.state.step, self.cfg.seed,
             self.device, epoch=epoch, on_step=on_step, precision=self.precision, layout=self.layout,
+            fixed_genes=self.fixed_genes,
         )
         self.state.step, self.state.epoch = stats.step, epoch + 1
         self.state.history.append(stats.to_dict())

@@ -1,0 +1,174 @@
+"""Fixed one-for-all adapters (LoRA, SSF, BitFit, a linear probe) as constant subnets of our space.
+
+Every baseline puts the same choice in every adapted layer (docs/method.md §1), so it trains with
+the supernet's own Ray Train job, data, epochs and learning rate, only with
+``TrainConfig.fixed_subnet`` set (docs/method.md §2), is counted by the same ``ParamCounter`` as
+the search (docs/method.md §3) and is tested once, like the searched winner.
+
+Per dataset, ``<out>/<dataset>/baselines/<name>.json`` records a finished baseline (its subnet,
+count, val200 and test accuracy): present means trained and tested, never again.  Training runs
+are ``<out>/<dataset>/train/baseline-<name>`` (resumable Ray Train runs).
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import asdict, dataclass, replace
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .. import storage
+from ..checkpoint import SupernetSpec
+from ..data import DataConfig
+from ..errors import GLoRARayError
+from ..space import TENSORS, Choice, Kind, SearchSpace
+from ..supernet import Supernet
+from ..train import TrainConfig, train_supernet
+
+log = logging.getLogger(__name__)
+
+BASELINES_DIR = "baselines"
+RUN_NAME_PREFIX = "baseline-"
+# The splits a baseline is scored on: val200 (as the search scores its candidates) and test, once.
+VAL_SPLIT, TEST_SPLIT = "val200", "test"
+
+# (genes, split) -> accuracy of each subnet of ``genes`` on ``split``, with the given checkpoint.
+SplitEvaluator = Callable[[str, Sequence[np.ndarray], str], list[float]]
+
+
+class BaselineError(GLoRARayError):
+    """A baseline name that is not in the table."""
+
+
+class Form(enum.Enum):
+    """The form a baseline gives one support tensor in every layer; tensors not named are none."""
+
+    LARGEST_LORA = "largest lora"  # lora<r> at the space's largest rank
+    VECTOR = "vector"
+
+    def choice(self, space: SearchSpace) -> Choice:
+        if self is Form.LARGEST_LORA:
+            return Choice(Kind.LORA, space.max_rank)
+        return Choice(Kind.VECTOR)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A fixed adapter: one form per named support tensor, the same in every adapted layer."""
+
+    name: str
+    forms: Mapping[str, Form]
+    description: str
+
+    def layer_choice(self, space: SearchSpace) -> dict[str, str]:
+        """The choice of every layer, e.g. {"A": "none", "B": "lora8", "C": "none", ...}."""
+        none = Choice(Kind.NONE)
+        return {t: (self.forms[t].choice(space) if t in self.forms else none).name for t in TENSORS}
+
+    def genes(self, supernet: Supernet) -> np.ndarray:
+        layer = supernet.space.encode_layer(self.layer_choice(supernet.space), f"baseline {self.name!r}")
+        return supernet.to_genes(np.tile(layer, supernet.num_layers))
+
+
+BASELINES: Mapping[str, Baseline] = MappingProxyType({b.name: b for b in (
+    Baseline("lora", MappingProxyType({"B": Form.LARGEST_LORA}),
+             "LoRA: W + B_down B_up at the space's largest rank, every other tensor none"),
+    Baseline("ssf", MappingProxyType({"A": Form.VECTOR, "E": Form.VECTOR}),
+             "SSF: a scale per output (W + W*A, A a vector) and a shift (E a vector)"),
+    Baseline("bitfit", MappingProxyType({"E": Form.VECTOR}),
+             "BitFit: a trainable offset on every bias (E a vector)"),
+    Baseline("head", MappingProxyType({}),
+             "linear probe: every support tensor none, only the classifier head trains"),
+)})
+
+
+def baseline(name: str) -> Baseline:
+    try:
+        return BASELINES[name]
+    except KeyError:
+        raise BaselineError(f"unknown baseline {name!r}; baselines: {sorted(BASELINES)}") from None
+
+
+def check_baseline_names(names: Sequence[str]) -> tuple[str, ...]:
+    """The names as a tuple, each known and given once."""
+    names = tuple(names)
+    for name in names:
+        baseline(name)
+    if len(set(names)) != len(names):
+        raise BaselineError(f"baselines: {list(names)} names a baseline twice")
+    return names
+
+
+@dataclass
+class BaselineOutcome:
+    """One baseline of one dataset: what it is, its count and its single test."""
+
+    name: str
+    key: str
+    params: int
+    head_params: int
+    lr: float
+    epochs: int
+    seed: int
+    val_acc: float
+    test_acc: float
+    checkpoint_dir: str
+
+
+def record_uri(dataset_uri: str, name: str) -> str:
+    return storage.join(dataset_uri, BASELINES_DIR, f"{name}.json")
+
+
+def run_name(name: str) -> str:
+    return f"{RUN_NAME_PREFIX}{name}"
+
+
+def _stored(uri: str, key: str, train: TrainConfig) -> BaselineOutcome | None:
+    """The finished record of this exact baseline (same subnet, lr, epochs, seed), else None."""
+    if not storage.exists(uri):
+        return None
+    record = BaselineOutcome(**storage.read_json(uri))
+    if (record.key, record.lr, record.epochs, record.seed) != (key, train.lr, train.epochs, train.seed):
+        return None
+    return record
+
+
+def run_baselines(
+    names: Sequence[str],
+    spec: SupernetSpec,
+    data: DataConfig,
+    train: TrainConfig,
+    train_uri: str,
+    dataset_uri: str,
+    evaluate: SplitEvaluator,
+    progress: Callable[[str], None] = log.info,
+) -> list[BaselineOutcome]:
+    """Train each named baseline like the supernet (``train``: its lr, epochs, seed), then score it
+    once on val200 and test.  A baseline with a record is neither retrained nor retested.
+    ``progress`` (picklable: training's rank-0 worker calls it too) takes the progress lines."""
+    structure = spec.build_empty()  # meta device: layers and counter, no weights
+    outcomes = []
+    for name in check_baseline_names(names):
+        genes = baseline(name).genes(structure)
+        key, params = structure.subnet_key(genes), structure.num_params(genes)
+        uri = record_uri(dataset_uri, name)
+        stored = _stored(uri, key, train)
+        if stored is not None:
+            outcomes.append(stored)
+            continue
+        progress(f"baseline {name}: training {params:,} adapter params, lr {train.lr:g}, {train.epochs} epochs")
+        trained = train_supernet(spec, data, replace(train, fixed_subnet=key), train_uri, run_name(name),
+                                 progress=progress)
+        val_acc = evaluate(trained.checkpoint_dir, [genes], VAL_SPLIT)[0]
+        test_acc = evaluate(trained.checkpoint_dir, [genes], TEST_SPLIT)[0]
+        outcome = BaselineOutcome(
+            name=name, key=key, params=params, head_params=structure.head_num_params, lr=train.lr,
+            epochs=train.epochs, seed=train.seed, val_acc=val_acc, test_acc=test_acc,
+            checkpoint_dir=trained.checkpoint_dir,
+        )
+        storage.write_json(uri, asdict(outcome))
+        progress(f"baseline {name}: val {val_acc:.4f}, test {test_acc:.4f} (tested once)")
+        outcomes.append(outcome)
+    return outcomes
