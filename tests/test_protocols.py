@@ -14,6 +14,7 @@ from glora_ray.data.custom import CUSTOM_GROUP, count_classes
 from glora_ray.data.embedded import write_digits_domain, write_digits_fewshot
 from glora_ray.data.fewshot import DOMAIN_TARGETS, shot_list_name
 from glora_ray.pipeline.cli import parse_config
+from glora_ray.pipeline.comparison import COMPARISON_FILE
 from glora_ray.pipeline.domain import CLASSES_FILE, TABLE_FILE, domain_units, parse_domain_config
 from glora_ray.pipeline.fewshot import FIGURE_FILE, RESULTS_FILE, curves, fewshot_units, parse_fewshot_config
 from glora_ray.pipeline.holdout import predictions
@@ -220,7 +221,7 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
 
     fewshot_out = tmp_path / "fewshot out"
     argv = tiny_args(data, fewshot_out, "--shots", "1", "--seeds", "0", "--generations", "1", "--epochs", "1",
-                     "--warmup-epochs", "0", "--checkpoint-every", "1", "--train-workers", "0")
+                     "--warmup-epochs", "0", "--checkpoint-every", "1", "--train-workers", "0", "--baselines", "head")
     assert load_entry("fewshot").main(argv) == 0
     frame = pd.read_parquet(fewshot_out / RESULTS_FILE)
     assert list(frame[["dataset", "shots", "seed"]].itertuples(index=False, name=None)) == [("digits", 1, 0)]
@@ -229,6 +230,12 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
     assert figure.stat().st_size > 5_000 and figure.read_bytes()[:4] == b"\x89PNG"
     test_record = json.loads((fewshot_out / "digits" / "shots-1" / "seed-0" / "export" / "test.json").read_text())
     assert test_record["test_acc"] == frame["test_acc"].iloc[0]
+    # A unit's baselines train on its K-shot list and are scored on its val and test lists.
+    unit_dir = fewshot_out / "digits" / "shots-1" / "seed-0"
+    comparison = pd.read_parquet(unit_dir / COMPARISON_FILE)
+    assert list(comparison["name"]) == ["glora", "head"] and comparison["test_acc"].iloc[0] == frame["test_acc"].iloc[0]
+    head = json.loads((unit_dir / "baselines" / "head.json").read_text())
+    assert 0.0 <= head["test_acc"] <= 1.0 and head["params"] == 0
 
     domain_out = tmp_path / "domain out"
     argv = tiny_args(data, domain_out, "--num-classes", "10", "--generations", "1", "--epochs", "1",
