@@ -16,6 +16,7 @@ from glora_ray.data import (
     VTAB_DATASETS,
     DataConfig,
     DataError,
+    ListDataset,
     VTABDataset,
     canonical_dataset_name,
     load_split_arrays,
@@ -231,6 +232,6 @@ def test_data_config_round_trip_and_checks(tmp_path):
     write_vtab(tmp_path)
     lazy = DataConfig(str(tmp_path), "kitti", img_size=4, in_memory=False).build("test")
     eager = DataConfig(str(tmp_path), "kitti", img_size=4).build("test")
-    assert isinstance(lazy, VTABDataset) and len(eager) == len(lazy) == 6
+    assert isinstance(lazy, ListDataset) and len(eager) == len(lazy) == 6
     torch.testing.assert_close(lazy[3][0], eager[3][0])
     assert lazy[3][1] == eager[3][1] == 3

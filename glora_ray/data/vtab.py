@@ -14,7 +14,7 @@ from __future__ import annotations
 from ..errors import GLoRARayError
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
@@ -101,12 +101,18 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[canonical_dataset_name(name)]
 
 
+def is_registered(name: str) -> bool:
+    """Whether ``name`` (or one of its other spellings) is in the registry."""
+    return name in DATASETS or name in _ALIASES
+
+
 def dataset_dir(root: str | Path, dataset: str) -> Path:
     """``<root>/<dataset>``, under whichever accepted spelling exists on disk."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {str(root)!r} does not exist or is not a directory")
-    info = dataset_info(dataset)
+    # A user's own dataset (outside the registry) has one spelling: its folder name.
+    info = dataset_info(dataset) if is_registered(dataset) else DatasetInfo(dataset, 0, None)
     spellings = dict.fromkeys((dataset, info.name, *info.aliases))  # ordered, unique
     for spelling in spellings:
         candidate = root / spelling
@@ -121,7 +127,8 @@ def list_file(root: str | Path, dataset: str, split: str) -> Path:
         raise DataError(f"unknown split {split!r}; VTAB-1k splits are {list(SPLITS)}")
     path = dataset_dir(root, dataset) / f"{split}{LIST_SUFFIX}"
     if not path.is_file():
-        raise DataError(f"list file {str(path)!r} is missing (split {split!r} of {canonical_dataset_name(dataset)!r})")
+        name = canonical_dataset_name(dataset) if is_registered(dataset) else dataset
+        raise DataError(f"list file {str(path)!r} is missing (split {split!r} of {name!r})")
     return path
 
 
@@ -143,13 +150,15 @@ def _raise_problems(path: Path, problems: list[str]) -> None:
     raise DataError(f"{path}: {len(problems)} bad line(s):\n  {shown}{tail}")
 
 
-def parse_list_file(path: str | Path, num_classes: int, check_exists: bool = True) -> list[Sample]:
+def parse_list_file(path: str | Path, num_classes: int | None, check_exists: bool = True,
+                    images: str | Path | None = None) -> list[Sample]:
     """Parse one list file; every bad line is reported as ``<file>:<line>: <problem>``.
 
-    Paths are relative to the list file's folder (``<root>/<dataset>``); blank lines are skipped.
+    Paths are relative to ``images``, by default the list file's folder (``<root>/<dataset>``);
+    blank lines are skipped.  ``num_classes`` None: any label >= 0 (the classes are not known yet).
     """
     path = Path(path)
-    base = path.parent
+    base = path.parent if images is None else Path(images)
     samples: list[Sample] = []
     problems: list[str] = []
     try:
@@ -167,7 +176,10 @@ def parse_list_file(path: str | Path, num_classes: int, check_exists: bool = Tru
             continue
         label = int(match.group("label"))
         image = base / match.group("path")
-        if not 0 <= label < num_classes:
+        if num_classes is None and label < 0:
+            problems.append(f"{where}: label {label} is negative; labels are 0..K-1")
+            continue
+        if num_classes is not None and not 0 <= label < num_classes:
             problems.append(f"{where}: label {label} out of range 0..{num_classes - 1}")
             continue
         if check_exists and not image.is_file():
@@ -202,13 +214,18 @@ def validate_dataset(
     for split in splits:
         samples = read_split(root, dataset, split)
         if open_images:
-            from .verify import sample_refs, verify_images  # verify.py builds on this module
-
-            found = verify_images(sample_refs(samples))
-            problems = [f"{p.ref.where}: cannot decode image {str(p.ref.path)!r}: {p.problem}" for p in found]
-            _raise_problems(list_file(root, dataset, split), problems)
+            check_decodable(samples, list_file(root, dataset, split))
         counts[split] = len(samples)
     return counts
+
+
+def check_decodable(samples: Sequence[Sample], list_path: str | Path) -> None:
+    """Every image of ``samples`` decodes; else a ``DataError`` naming each bad line of ``list_path``."""
+    from .verify import sample_refs, verify_images  # verify.py builds on this module
+
+    found = verify_images(sample_refs(samples))
+    problems = [f"{p.ref.where}: cannot decode image {str(p.ref.path)!r}: {p.problem}" for p in found]
+    _raise_problems(Path(list_path), problems)
 
 
 # -- preprocessing --------------------------------------------------------------------------
@@ -245,7 +262,17 @@ def load_split_arrays(
     interpolation: str = VTAB_INTERPOLATION,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A whole split, preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
-    samples = read_split(root, dataset, split)
+    return decode_samples(read_split(root, dataset, split), img_size, mean, std, interpolation)
+
+
+def decode_samples(
+    samples: Sequence[Sample],
+    img_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = VTAB_INTERPOLATION,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Samples preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
     images = np.empty((len(samples), 3, img_size, img_size), dtype=np.float32)
     for i, sample in enumerate(samples):
         images[i] = load_sample(sample, img_size, mean, std, interpolation)
@@ -253,27 +280,20 @@ def load_split_arrays(
     return images, labels
 
 
-class VTABDataset(Dataset):
-    """One split, decoded lazily: item -> (float tensor (3, H, W), int label)."""
+class ListDataset(Dataset):
+    """Parsed list-file samples, decoded lazily: item -> (float tensor (3, H, W), int label)."""
 
     def __init__(
         self,
-        root: str | Path,
-        dataset: str,
-        split: str,
+        samples: Sequence[Sample],
         img_size: int = 224,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         interpolation: str = VTAB_INTERPOLATION,
     ):
-        self.info = dataset_info(dataset)
-        self.split, self.img_size = split, img_size
+        self.img_size = img_size
         self.mean, self.std, self.interpolation = tuple(mean), tuple(std), interpolation
-        self.samples = read_split(root, dataset, split)
-
-    @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
+        self.samples = list(samples)
 
     @property
     def labels(self) -> np.ndarray:
@@ -285,6 +305,28 @@ class VTABDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
         return torch.from_numpy(load_sample(sample, self.img_size, self.mean, self.std, self.interpolation)), sample.label
+
+
+class VTABDataset(ListDataset):
+    """One split of a VTAB-1k folder, decoded lazily."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str,
+        split: str,
+        img_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = VTAB_INTERPOLATION,
+    ):
+        super().__init__(read_split(root, dataset, split), img_size, mean, std, interpolation)
+        self.info = dataset_info(dataset)
+        self.split = split
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
 
 
 class ArrayDataset(Dataset):
@@ -303,6 +345,14 @@ class ArrayDataset(Dataset):
         return self.images[index], int(self.labels[index])
 
 
+@dataclass(frozen=True)
+class ListFile:
+    """One split stored outside the VTAB-1k layout: its list file, and the folder its paths start in."""
+
+    path: str
+    images: str
+
+
 @dataclass
 class DataConfig:
     """Where a dataset lives and how it is preprocessed (defaults: docs/method.md §4's VTAB protocol;
@@ -310,6 +360,10 @@ class DataConfig:
 
     ``in_memory`` decodes a split once into arrays (800 images at 224 px: 0.5 GB per worker);
     otherwise images are decoded every epoch, by ``loader_workers`` DataLoader processes.
+
+    A dataset outside the registry (a user's own, few-shot, domain generalization) gives its
+    ``class_count``; its name is then taken as it is.  ``lists`` names the list file of each split
+    stored elsewhere than ``<root>/<dataset>/<split>.txt`` (NOAH's layout, docs/method.md §8).
     """
 
     root: str
@@ -320,22 +374,57 @@ class DataConfig:
     interpolation: str = VTAB_INTERPOLATION
     in_memory: bool = True
     loader_workers: int = 0
+    class_count: int | None = None  # a dataset outside the registry: labels 0..class_count-1
+    lists: dict[str, ListFile] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return canonical_dataset_name(self.dataset)
+        return self.dataset if self.class_count is not None else canonical_dataset_name(self.dataset)
 
     @property
     def info(self) -> DatasetInfo:
+        if self.class_count is not None:
+            return DatasetInfo(self.dataset, self.class_count, None)
         return dataset_info(self.dataset)
 
     @property
     def num_classes(self) -> int:
         return self.info.num_classes
 
+    def same_dataset(self, name: str) -> bool:
+        """Whether ``name`` means this dataset (registry names in any accepted spelling)."""
+        if self.class_count is not None:
+            return name == self.dataset
+        return is_registered(name) and canonical_dataset_name(name) == self.name
+
+    def list_path(self, split: str) -> Path:
+        if split in self.lists:
+            return Path(self.lists[split].path)
+        return list_file(self.root, self.dataset, split)
+
+    def samples(self, split: str, check_exists: bool = True) -> list[Sample]:
+        """The parsed list of ``split``: every line checked (label range, image present)."""
+        if split in self.lists:
+            entry = self.lists[split]
+            if not Path(entry.path).is_file():
+                raise DataError(f"list file {entry.path!r} is missing (split {split!r} of {self.name!r})")
+            return parse_list_file(entry.path, self.num_classes, check_exists, images=entry.images)
+        return parse_list_file(list_file(self.root, self.dataset, split), self.num_classes, check_exists)
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The whole split preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
+        return decode_samples(self.samples(split), self.img_size, self.mean, self.std, self.interpolation)
+
+    def lazy(self, split: str) -> ListDataset:
+        """The split decoded image by image, as it is read."""
+        return ListDataset(self.samples(split), self.img_size, self.mean, self.std, self.interpolation)
+
     def check(self) -> None:
         """Field checks that touch no file."""
-        canonical_dataset_name(self.dataset)
+        if self.class_count is None:
+            canonical_dataset_name(self.dataset)
+        elif self.class_count < 1:
+            raise DataError(f"class_count of {self.dataset!r} must be >= 1, got {self.class_count}")
         if self.img_size <= 0:
             raise DataError(f"img_size must be positive, got {self.img_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -346,16 +435,17 @@ class DataConfig:
             raise DataError(f"loader_workers must be >= 0, got {self.loader_workers}")
 
     def validate(self, splits: Iterable[str] = SPLITS, open_images: bool = False) -> dict[str, int]:
+        """Pre-flight check of ``splits`` (see ``validate_dataset``); returns their sample counts."""
         self.check()
-        return validate_dataset(self.root, self.dataset, tuple(splits), open_images=open_images)
-
-    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """The whole split preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
-        return load_split_arrays(self.root, self.dataset, split, self.img_size, self.mean, self.std, self.interpolation)
-
-    def lazy(self, split: str) -> VTABDataset:
-        """The split decoded image by image, as it is read."""
-        return VTABDataset(self.root, self.dataset, split, self.img_size, self.mean, self.std, self.interpolation)
+        if isinstance(splits, str):
+            splits = (splits,)
+        counts: dict[str, int] = {}
+        for split in splits:
+            samples = self.samples(split)
+            if open_images:
+                check_decodable(samples, self.list_path(split))
+            counts[split] = len(samples)
+        return counts
 
     def build(self, split: str) -> Dataset:
         return ArrayDataset(*self.arrays(split)) if self.in_memory else self.lazy(split)
@@ -371,4 +461,6 @@ class DataConfig:
         for key in ("mean", "std"):
             if key in data:
                 data[key] = tuple(data[key])
+        if "lists" in data:
+            data["lists"] = {split: ListFile(**dict(entry)) for split, entry in data["lists"].items()}
         return cls(**data)

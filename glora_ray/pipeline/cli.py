@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..backbone import PACKAGED_WEIGHTS, packaged_weights
 from ..errors import GLoRARayError
@@ -35,11 +35,13 @@ _SEARCH_OPTIONS = {"population": "population", "parents": "parents", "mutants": 
                    "m_prob": "m_prob", "generations": "generations", "actors": "num_actors",
                    "actor_cpus": "cpus_per_actor", "actor_gpus": "gpus_per_actor", "eval_batch_size": "eval_batch_size",
                    "min_params": "min_params", "max_params": "max_params", "seed": "seed"}
-_TOP_OPTIONS = ("datasets", "data_root", "out", "ranks", "targets", "lr", "layer_types", "preprocessing")
+_TOP_OPTIONS = ("datasets", "data_root", "out", "ranks", "targets", "lr", "layer_types", "preprocessing",
+                "num_classes")
 # What None means, where the preset leaves a value open.
 _OPEN = {"targets": "every nn.Linear but the head", "lr": "the paper's Table 4 value per dataset",
          "min_params": "what the space reaches", "max_params": "what the space reaches",
-         "actors": "fill the cluster", "checkpoint": "none"}
+         "actors": "fill the cluster", "checkpoint": "none",
+         "num_classes": "counted from the training labels"}
 
 
 def _preset_value(values: dict[str, Any], dest: str) -> Any:
@@ -64,27 +66,39 @@ def _preset_value(values: dict[str, Any], dest: str) -> Any:
     return json.dumps(value) if isinstance(value, dict) else value
 
 
-def build_parser(preset_name: str = "default") -> argparse.ArgumentParser:
-    """The command line; ``--help`` shows the values of ``preset_name`` (or the --preset given)."""
-    values = preset(preset_name) if preset_name in PRESETS else preset("default")
+VTAB_DESCRIPTION = (
+    "GLoRA on VTAB-1k: for each dataset train a supernet (Ray Train), search it under a "
+    "parameter budget (Ray actors), test the winner once, merge and export it. With no "
+    "arguments: the embedded default (bundled digits, a pretrained EfficientNet-Lite0 from a pip "
+    "package, local Ray, offline)."
+)
+VTAB_DATASETS_HELP = (f"dataset names (both VTAB spellings accepted), '{ALL_DATASETS}' for the 19 VTAB-1k datasets, "
+                      f"or the folder name of an own dataset under --data-root in the same layout")
+VTAB_DATA_ROOT_HELP = "folder holding <dataset>/{images,train800.txt,val200.txt,test.txt,...}"
+
+
+def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", description: str = VTAB_DESCRIPTION,
+                 datasets_help: str | None = VTAB_DATASETS_HELP, data_root_help: str = VTAB_DATA_ROOT_HELP,
+                 presets: Callable[[str], dict[str, Any]] = preset,
+                 repeat_seeds: bool = True) -> argparse.ArgumentParser:
+    """The options every pipeline shares; ``--help`` shows the values ``presets`` gives ``preset_name``
+    (or the --preset given).  ``datasets_help`` None leaves out --datasets; ``repeat_seeds`` False
+    leaves out VTAB's --seeds (the few-shot and domain jobs' --seeds name their lists' seeds)."""
+    values = presets(preset_name if preset_name in PRESETS else "default")
     parser = argparse.ArgumentParser(
-        prog="pipelines/vtab.py",
-        description=(
-            "GLoRA on VTAB-1k: for each dataset train a supernet (Ray Train), search it under a "
-            "parameter budget (Ray actors), test the winner once, merge and export it. With no "
-            "arguments: the embedded default (bundled digits, a pretrained EfficientNet-Lite0 from a pip "
-            "package, local Ray, offline). "
-            f"Option values shown are those of preset {preset_name!r}; --preset NAME --help shows another's."
-        ),
+        prog=prog,
+        description=(f"{description} Option values shown are those of preset {preset_name!r}; "
+                     f"--preset NAME --help shows another's."),
     )
     g = parser.add_argument_group("job")
     g.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting values: 'default' (embedded: pretrained EfficientNet-Lite0 on the bundled digits, "
                         "minutes on a laptop), 'tiny' (a random-init small ViT, the cheapest run: tests) or 'paper' "
                         "(the paper's protocol)")
-    g.add_argument("--datasets", nargs="+", metavar="NAME",
-                   help=f"dataset names (both VTAB spellings accepted), or '{ALL_DATASETS}' for the 19 VTAB-1k datasets")
-    g.add_argument("--data-root", help="folder holding <dataset>/{images,train800.txt,val200.txt,test.txt,...}")
+    if datasets_help is not None:
+        g.add_argument("--datasets", nargs="+", metavar="NAME", help=datasets_help)
+    g.add_argument("--num-classes", type=int, help="classes of every dataset outside the registry")
+    g.add_argument("--data-root", help=data_root_help)
     g.add_argument("--out", help="output path or URI (s3://..., gs://..., file://...)")
     g.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="refuse to continue: fail if --out already holds results (default: continue them)")
@@ -97,9 +111,10 @@ def build_parser(preset_name: str = "default") -> argparse.ArgumentParser:
     g.add_argument("--baselines", nargs="+", choices=sorted(BASELINES), metavar="NAME",
                    help="fixed adapters trained like the supernet and tested once beside the winner: "
                         + "; ".join(f"{b.name}: {b.description}" for b in BASELINES.values()))
-    g.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                   help="repeat supernet, search and baselines per seed under <out>/seed=<s>/ and report "
-                        "mean ± std per configuration (excludes --seed)")
+    if repeat_seeds:
+        g.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                       help="repeat supernet, search and baselines per seed under <out>/seed=<s>/ and report "
+                            "mean ± std per configuration (excludes --seed)")
     g.add_argument("--verbose", action="store_true", default=None,
                    help="also show Ray's own log lines (worker output, Train reports, warnings)")
 
@@ -166,6 +181,13 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     given = {k: v for k, v in vars(args).items() if v is not None}
     if "seed" in given and "seeds" in given:
         raise PipelineConfigError("--seed and --seeds exclude each other: give one seed or a list of seeds")
+    return PipelineConfig(datasets=expand_datasets(given.get("datasets", values["datasets"])),
+                          seeds=tuple(given.get("seeds", ())), **shared_fields(given, values))
+
+
+def shared_fields(given: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """PipelineConfig's fields but ``datasets`` and ``seeds``: a preset's ``values`` replaced by the
+    options ``given``."""
 
     backbone_changes = {field: given[dest] for dest, field in _BACKBONE_OPTIONS.items() if dest in given}
     # One source of weights: the one given replaces the preset's.
@@ -190,8 +212,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
     # A sweep replaces the preset's fixed lr; an explicit --lr replaces both.
     lr = given.get("lr", None if "lr_sweep" in given else values["lr"])
-    return PipelineConfig(
-        datasets=expand_datasets(given.get("datasets", values["datasets"])),
+    return dict(
         data_root=given.get("data_root", values["data_root"]),
         out=given.get("out", values["out"]),
         backbone=backbone,
@@ -207,10 +228,13 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         resume=given.get("resume", True),
         max_concurrent_datasets=given.get("max_concurrent_datasets"),
         baselines=tuple(given.get("baselines", ())),
-        seeds=tuple(given.get("seeds", ())),
         wait_for_resources_s=given.get("wait_for_resources", 0.0),
         verbose=given.get("verbose", False),
+        num_classes=given.get("num_classes", values.get("num_classes")),
     )
+
+
+Config = TypeVar("Config")
 
 
 def _chosen_preset(argv: Sequence[str] | None) -> str:
@@ -220,14 +244,35 @@ def _chosen_preset(argv: Sequence[str] | None) -> str:
     return early.parse_known_args(argv)[0].preset
 
 
-def parse_config(argv: Sequence[str] | None = None) -> PipelineConfig:
-    parser = build_parser(_chosen_preset(argv))
+def parse_with(build: Callable[[str], argparse.ArgumentParser], make: Callable[[argparse.Namespace], Config],
+               argv: Sequence[str] | None = None) -> Config:
+    """Parse ``argv`` with the parser ``build`` makes for the chosen preset, then build the configuration;
+    a bad value exits with the parser's usage message naming it."""
+    parser = build(_chosen_preset(argv))
     args = parser.parse_args(argv)
     try:
-        return config_from_args(args)
+        return make(args)
     except GLoRARayError as err:  # bad values: a usage error naming the option
         parser.error(str(err))
         raise  # unreachable: parser.error exits
+
+
+def parse_config(argv: Sequence[str] | None = None) -> PipelineConfig:
+    return parse_with(build_parser, config_from_args, argv)
+
+
+def run_main(parse: Callable[[Sequence[str] | None], Config], run: Callable[[Config], Any],
+             argv: Sequence[str] | None = None) -> int:
+    """A pipeline's entry point: progress lines to stdout; exit status 2 with a one-line message for bad
+    input (a ``GLoRARayError``); anything else is a bug or a failure after compute started: its traceback."""
+    config = parse(argv)
+    show_progress(getattr(config, "verbose", False))
+    try:
+        run(config)
+    except GLoRARayError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class _StdoutHandler(logging.StreamHandler):

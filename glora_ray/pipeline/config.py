@@ -8,7 +8,8 @@ from typing import Any, Mapping
 from .. import storage
 from ..backbone import BackboneConfig, pretrained_preprocessing
 from ..data import IMAGENET_MEAN, IMAGENET_STD, VTAB_DATASETS, canonical_dataset_name
-from ..data.vtab import VTAB_INTERPOLATION
+from ..data.custom import resolve_dataset_name
+from ..data.vtab import VTAB_INTERPOLATION, is_registered
 from ..errors import GLoRARayError
 from ..identity import EXECUTION_ONLY, describe, differences, result_extent, result_identity
 from ..space import SearchSpace
@@ -51,6 +52,7 @@ class PipelineConfig:
     lr: float | None = None  # None: the paper's Table 4 value for each dataset
     lr_sweep: tuple[float, ...] = ()  # non-empty: Ray Tune picks the supernet lr among these
     lr_sweep_subnets: int = 8  # random in-budget subnets that score a trial on val200
+    num_classes: int | None = None  # datasets outside the registry: None counts them from the labels
     # -- how the job runs: changing these continues a run (glora_ray.identity) -------------------
     test_pareto: bool = field(default=False, metadata=EXECUTION_ONLY)  # also test every Pareto-front subnet
     resume: bool = field(default=True, metadata=EXECUTION_ONLY)  # False: refuse an output holding results
@@ -68,7 +70,9 @@ class PipelineConfig:
     seeds: tuple[int, ...] = field(default=(), metadata=EXECUTION_ONLY)
 
     def __post_init__(self) -> None:
-        self.datasets = tuple(canonical_dataset_name(d) for d in self.datasets)
+        self.datasets = tuple(self.resolve_dataset(d) for d in self.datasets)
+        if self.num_classes is not None and self.num_classes < 1:
+            raise PipelineConfigError(f"num_classes must be >= 1, got {self.num_classes}")
         self.ranks = SearchSpace(self.ranks).ranks  # validates: distinct positive integers
         self.lr_sweep = tuple(float(x) for x in self.lr_sweep)
         self.baselines = check_baseline_names(self.baselines)
@@ -94,6 +98,10 @@ class PipelineConfig:
         if not self.wait_for_resources_s >= 0:
             raise PipelineConfigError(f"wait_for_resources_s must be >= 0 seconds, got {self.wait_for_resources_s}")
         self.train.validate()
+
+    def resolve_dataset(self, name: str) -> str:
+        """A registry name in its canonical spelling, or an own dataset's folder under data_root."""
+        return resolve_dataset_name(name, self.data_root)
 
     def lr_for(self, dataset: str) -> float:
         if self.lr is not None:
@@ -252,7 +260,7 @@ def expand_datasets(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     out: list[str] = []
     for name in names:
         for item in (tuple(VTAB_DATASETS) if name == ALL_DATASETS else (name,)):
-            canonical = canonical_dataset_name(item)
+            canonical = canonical_dataset_name(item) if is_registered(item) else item  # own: checked later
             if canonical not in out:
                 out.append(canonical)
     return tuple(out)
@@ -272,3 +280,4 @@ class DatasetOutcome:
     test_acc: float
     wall_seconds: float
     key: str
+    extra: dict[str, Any] = field(default_factory=dict)  # a unit's own columns, e.g. shots and seed

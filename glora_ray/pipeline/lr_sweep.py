@@ -42,13 +42,13 @@ def scoring_subnets(spec: SupernetSpec, search: SearchConfig, count: int, seed: 
 
 
 def _trial(config: dict[str, Any], *, spec: SupernetSpec, data: DataConfig, train: TrainConfig,
-           storage_path: str, subnets: list[np.ndarray], eval_batch_size: int) -> None:
+           storage_path: str, subnets: list[np.ndarray], eval_batch_size: int, search_split: str) -> None:
     from ray import tune
 
     lr = float(config["lr"])
     result = train_supernet(spec, data, replace(train, lr=lr), storage_path, run_name_for(lr))
     supernet, _ = load_supernet(result.checkpoint_dir)
-    images, labels = data.arrays("val200")
+    images, labels = data.arrays(search_split)
     scores = [evaluate_subnet(supernet, genes, images, labels, eval_batch_size) for genes in subnets]
     tune.report({
         SCORE: float(np.mean(scores)),
@@ -59,8 +59,10 @@ def _trial(config: dict[str, Any], *, spec: SupernetSpec, data: DataConfig, trai
 
 
 def sweep_learning_rate(spec: SupernetSpec, data: DataConfig, train: TrainConfig, lrs: Sequence[float],
-                        storage_path: str, search: SearchConfig, subnets: int, seed: int) -> SweepOutcome:
-    """One Tune trial per lr; the trial driver reserves no CPU, so its Train workers can run."""
+                        storage_path: str, search: SearchConfig, subnets: int, seed: int,
+                        search_split: str = "val200") -> SweepOutcome:
+    """One Tune trial per lr, scored on ``search_split``; the trial driver reserves no CPU, so its
+    Train workers can run."""
     import ray
     from ray import tune
 
@@ -70,7 +72,7 @@ def sweep_learning_rate(spec: SupernetSpec, data: DataConfig, train: TrainConfig
     concurrent = max(1, int(cluster_cpus // (train.world_size * train.cpus_per_worker)))
     trainable = tune.with_resources(
         tune.with_parameters(_trial, spec=spec, data=data, train=train, storage_path=storage_path,
-                             subnets=scoring, eval_batch_size=search.eval_batch_size),
+                             subnets=scoring, eval_batch_size=search.eval_batch_size, search_split=search_split),
         # No CPU for the trial driver; Tune refuses an all-zero request, so it asks for one byte.
         {"CPU": 0, "memory": 1},
     )

@@ -22,15 +22,16 @@ import pyarrow.fs as pafs
 from .. import storage
 from ..backbone import BackboneError, create_backbone, empty_backbone
 from ..budget import Budget
-from ..data import EMBEDDED_DATASETS, validate_dataset
+from ..data import EMBEDDED_DATASETS
 from ..data.digits import write_digits_dataset
-from ..data.verify import check_images, split_images
+from ..data.verify import check_images, sample_refs
 from ..errors import one_line
 from ..params import ParamCounter
 from ..space import TENSORS, Kind
 from ..train.loop import steps_per_epoch
 from . import layout
 from .config import PipelineConfig, PipelineConfigError, check_same_run
+from .unit import vtab_data
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("val200", "test")
@@ -157,16 +158,18 @@ def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
         raise PipelineConfigError(str(err)) from err
     _check_model(cfg)
     splits = (cfg.train.split, *EVAL_SPLITS)
+    datas = {}
     for dataset in cfg.datasets:
         if dataset in EMBEDDED_DATASETS and cfg.write_embedded_data:
             write_digits_dataset(cfg.data_root)
-        counts = validate_dataset(cfg.data_root, dataset, splits)
+        datas[dataset] = vtab_data(cfg, dataset)  # an own dataset's classes are counted from its labels
+        counts = datas[dataset].validate(splits)
         _check_batch_size(cfg, dataset, counts[cfg.train.split])
     from .run import spec_for  # run.py imports this module
 
     budgets = {}
     for dataset in cfg.datasets:
-        supernet = spec_for(cfg, dataset).build_empty()
+        supernet = spec_for(cfg, datas[dataset]).build_empty()
         budgets[dataset] = Budget(cfg.search.min_params, cfg.search.max_params).resolve(supernet.counter)
         warning = budget_warning(supernet.counter, supernet.layer_names, budgets[dataset][1])
         if warning is not None:
@@ -176,7 +179,7 @@ def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
     except BackboneError as err:
         raise PipelineConfigError(str(err)) from err
     # Last: the costliest check, every image every split of every dataset names, opened once.
-    refs = [ref for dataset in cfg.datasets for ref in split_images(cfg.data_root, dataset, splits)]
+    refs = [ref for data in datas.values() for split in splits for ref in sample_refs(data.samples(split))]
     checked = check_images(refs)
     log.info("preflight: %d image(s) of %d dataset(s) open", checked, len(cfg.datasets))
     return budgets

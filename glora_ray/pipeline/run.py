@@ -1,26 +1,29 @@
-"""The job: per dataset, stage 1 (train), stage 2 (search), stage 3 (test once, merge, export)."""
+"""The job: per training unit, stage 1 (train), stage 2 (search), stage 3 (test once, merge, export).
+
+VTAB-1k runs one unit per dataset; few-shot and domain generalization build their own units
+(``unit.TrainingUnit``, docs/method.md §8) and run them through ``run_units`` too.
+"""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
 import logging
-import os
 import time
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, replace
+from typing import Any, Sequence
 
 import pandas as pd
 
 from .. import storage
 from ..checkpoint import SupernetSpec, load_supernet, numpy_state
-from ..data import DataConfig, dataset_info
+from ..data import DataConfig
 from ..errors import GLoRARayError
 from ..runtime import child_runtime_env, init_ray, quiet_ray_logs
 from ..search import run_search
 from ..train import train_supernet
 from . import layout
-from .baselines import run_baselines
+from .baselines import TEST_SPLIT as BASELINE_TEST_SPLIT, VAL_SPLIT as BASELINE_VAL_SPLIT, run_baselines
 from .comparison import comparison_rows, read_comparisons, write_comparison
 from .config import DatasetOutcome, PipelineConfig, run_record
 from .export import export_winner
@@ -28,6 +31,7 @@ from .holdout import split_accuracies
 from .lr_sweep import sweep_learning_rate
 from .preflight import check_cluster, preflight
 from .summary import summary_frame
+from .unit import TrainingUnit, vtab_data, vtab_unit
 
 log = logging.getLogger(__name__)
 TEST_FILE = "test.json"  # the winner's single test result; present means "tested once already"
@@ -41,96 +45,128 @@ def run_id_for(cfg: PipelineConfig) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
-def spec_for(cfg: PipelineConfig, dataset: str) -> SupernetSpec:
-    return SupernetSpec(backbone=cfg.backbone, num_classes=dataset_info(dataset).num_classes, ranks=cfg.ranks,
-                        targets=cfg.targets, layer_types=cfg.layer_types, dataset=dataset,
+def spec_for(cfg: PipelineConfig, dataset: str | DataConfig) -> SupernetSpec:
+    data = data_for(cfg, dataset) if isinstance(dataset, str) else dataset
+    return SupernetSpec(backbone=cfg.backbone, num_classes=data.num_classes, ranks=cfg.ranks,
+                        targets=cfg.targets, layer_types=cfg.layer_types, dataset=data.name,
                         adapter_seed=cfg.train.seed)
 
 
 def data_for(cfg: PipelineConfig, dataset: str) -> DataConfig:
-    return DataConfig(root=os.path.abspath(cfg.data_root), dataset=dataset, img_size=cfg.backbone.img_size,
-                      **cfg.preprocessing_values())
+    return vtab_data(cfg, dataset)
 
 
-# -- one dataset -------------------------------------------------------------------------------
+# -- one unit ----------------------------------------------------------------------------------
 def run_dataset(cfg_dict: dict[str, Any], dataset: str, progress: Any = None,
                 label: str | None = None) -> dict[str, Any]:
-    """Stages 1-3 for one dataset, then its baselines and comparison; every stage resumes from
-    what an earlier run completed.
-
-    ``progress``: a ``ray.util.queue.Queue`` that carries this dataset's progress lines to the
-    driver (``run_pipeline``); None: they are logged here.  ``label``: their prefix (default: the
-    dataset's name).
-    """
+    """Stages 1-3, baselines and comparison for one VTAB-1k dataset (or an own one in its layout);
+    see ``run_unit``.  ``label``: the progress lines' prefix (default: the dataset's name)."""
     cfg = PipelineConfig.from_dict(cfg_dict)
+    return run_unit(cfg, replace(vtab_unit(cfg, dataset), label=label), progress)
+
+
+def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> dict[str, Any]:
+    """Stages 1-3 for one training unit, then its baselines (``cfg.baselines``, trained like the
+    supernet on the unit's training list, scored on its search list and its first test list) and
+    its comparison table; every stage resumes from what an earlier run completed.
+
+    ``progress``: a ``ray.util.queue.Queue`` that carries this unit's progress lines to the
+    driver (``run_units``); None: they are logged here.
+    """
     quiet_ray_logs(cfg.verbose)
-    say = _progress(label or dataset, progress)
+    say = _progress(unit.label or unit.name, progress)
     started = time.perf_counter()
-    spec, data = spec_for(cfg, dataset), data_for(cfg, dataset)
-    export_uri = layout.export_uri(cfg.out, dataset)
+    spec, data = spec_for(cfg, unit.data), unit.data
+    export_uri = layout.export_uri(cfg.out, unit.path)
 
     sweep = None
     if cfg.lr_sweep:
         say(f"stage 1: lr sweep over {list(cfg.lr_sweep)} (Ray Tune)")
-        sweep = sweep_learning_rate(spec, data, cfg.train, cfg.lr_sweep, layout.train_uri(cfg.out, dataset),
-                                    cfg.search, cfg.lr_sweep_subnets, cfg.train.seed)
+        sweep = sweep_learning_rate(spec, data, unit.train_config(cfg.train), cfg.lr_sweep,
+                                    layout.train_uri(cfg.out, unit.path), cfg.search, cfg.lr_sweep_subnets,
+                                    cfg.train.seed, unit.search_split)
         storage.write_json(storage.join(export_uri, LR_SWEEP_FILE), asdict(sweep))
         lr, checkpoint_dir = sweep.lr, sweep.checkpoint_dir
         say(f"stage 1: lr {lr:g} chosen; trials {[(t['lr'], round(t['val_acc'], 4)) for t in sweep.trials]}")
     else:
-        lr = cfg.lr_for(dataset)
+        lr = unit.lr
         say(f"stage 1: training the supernet, lr {lr:g}, {cfg.train.epochs} epochs, {cfg.train.world_size} worker(s)")
-        trained = train_supernet(spec, data, cfg.train_for(dataset, lr), layout.train_uri(cfg.out, dataset), "supernet",
-                                 progress=_stage(say, "stage 1"))
+        trained = train_supernet(spec, data, unit.train_config(cfg.train, lr), layout.train_uri(cfg.out, unit.path),
+                                 "supernet", progress=_stage(say, "stage 1"))
         checkpoint_dir = trained.checkpoint_dir
         last = trained.history[-1] if trained.history else {}
         say(f"stage 1: done, loss {last.get('loss', float('nan')):.4f}, train acc {last.get('train_acc', float('nan')):.4f}")
 
     supernet, spec = load_supernet(checkpoint_dir, expected=spec)
-    val_images, val_labels = data.arrays("val200")
+    val_images, val_labels = data.arrays(unit.search_split)
     say("stage 2: evolutionary search")
     search = run_search(spec, numpy_state(supernet), val_images, val_labels, cfg.search,
-                        layout.search_uri(cfg.out, dataset), run_id_for(cfg), dataset, progress=_stage(say, "stage 2"))
+                        layout.search_uri(cfg.out, unit.path), run_id_for(cfg), unit.name,
+                        progress=_stage(say, "stage 2"))
     best = search.best
     del val_images, val_labels
 
-    test_uri = storage.join(export_uri, TEST_FILE)
-    if storage.exists(test_uri) and storage.read_json(test_uri).get("key") == best.key:
-        test_acc = storage.read_json(test_uri)["test_acc"]  # tested once already: never again
-    else:
-        say(f"stage 3: testing the winner ({best.params:,} params, val {best.val_acc:.4f}) once on test")
-        test_acc = _remote_accuracies(cfg, checkpoint_dir, [best.genes], data)[0]
-        storage.write_json(test_uri, {"key": best.key, "test_acc": test_acc})
-    export_winner(supernet, spec, best.genes, export_uri, val_acc=best.val_acc, test_acc=test_acc, lr=lr)
-    front = _test_front(cfg, search.pareto, checkpoint_dir, data, export_uri, supernet) if cfg.test_pareto else None
+    tests = _test_once(cfg, unit, checkpoint_dir, best, storage.join(export_uri, TEST_FILE), say)
+    test_acc = tests[unit.tests[0].name]
+    several = {"tests": tests} if len(unit.tests) > 1 else {}
+    export_winner(supernet, spec, best.genes, export_uri, val_acc=best.val_acc, test_acc=test_acc, lr=lr, **several)
+    front = (_test_front(cfg, search.pareto, checkpoint_dir, data, export_uri, supernet, unit.tests[0].split)
+             if cfg.test_pareto else None)
     say(f"stage 3: exported to {export_uri} (test acc {test_acc:.4f})")
-    dataset_uri = layout.dataset_uri(cfg.out, dataset)
+    dataset_uri = layout.dataset_uri(cfg.out, unit.path)
+    # Baselines score on the baseline module's val and test splits: this unit's search and first test list.
+    unit_split = {BASELINE_VAL_SPLIT: unit.search_split, BASELINE_TEST_SPLIT: unit.tests[0].split}
+    classes = {BASELINE_VAL_SPLIT: None, BASELINE_TEST_SPLIT: unit.tests[0].classes}
     baselines = run_baselines(
-        cfg.baselines, spec, data, cfg.train_for(dataset, lr), layout.train_uri(cfg.out, dataset), dataset_uri,
-        lambda checkpoint, genes, split: _remote_accuracies(cfg, checkpoint, genes, data, split), progress=say,
+        cfg.baselines, spec, data, unit.train_config(cfg.train, lr), layout.train_uri(cfg.out, unit.path), dataset_uri,
+        lambda checkpoint, genes, split: _remote_accuracies(cfg, checkpoint, genes, data, unit_split[split],
+                                                            classes[split]),
+        progress=say,
     )
     winner = {"key": best.key, "params": best.params, "val_acc": best.val_acc, "test_acc": test_acc}
-    write_comparison(dataset_uri, comparison_rows(dataset, cfg.train.seed, winner, front, baselines))
+    write_comparison(dataset_uri, comparison_rows(unit.name, cfg.train.seed, winner, front, baselines))
     outcome = DatasetOutcome(
-        dataset=dataset, group=dataset_info(dataset).group, seed=cfg.train.seed, lr=lr, params=best.params,
+        dataset=unit.data.name, group=unit.group, seed=cfg.train.seed, lr=lr, params=best.params,
         head_params=supernet.head_num_params, val_acc=best.val_acc, test_acc=test_acc,
-        wall_seconds=time.perf_counter() - started, key=best.key,
+        wall_seconds=time.perf_counter() - started, key=best.key, extra={**unit.extra, **several},
     )
     return asdict(outcome)
 
 
-def _remote_accuracies(cfg: PipelineConfig, checkpoint_dir: str, genes_list, data: DataConfig,
-                       split: str = "test") -> list[float]:
-    """Evaluation on the resources of one evaluator actor (a GPU where actors get one)."""
+def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, best, test_uri: str,
+               say: _Progress) -> dict[str, float]:
+    """Each test list's accuracy of the winner; a list already tested for this winner is never tested again."""
+    stored = storage.read_json(test_uri) if storage.exists(test_uri) else {}
+    tests: dict[str, float] = {}
+    if stored.get("key") == best.key:  # this winner was tested already: keep what it scored
+        tests = dict(stored.get("tests") or {unit.tests[0].name: stored["test_acc"]})
+    for test in unit.tests:
+        if test.name in tests:
+            continue
+        restricted = f" (restricted to its {len(test.classes)} classes)" if test.classes is not None else ""
+        say(f"stage 3: testing the winner ({best.params:,} params, val {best.val_acc:.4f}) once on {test.name}"
+            f"{restricted}")
+        tests[test.name] = _remote_accuracies(cfg, checkpoint_dir, [best.genes], unit.data, test.split,
+                                              test.classes)[0]
+        record: dict[str, Any] = {"key": best.key, "tests": tests}
+        if unit.tests[0].name in tests:
+            record["test_acc"] = tests[unit.tests[0].name]
+        storage.write_json(test_uri, record)
+    return tests
+
+
+def _remote_accuracies(cfg: PipelineConfig, checkpoint_dir: str, genes_list, data: DataConfig, split: str = "test",
+                       classes: tuple[int, ...] | None = None) -> list[float]:
+    """Test evaluation on the resources of one evaluator actor (a GPU where actors get one)."""
     import ray
 
     task = ray.remote(split_accuracies).options(num_cpus=cfg.search.cpus_per_actor,
                                                 num_gpus=cfg.search.gpus_per_actor)
-    return ray.get(task.remote(checkpoint_dir, genes_list, data, split, cfg.search.eval_batch_size))
+    return ray.get(task.remote(checkpoint_dir, genes_list, data, split, cfg.search.eval_batch_size, classes))
 
 
 def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig, export_uri: str,
-                supernet) -> pd.DataFrame:
+                supernet, split: str) -> pd.DataFrame:
     """The front with its test accuracies; a front tested before is read back, never retested."""
     uri = storage.join(export_uri, PARETO_TEST_FILE)
     if storage.exists(uri):
@@ -138,7 +174,7 @@ def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig,
         if list(tested["key"]) == list(front["key"]):
             return tested
     genes = [supernet.to_genes(key) for key in front["key"]]
-    accuracies = _remote_accuracies(cfg, checkpoint_dir, genes, data)
+    accuracies = _remote_accuracies(cfg, checkpoint_dir, genes, data, split)
     table = front.assign(test_acc=accuracies)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
@@ -147,7 +183,7 @@ def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig,
 
 
 class _Progress:
-    """One dataset's progress lines: to the driver's queue, else to this module's logger.
+    """One unit's progress lines: to the driver's queue, else to this module's logger.
 
     A class rather than a closure: Ray pickles it into the training workers.
     """
@@ -163,8 +199,8 @@ class _Progress:
             self.queue.put_nowait(line)
 
 
-def _progress(dataset: str, queue: Any = None) -> _Progress:
-    return _Progress(f"[{dataset}]", queue)
+def _progress(name: str, queue: Any = None) -> _Progress:
+    return _Progress(f"[{name}]", queue)
 
 
 def _stage(say: _Progress, stage: str) -> _Progress:
@@ -193,15 +229,46 @@ def _concurrency(cfg: PipelineConfig) -> int:
     return max(1, int(cpus // per_dataset))
 
 
+def run_units(cfg: PipelineConfig, units: Sequence[TrainingUnit],
+              runs: Sequence[PipelineConfig] | None = None) -> list[dict[str, Any]]:
+    """Every unit, concurrently where the cluster has room; their rows in the units' order.
+
+    ``runs``: the configuration each unit runs under (default ``cfg`` for all; VTAB's --seeds
+    gives each seed its own).  Ray must be up (``init_ray``).  Progress lines reach this driver's
+    logger through a queue; a unit's bad-input error is raised as itself (``_outcome``).
+    """
+    runs = [cfg] * len(units) if runs is None else list(runs)
+    import ray
+    from ray.util.queue import Queue
+
+    # The unit driver only orchestrates: its Train workers and actors hold the resources.
+    # Its children (Train's controller and cleaner, Tune) must find this Ray instance and no other.
+    remote_unit = ray.remote(num_cpus=0)(run_unit).options(runtime_env=child_runtime_env())
+    progress = Queue(actor_options={"num_cpus": 0})
+    limit, pending = _concurrency(cfg), list(range(len(units)))
+    rows: dict[int, dict[str, Any]] = {}
+    running: dict[Any, int] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < limit:
+                index = pending.pop(0)
+                running[remote_unit.remote(runs[index], units[index], progress)] = index
+            done, _ = ray.wait(list(running), num_returns=1, timeout=_PROGRESS_POLL_S)
+            _drain(progress)
+            for ref in done:
+                rows[running.pop(ref)] = _outcome(ref)
+        _drain(progress)
+    finally:
+        progress.shutdown()
+    return [rows[i] for i in range(len(units))]
+
+
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     """Check everything, then run every dataset (concurrently where the cluster has room).
 
     Progress (stages, epochs, generations with elapsed time and ETA) is logged on this module's
     logger; bad input raises a ``GLoRARayError`` before compute, also from inside a dataset's task.
     """
-    import ray
-    from ray.util.queue import Queue
-
     budgets = preflight(cfg)
     quiet_ray_logs(cfg.verbose)
     init_ray()
@@ -209,31 +276,11 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
                        {**run_record(cfg), "run_id": run_id_for(cfg),
                         "budgets": {d: list(b) for d, b in budgets.items()}})
-    # The dataset driver only orchestrates: its Train workers and actors hold the resources.
-    # Its children (Train's controller and cleaner, Tune) must find this Ray instance and no other.
-    remote_dataset = ray.remote(num_cpus=0)(run_dataset).options(runtime_env=child_runtime_env())
-    progress = Queue(actor_options={"num_cpus": 0})
-    # Every (dataset, seed) is one independent job; with --seeds each seed has its own output folder.
-    runs = cfg.seed_runs()
-    pending = [(dataset, seed, run.to_dict()) for dataset in cfg.datasets for seed, run in runs]
-    limit, rows = _concurrency(cfg), []
-    running: dict[Any, str] = {}
-    try:
-        while pending or running:
-            while pending and len(running) < limit:
-                dataset, seed, config = pending.pop(0)
-                label = f"{dataset} seed={seed}" if cfg.seeds else dataset
-                running[remote_dataset.remote(config, dataset, progress, label)] = dataset
-            done, _ = ray.wait(list(running), num_returns=1, timeout=_PROGRESS_POLL_S)
-            _drain(progress)
-            for ref in done:
-                running.pop(ref)
-                rows.append(_outcome(ref))
-        _drain(progress)
-    finally:
-        progress.shutdown()
-    order = {d: i for i, d in enumerate(cfg.datasets)}
-    frame = summary_frame(sorted(rows, key=lambda r: (order[r["dataset"]], r["seed"])))
+    # Every (dataset, seed) is one independent unit; with --seeds each seed has its own output folder.
+    runs = [(dataset, seed, run) for dataset in cfg.datasets for seed, run in cfg.seed_runs()]
+    units = [replace(vtab_unit(run, dataset), label=f"{dataset} seed={seed}" if cfg.seeds else None)
+             for dataset, seed, run in runs]
+    frame = summary_frame(run_units(cfg, units, [run for _, _, run in runs]))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(cfg.out, layout.SUMMARY_FILE), buffer.getvalue())
@@ -252,7 +299,7 @@ def _drain(progress) -> None:
 
 
 def _outcome(ref) -> dict[str, Any]:
-    """A dataset's summary row; its bad-input error as itself (one line), not Ray's wrapper."""
+    """A unit's row; its bad-input error as itself (one line), not Ray's wrapper."""
     import ray
     from ray.exceptions import RayTaskError
 

@@ -80,8 +80,8 @@ class TrainConfig:
             raise TrainConfigError(
                 f"batch_size={self.batch_size} (global) must divide evenly over {self.world_size} worker(s)"
             )
-        if self.split not in SPLITS:
-            raise TrainConfigError(f"split {self.split!r} is not one of {list(SPLITS)}")
+        if not self.split:
+            raise TrainConfigError(f"split must name a training list (VTAB-1k: one of {list(SPLITS)}), got {self.split!r}")
         if self.split == "test":
             raise TrainConfigError("never train on 'test' (docs/method.md §2); use 'train800' or 'train800val200'")
         if self.fixed_subnet is not None and not isinstance(self.fixed_subnet, str):

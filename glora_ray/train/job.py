@@ -23,7 +23,7 @@ import torch
 
 from .. import faults, storage
 from ..checkpoint import CheckpointMismatchError, SupernetSpec, read_spec, save_supernet
-from ..data.vtab import DataConfig, canonical_dataset_name, validate_dataset
+from ..data.vtab import DataConfig
 from ..identity import result_identity
 from ..progress import StageClock
 from ..runtime import init_ray, is_verbose
@@ -66,7 +66,7 @@ def prepare_spec(spec: SupernetSpec, data: DataConfig, train: TrainConfig) -> Su
         raise TrainConfigError(
             f"backbone img_size={spec.backbone.img_size} but data img_size={data.img_size}; they must agree"
         )
-    if spec.dataset and canonical_dataset_name(spec.dataset) != data.name:
+    if spec.dataset and not data.same_dataset(spec.dataset):
         raise CheckpointMismatchError(f"spec.dataset={spec.dataset!r} but training data is {data.name!r}")
     backbone = spec.backbone
     if backbone.checkpoint_path is not None and not _is_uri(backbone.checkpoint_path):
@@ -133,7 +133,7 @@ def train_supernet(
     train.validate()
     spec = prepare_spec(spec, data, train)
     data = absolute_data(data)
-    counts = validate_dataset(data.root, data.dataset, (train.split,), open_images=True)
+    counts = data.validate((train.split,), open_images=True)
     if steps_per_epoch(counts[train.split], train, train.world_size) < 1:
         raise TrainConfigError(
             f"{counts[train.split]} images in {train.split!r} give no full batch of {train.batch_size} "

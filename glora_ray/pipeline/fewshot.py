@@ -1,0 +1,208 @@
+"""Few-shot learning (docs/method.md §8, the paper's §3.2 and Figure 2) as a Ray job.
+
+Per (dataset, shots, seed): train the supernet on ``train_meta.list.num_shot_<K>.seed_<S>``,
+search on ``val_meta.list``, test the winner once on ``test_meta.list``.  Output: ``fewshot.parquet``
+(one row per unit) and ``figure2.png`` (test accuracy against shots, mean over seeds with a
+band of one standard deviation, one panel per dataset plus their average).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import pandas as pd
+
+from .. import storage
+from ..data import DataConfig
+from ..data.embedded import DIGITS, write_digits_fewshot
+from ..data.fewshot import (
+    FEWSHOT_DATASETS,
+    SEEDS,
+    SHOTS,
+    TEST_LIST,
+    VAL_LIST,
+    fewshot_classes,
+    fewshot_folder,
+    require_list,
+    resolve_fewshot_name,
+    shot_list_name,
+)
+from .cli import build_parser, parse_with, shared_fields
+from .config import ALL_DATASETS, PipelineConfig, PipelineConfigError, default_home, preset
+from .protocol import fit_batches, start, text_table, write_parquet
+from .run import run_units
+from .summary import SUMMARY_COLUMNS
+from .unit import TestList, TrainingUnit
+
+RESULTS_FILE = "fewshot.parquet"
+FIGURE_FILE = "figure2.png"
+TRAIN_SPLIT, SEARCH_SPLIT, TEST_SPLIT = "train", "val", "test"
+# The seed is the K-shot list's (the training seed is the run's --seed); no VTAB group.
+COLUMNS = ["dataset", "shots", "seed", *(c for c in SUMMARY_COLUMNS if c not in ("dataset", "group", "seed"))]
+
+
+def _distinct_positive(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
+    values = tuple(int(v) for v in values)
+    if not values or len(set(values)) != len(values) or min(values) < minimum:
+        raise PipelineConfigError(f"{name}: give distinct integers >= {minimum}, got {list(values)}")
+    return values
+
+
+@dataclass
+class FewShotConfig(PipelineConfig):
+    """The VTAB job's settings, plus the shots and seeds of the few-shot lists to run.
+
+    ``seeds`` here names the K-shot lists' seeds (NOAH's ``seed_<S>``), each (shots, seed) one unit
+    of this run; it replaces VTAB's repeat-per-seed ``seeds``, and the training seed stays ``--seed``.
+    """
+
+    shots: tuple[int, ...] = SHOTS
+    seeds: tuple[int, ...] = SEEDS
+
+    def __post_init__(self) -> None:
+        self.shots = _distinct_positive("shots", self.shots, 1)
+        self.seeds = _distinct_positive("seeds", self.seeds, 0)
+        super().__post_init__()
+
+    def resolve_dataset(self, name: str) -> str:
+        return name if name == DIGITS else resolve_fewshot_name(name, self.data_root)
+
+
+def fewshot_preset(name: str) -> dict[str, Any]:
+    """The VTAB preset of that name with the few-shot datasets, data and output."""
+    values = preset(name)
+    if values["datasets"] == (DIGITS,):  # an embedded preset ('default', 'tiny')
+        # The embedded digits in NOAH's layout; a 1-shot list holds 10 images: batch 10.  One CPU per
+        # training worker, so that two of the 15 units train at once on 2 cores.
+        values.update(out=os.path.join(default_home(), "results", f"fewshot-{name}"),
+                      train=replace(values["train"], batch_size=10, epochs=20, warmup_epochs=2, checkpoint_every=10,
+                                    cpus_per_worker=1))
+    else:
+        values.update(datasets=tuple(FEWSHOT_DATASETS), data_root=os.path.join(default_home(), "data"),
+                      out=os.path.join(default_home(), "results", f"fewshot-{name}"))
+    return values
+
+
+def fewshot_units(cfg: FewShotConfig) -> list[TrainingUnit]:
+    """One unit per (dataset, shots, seed); every list it names must exist."""
+    root = os.path.abspath(cfg.data_root)
+    units = []
+    for dataset in cfg.datasets:
+        folder = fewshot_folder(root, dataset).require(f"few-shot dataset {dataset!r}")
+        classes = fewshot_classes(root, dataset, cfg.shots, cfg.seeds, cfg.num_classes)
+        val = require_list(folder.list_file(VAL_LIST), f"{dataset}: the list to search on")
+        test = require_list(folder.list_file(TEST_LIST), f"{dataset}: the test list")
+        for shots in cfg.shots:
+            for seed in cfg.seeds:
+                train = require_list(folder.list_file(shot_list_name(shots, seed)),
+                                     f"{dataset}: {shots}-shot seed {seed} (--shots, --seeds)")
+                data = DataConfig(root=root, dataset=dataset, img_size=cfg.backbone.img_size, class_count=classes,
+                                  lists={TRAIN_SPLIT: train, SEARCH_SPLIT: val, TEST_SPLIT: test},
+                                  **cfg.preprocessing_values())
+                units.append(TrainingUnit(
+                    name=f"{dataset} {shots}-shot seed {seed}", path=f"{dataset}/shots-{shots}/seed-{seed}", data=data,
+                    train_split=TRAIN_SPLIT, search_split=SEARCH_SPLIT, tests=(TestList(TEST_SPLIT, TEST_SPLIT),),
+                    group=None, lr=cfg.lr_for(dataset), extra={"shots": shots, "seed": seed},
+                ))
+    return fit_batches(cfg, units)
+
+
+def results_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    flat = [{**row, **row.get("extra", {})} for row in rows]
+    frame = pd.DataFrame(flat, columns=COLUMNS)
+    return frame.astype({"shots": "int64", "seed": "int64", "params": "int64", "head_params": "int64"})
+
+
+def curves(frame: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy per (panel, shots): mean and standard deviation over seeds; panel "average" first.
+
+    The average panel averages the datasets per (shots, seed) first, then over seeds.
+    """
+    average = frame.groupby(["shots", "seed"], as_index=False)["test_acc"].mean().assign(dataset="average")
+    both = pd.concat([average, frame[["dataset", "shots", "seed", "test_acc"]]], ignore_index=True)
+    stats = both.groupby(["dataset", "shots"], sort=False)["test_acc"].agg(["mean", "std", "count"]).reset_index()
+    return stats.fillna({"std": 0.0})
+
+
+def figure_png(frame: pd.DataFrame) -> bytes:
+    """The paper's Figure 2 as PNG bytes (matplotlib's Agg canvas: no display, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    stats = curves(frame)
+    panels = list(dict.fromkeys(stats["dataset"]))
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(4 * columns, 3.2 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    for index, panel in enumerate(panels):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        curve = stats[stats["dataset"] == panel].sort_values("shots")
+        mean, std = 100 * curve["mean"], 100 * curve["std"]
+        axes.plot(curve["shots"], mean, marker="o", label="GLoRA")
+        axes.fill_between(curve["shots"], mean - std, mean + std, alpha=0.25)
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(list(curve["shots"]), [str(k) for k in curve["shots"]])
+        axes.set_title(panel)
+        axes.set_xlabel("shots per class")
+        axes.set_ylabel("top-1 test accuracy (%)")
+        axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def run_fewshot(cfg: FewShotConfig) -> pd.DataFrame:
+    """Check every list first, then run every (dataset, shots, seed) unit, concurrently where there is room."""
+    if DIGITS in cfg.datasets and cfg.write_embedded_data:
+        write_digits_fewshot(cfg.data_root)
+    units = fewshot_units(cfg)
+    start(cfg, units)
+    frame = results_frame(run_units(cfg, units))
+    write_parquet(frame, storage.join(cfg.out, RESULTS_FILE))
+    storage.write_bytes(storage.join(cfg.out, FIGURE_FILE), figure_png(frame))
+    stats = curves(frame).rename(columns={"mean": "test_acc", "std": "std_over_seeds", "count": "seeds"})
+    print(text_table(stats, ["dataset", "shots", "test_acc", "std_over_seeds", "seeds"],
+                     ["test_acc", "std_over_seeds"]), flush=True)
+    print(f"results: {storage.join(cfg.out, RESULTS_FILE)}, figure: {storage.join(cfg.out, FIGURE_FILE)}; "
+          f"per unit: <dataset>/shots-<K>/seed-<S>/export/", flush=True)
+    return frame
+
+
+# -- command line -------------------------------------------------------------------------------
+def build_fewshot_parser(preset_name: str = "default") -> argparse.ArgumentParser:
+    parser = build_parser(
+        preset_name,
+        prog="pipelines/fewshot.py",
+        description=("GLoRA few-shot learning (the paper's Figure 2): per dataset, shots and seed train a supernet "
+                     "on the K-shot list, search on val_meta.list, test the winner once on test_meta.list. With "
+                     "no arguments: the embedded default (the bundled digits in NOAH's layout, local Ray, offline)."),
+        datasets_help=(f"few-shot datasets ({', '.join(FEWSHOT_DATASETS)}), '{ALL_DATASETS}' for those five, or "
+                       f"the folder name of an own dataset under <data root>/few-shot"),
+        data_root_help="folder holding few-shot/<dataset>/{images,annotations}/ (NOAH's layout)",
+        presets=fewshot_preset,
+        repeat_seeds=False,
+    )
+    g = parser.add_argument_group("few-shot")
+    g.add_argument("--shots", type=int, nargs="+", default=list(SHOTS),
+                   help=f"shots per class to run (default: {' '.join(map(str, SHOTS))})")
+    g.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                   help=f"seeds of the K-shot lists to run (default: {' '.join(map(str, SEEDS))})")
+    return parser
+
+
+def fewshot_config_from_args(args: argparse.Namespace) -> FewShotConfig:
+    values = fewshot_preset(args.preset)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    names: list[str] = []
+    for name in given.get("datasets", values["datasets"]):
+        names.extend(FEWSHOT_DATASETS if name == ALL_DATASETS else (name,))
+    return FewShotConfig(datasets=tuple(dict.fromkeys(names)), shots=tuple(given.get("shots", SHOTS)),
+                         seeds=tuple(given.get("seeds", SEEDS)), **shared_fields(given, values))
+
+
+def parse_fewshot_config(argv: Sequence[str] | None = None) -> FewShotConfig:
+    return parse_with(build_fewshot_parser, fewshot_config_from_args, argv)
