@@ -9,6 +9,8 @@ printed with the mean over seeds.
 """
 from __future__ import annotations
 
+import logging
+
 import argparse
 import os
 from dataclasses import dataclass, field, replace
@@ -40,6 +42,8 @@ from .config import PipelineConfig, PipelineConfigError, default_home, preset
 from .protocol import fit_batches, start, text_table, write_parquet
 from .run import run_units
 from .unit import TestList, TrainingUnit
+
+log = logging.getLogger(__name__)
 
 TABLE_FILE = "table2.parquet"
 CLASSES_FILE = "classes.json"
@@ -163,9 +167,9 @@ def run_domain(cfg: DomainConfig) -> pd.DataFrame:
     test_sets = [IMAGENET, *cfg.target_sets]
     frame = table_frame(run_units(cfg, units), test_sets)
     write_parquet(frame, storage.join(cfg.out, TABLE_FILE))
-    print(format_table(frame, test_sets, restricted), flush=True)
-    print(f"results: {storage.join(cfg.out, TABLE_FILE)}, restricted classes: {storage.join(cfg.out, CLASSES_FILE)}; "
-          f"per seed: {IMAGENET}/seed-<S>/export/", flush=True)
+    log.info("\n" + format_table(frame, test_sets, restricted))
+    log.info(f"results: {storage.join(cfg.out, TABLE_FILE)}, restricted classes: {storage.join(cfg.out, CLASSES_FILE)}; "
+          f"per seed: {IMAGENET}/seed-<S>/export/")
     return frame
 
 

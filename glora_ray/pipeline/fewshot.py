@@ -7,6 +7,8 @@ band of one standard deviation, one panel per dataset plus their average).
 """
 from __future__ import annotations
 
+import logging
+
 import argparse
 import io
 import os
@@ -36,6 +38,8 @@ from .protocol import fit_batches, start, text_table, write_parquet
 from .run import run_units
 from .summary import SUMMARY_COLUMNS
 from .unit import TestList, TrainingUnit
+
+log = logging.getLogger(__name__)
 
 RESULTS_FILE = "fewshot.parquet"
 FIGURE_FILE = "figure2.png"
@@ -165,10 +169,10 @@ def run_fewshot(cfg: FewShotConfig) -> pd.DataFrame:
     write_parquet(frame, storage.join(cfg.out, RESULTS_FILE))
     storage.write_bytes(storage.join(cfg.out, FIGURE_FILE), figure_png(frame))
     stats = curves(frame).rename(columns={"mean": "test_acc", "std": "std_over_seeds", "count": "seeds"})
-    print(text_table(stats, ["dataset", "shots", "test_acc", "std_over_seeds", "seeds"],
-                     ["test_acc", "std_over_seeds"]), flush=True)
-    print(f"results: {storage.join(cfg.out, RESULTS_FILE)}, figure: {storage.join(cfg.out, FIGURE_FILE)}; "
-          f"per unit: <dataset>/shots-<K>/seed-<S>/export/", flush=True)
+    log.info("\n" + text_table(stats, ["dataset", "shots", "test_acc", "std_over_seeds", "seeds"],
+                     ["test_acc", "std_over_seeds"]))
+    log.info(f"results: {storage.join(cfg.out, RESULTS_FILE)}, figure: {storage.join(cfg.out, FIGURE_FILE)}; "
+          f"per unit: <dataset>/shots-<K>/seed-<S>/export/")
     return frame
 
 
