@@ -8,12 +8,15 @@ import posixpath
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .errors import GLoRARayError
+
+if TYPE_CHECKING:  # pandas only where a frame is written
+    import pandas as pd
 
 
 class StorageError(GLoRARayError):
@@ -138,6 +141,15 @@ def read_bytes(uri: str) -> bytes:
 
 def write_json(uri: str, payload: Any) -> None:
     write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def write_parquet(uri: str, frame: pd.DataFrame) -> None:
+    """A pandas frame as Parquet (no index), written atomically like every file here."""
+    import io
+
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    write_bytes(uri, buffer.getvalue())
 
 
 def read_json(uri: str) -> Any:

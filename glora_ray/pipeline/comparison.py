@@ -80,20 +80,14 @@ def format_comparison(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _write_parquet(uri: str, frame: pd.DataFrame) -> None:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    storage.write_bytes(uri, buffer.getvalue())
-
-
 def write_comparison(dataset_uri: str, frame: pd.DataFrame) -> None:
     """``comparison.parquet`` (every row), ``comparison.png`` and, over several seeds,
     ``comparison_mean.parquet``, under ``dataset_uri``."""
     from .plots import comparison_png  # matplotlib only when a plot is written
 
-    _write_parquet(storage.join(dataset_uri, COMPARISON_FILE), frame)
+    storage.write_parquet(storage.join(dataset_uri, COMPARISON_FILE), frame)
     if frame["seed"].nunique() > 1:
-        _write_parquet(storage.join(dataset_uri, COMPARISON_MEAN_FILE), aggregate(frame))
+        storage.write_parquet(storage.join(dataset_uri, COMPARISON_MEAN_FILE), aggregate(frame))
     storage.write_bytes(storage.join(dataset_uri, COMPARISON_PLOT), comparison_png(frame))
 
 

@@ -39,7 +39,7 @@ from ..data.fewshot import (
 )
 from .cli import build_parser, parse_with, shared_fields
 from .config import PipelineConfig, PipelineConfigError, default_home, preset
-from .protocol import fit_batches, start, text_table, write_parquet
+from .protocol import fit_batches, start, text_table
 from .run import run_units
 from .unit import TestList, TrainingUnit
 
@@ -166,7 +166,7 @@ def run_domain(cfg: DomainConfig) -> pd.DataFrame:
     storage.write_json(storage.join(cfg.out, CLASSES_FILE), {"restricted_to_classes_present": restricted})
     test_sets = [IMAGENET, *cfg.target_sets]
     frame = table_frame(run_units(cfg, units), test_sets)
-    write_parquet(frame, storage.join(cfg.out, TABLE_FILE))
+    storage.write_parquet(storage.join(cfg.out, TABLE_FILE), frame)
     log.info("\n" + format_table(frame, test_sets, restricted))
     log.info(f"results: {storage.join(cfg.out, TABLE_FILE)}, restricted classes: {storage.join(cfg.out, CLASSES_FILE)}; "
           f"per seed: {IMAGENET}/seed-<S>/export/")

@@ -34,7 +34,7 @@ from ..data.fewshot import (
 )
 from .cli import build_parser, parse_with, shared_fields
 from .config import ALL_DATASETS, PipelineConfig, PipelineConfigError, default_home, preset
-from .protocol import fit_batches, start, text_table, write_parquet
+from .protocol import fit_batches, start, text_table
 from .run import run_units
 from .summary import SUMMARY_COLUMNS
 from .unit import TestList, TrainingUnit
@@ -166,7 +166,7 @@ def run_fewshot(cfg: FewShotConfig) -> pd.DataFrame:
     units = fewshot_units(cfg)
     start(cfg, units)
     frame = results_frame(run_units(cfg, units))
-    write_parquet(frame, storage.join(cfg.out, RESULTS_FILE))
+    storage.write_parquet(storage.join(cfg.out, RESULTS_FILE), frame)
     storage.write_bytes(storage.join(cfg.out, FIGURE_FILE), figure_png(frame))
     stats = curves(frame).rename(columns={"mean": "test_acc", "std": "std_over_seeds", "count": "seeds"})
     log.info("\n" + text_table(stats, ["dataset", "shots", "test_acc", "std_over_seeds", "seeds"],

@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.fs as pafs

@@ -6,7 +6,6 @@ concurrently as the cluster allows, each resumable.
 """
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -14,17 +13,14 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .. import storage
 from ..backbone import BackboneError
 from ..budget import Budget
 from ..data.verify import check_images, sample_refs
 from ..data.vtab import DataError
-from ..runtime import init_ray, quiet_ray_logs
 from ..train.loop import steps_per_epoch
-from . import layout
-from .config import PipelineConfig, PipelineConfigError, run_record
-from .preflight import _check_backbone_weights, _check_model, _check_output, budget_warning, check_cluster
-from .run import run_id_for, spec_for
+from .config import PipelineConfig, PipelineConfigError
+from .preflight import _check_backbone_weights, _check_model, _check_output, budget_warning
+from .run import spec_for, start_run
 from .unit import TrainingUnit, fitted_batch
 
 log = logging.getLogger(__name__)
@@ -77,24 +73,7 @@ def check_units(cfg: PipelineConfig, units: Sequence[TrainingUnit]) -> dict[str,
 def start(cfg: PipelineConfig, units: Sequence[TrainingUnit]) -> None:
     """Check the units, join or start Ray and check its resources, then record the run: a recorded
     run passed every check."""
-    budgets = check_units(cfg, units)
-    quiet_ray_logs(cfg.verbose)
-    init_ray()
-    check_cluster(cfg)
-    record_run(cfg, budgets)
-
-
-def record_run(cfg: PipelineConfig, budgets: dict[str, tuple[int, int]]) -> None:
-    """The resolved configuration: a rerun must match it to resume (see ``preflight._check_output``)."""
-    storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
-                       {**run_record(cfg), "run_id": run_id_for(cfg),
-                        "budgets": {name: list(b) for name, b in budgets.items()}})
-
-
-def write_parquet(frame: pd.DataFrame, uri: str) -> None:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    storage.write_bytes(uri, buffer.getvalue())
+    start_run(cfg, check_units(cfg, units))
 
 
 def fit_batches(cfg: PipelineConfig, units: list[TrainingUnit]) -> list[TrainingUnit]:

@@ -176,9 +176,7 @@ def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig,
     genes = [supernet.to_genes(key) for key in front["key"]]
     accuracies = _remote_accuracies(cfg, checkpoint_dir, genes, data, split)
     table = front.assign(test_acc=accuracies)
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    storage.write_bytes(uri, buffer.getvalue())
+    storage.write_parquet(uri, table)
     return table
 
 
@@ -263,27 +261,30 @@ def run_units(cfg: PipelineConfig, units: Sequence[TrainingUnit],
     return [rows[i] for i in range(len(units))]
 
 
+def start_run(cfg: PipelineConfig, budgets: dict[str, tuple[int, int]]) -> None:
+    """After the checks that need no Ray: join or start Ray, check its resources, then record the run
+    (``config.json``), so that a recorded run is one that passed every check."""
+    quiet_ray_logs(cfg.verbose)
+    init_ray()
+    check_cluster(cfg)
+    storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
+                       {**run_record(cfg), "run_id": run_id_for(cfg),
+                        "budgets": {name: list(b) for name, b in budgets.items()}})
+
+
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     """Check everything, then run every dataset (concurrently where the cluster has room).
 
     Progress (stages, epochs, generations with elapsed time and ETA) is logged on this module's
     logger; bad input raises a ``GLoRARayError`` before compute, also from inside a dataset's task.
     """
-    budgets = preflight(cfg)
-    quiet_ray_logs(cfg.verbose)
-    init_ray()
-    check_cluster(cfg)  # the last check: config.json marks a run that passed every one
-    storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
-                       {**run_record(cfg), "run_id": run_id_for(cfg),
-                        "budgets": {d: list(b) for d, b in budgets.items()}})
+    start_run(cfg, preflight(cfg))
     # Every (dataset, seed) is one independent unit; with --seeds each seed has its own output folder.
     runs = [(dataset, seed, run) for dataset in cfg.datasets for seed, run in cfg.seed_runs()]
     units = [replace(vtab_unit(run, dataset), label=f"{dataset} seed={seed}" if cfg.seeds else None)
              for dataset, seed, run in runs]
     frame = summary_frame(run_units(cfg, units, [run for _, _, run in runs]))
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    storage.write_bytes(storage.join(cfg.out, layout.SUMMARY_FILE), buffer.getvalue())
+    storage.write_parquet(storage.join(cfg.out, layout.SUMMARY_FILE), frame)
     if cfg.seeds:  # the mean ± std table and the plot over every seed, in <out>/<dataset>/
         for dataset in cfg.datasets:
             write_comparison(layout.dataset_uri(cfg.out, dataset), _dataset_comparison(cfg, dataset))
