@@ -42,6 +42,8 @@ class SupernetSpec:
     backbone: BackboneConfig
     num_classes: int
     ranks: tuple[int, ...] = (8, 4)
+    # Tensors whose kinds are narrowed (SearchSpace forms, by kind name); empty: the full space.
+    forms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     targets: list[str] | str | None = None
     # Which module types are adapted, by name ("linear", "conv2d"; docs/method.md §7).
     layer_types: tuple[str, ...] = ("linear",)
@@ -52,7 +54,7 @@ class SupernetSpec:
 
     @property
     def space(self) -> SearchSpace:
-        return SearchSpace(self.ranks)
+        return SearchSpace(self.ranks, self.forms)
 
     def build(self) -> Supernet:
         """Backbone with its real weights, plus freshly initialised adapters (seeded)."""
@@ -77,6 +79,7 @@ class SupernetSpec:
         data = dict(data)
         data["backbone"] = BackboneConfig.from_dict(data["backbone"])
         data["ranks"] = tuple(data["ranks"])
+        data["forms"] = {t: tuple(kinds) for t, kinds in data.get("forms", {}).items()}
         if "layer_types" in data:
             data["layer_types"] = tuple(data["layer_types"])
         return cls(**data)
@@ -86,6 +89,7 @@ class SupernetSpec:
         fields = {
             "model": (self.backbone.name, expected.backbone.name),
             "ranks": (tuple(self.ranks), tuple(expected.ranks)),
+            "forms": (self.space.restricted_forms, expected.space.restricted_forms),
             "num_classes": (self.num_classes, expected.num_classes),
             "dataset": (self.dataset, expected.dataset),
             "targets": (self.targets, expected.targets),

@@ -76,16 +76,64 @@ _ALLOWED_KINDS: dict[str, tuple[Kind, ...]] = {
 }
 
 
-class SearchSpace:
-    """The choices of every support tensor for a set of LoRA ranks, e.g. ``SearchSpace((8, 4))``."""
+# One letter per kind for the key prefix of a space with restricted forms (generated, never parsed).
+_KIND_LETTER: dict[Kind, str] = {Kind.LORA: "l", Kind.VECTOR: "v", Kind.SCALAR: "s", Kind.NONE: "n"}
 
-    def __init__(self, ranks: Sequence[int] = (8, 4)):
+FormsSpec = Mapping[str, Sequence["Kind | str"]]  # tensor -> the kinds it may take
+
+
+def _check_forms(forms: FormsSpec | None) -> dict[str, tuple[Kind, ...]]:
+    """The kinds each tensor may take, in the table's order; a tensor not named keeps all of them.
+
+    Refuses an unknown tensor or kind, a kind the tensor does not have (C has no scalar; D and E no
+    LoRA), and a restriction without ``none``: every tensor keeps ``none`` so that the empty subnet,
+    the baselines' "everything else none" and a budget's lower end stay in the space.
+    """
+    if forms is None:
+        return dict(_ALLOWED_KINDS)
+    if not isinstance(forms, Mapping):
+        raise GLoRARayTypeError(f"SearchSpace forms must be a mapping tensor -> kinds, e.g. "
+                                f"{{'B': ('lora', 'none')}}, got {type(forms).__name__} {forms!r}")
+    unknown = sorted(set(forms) - set(TENSORS), key=str)
+    if unknown:
+        raise SearchSpaceError(f"SearchSpace forms: unknown tensor(s) {unknown}; tensors are {list(TENSORS)}")
+    kinds_by_name = {k.value: k for k in Kind}
+    out = dict(_ALLOWED_KINDS)
+    for tensor, given in forms.items():
+        allowed = _ALLOWED_KINDS[tensor]
+        if isinstance(given, (str, bytes, Kind)) or not isinstance(given, Sequence):
+            raise GLoRARayTypeError(f"SearchSpace forms[{tensor!r}] must be a sequence of kinds, "
+                                    f"e.g. ('lora', 'none'), got {given!r}")
+        wanted = set()
+        for item in given:
+            kind = item if isinstance(item, Kind) else kinds_by_name.get(item) if isinstance(item, str) else None
+            if kind not in allowed:
+                raise SearchSpaceError(f"SearchSpace forms[{tensor!r}]: {item!r} is not a form of {tensor}; "
+                                       f"allowed: {[k.value for k in allowed]}")
+            wanted.add(kind)
+        if Kind.NONE not in wanted:
+            raise SearchSpaceError(f"SearchSpace forms[{tensor!r}] = {[str(x) for x in given]} must keep 'none' "
+                                   f"(the empty subnet and every baseline need it)")
+        out[tensor] = tuple(k for k in allowed if k in wanted)
+    return out
+
+
+class SearchSpace:
+    """The choices of every support tensor for a set of LoRA ranks, e.g. ``SearchSpace((8, 4))``.
+
+    ``forms`` optionally narrows the kinds some tensors may take, e.g.
+    ``SearchSpace((4, 2), forms={"B": ("lora", "none")})`` (docs/method.md §1.2); by default every
+    tensor has the paper's full set.
+    """
+
+    def __init__(self, ranks: Sequence[int] = (8, 4), forms: FormsSpec | None = None):
         ranks = _check_ranks(ranks)
         # Largest first, so gene 0 of A, B, C is always the largest LoRA.
         self.ranks: tuple[int, ...] = tuple(sorted(ranks, reverse=True))
         self.max_rank: int = self.ranks[0]
+        self.kinds: dict[str, tuple[Kind, ...]] = _check_forms(forms)
         self._choices: dict[str, tuple[Choice, ...]] = {}
-        for tensor, kinds in _ALLOWED_KINDS.items():
+        for tensor, kinds in self.kinds.items():
             expanded: list[Choice] = []
             for kind in kinds:
                 if kind is Kind.LORA:
@@ -241,9 +289,17 @@ class SearchSpace:
         return arr.astype(np.int8)
 
     @property
+    def restricted_forms(self) -> dict[str, tuple[str, ...]]:
+        """The tensors whose kinds are narrowed, with the kinds they keep (empty: the full space)."""
+        return {t: tuple(k.value for k in kinds) for t, kinds in self.kinds.items() if kinds != _ALLOWED_KINDS[t]}
+
+    @property
     def key_prefix(self) -> str:
-        """What every key of this space starts with: its identity, e.g. ``"r8r4:"``."""
-        return "".join(f"r{r}" for r in self.ranks) + ":"
+        """What every key of this space starts with: its identity, e.g. ``"r8r4:"``, or
+        ``"r4r2-Bln:"`` when B keeps only lora and none."""
+        narrowed = "".join(f"-{t}" + "".join(_KIND_LETTER[k] for k in kinds)
+                           for t, kinds in self.kinds.items() if kinds != _ALLOWED_KINDS[t])
+        return "".join(f"r{r}" for r in self.ranks) + narrowed + ":"
 
     def genes_to_string(self, genes: Sequence[int]) -> str:
         """Canonical key: the space's prefix, then one character per gene."""
@@ -265,20 +321,22 @@ class SearchSpace:
 
     # -- misc --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"ranks": list(self.ranks)}
+        forms = self.restricted_forms
+        return {"ranks": list(self.ranks), **({"forms": {t: list(k) for t, k in forms.items()}} if forms else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "SearchSpace":
-        return cls(tuple(data["ranks"]))
+        return cls(tuple(data["ranks"]), data.get("forms"))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SearchSpace) and other.ranks == self.ranks
+        return isinstance(other, SearchSpace) and other.ranks == self.ranks and other.kinds == self.kinds
 
     def __hash__(self) -> int:
-        return hash(self.ranks)
+        return hash((self.ranks, tuple(self.kinds.values())))
 
     def __repr__(self) -> str:
-        return f"SearchSpace(ranks={self.ranks})"
+        forms = self.restricted_forms
+        return f"SearchSpace(ranks={self.ranks}" + (f", forms={forms}" if forms else "") + ")"
 
     def _tensor_choices(self, tensor: str) -> tuple[Choice, ...]:
         try:

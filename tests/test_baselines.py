@@ -67,6 +67,18 @@ def test_unknown_or_repeated_baselines_are_refused_with_the_valid_names():
         replace(cfg, baselines=("lora", "adapter"))
 
 
+def test_forms_options_narrow_the_space_and_baselines_outside_it_are_refused():
+    cfg = parse_config(["--preset", "tiny", "--forms-B", "lora", "none", "--forms-E", "vector", "none"])
+    assert cfg.forms == {"B": ("lora", "none"), "E": ("vector", "none")}
+    assert parse_config(["--preset", "tiny", "--forms-C", "lora", "vector", "none"]).forms == {}  # all: full space
+    assert cfg.identity() != parse_config(["--preset", "tiny"]).identity()  # another space, another run
+    parse_config(["--preset", "tiny", "--forms-B", "lora", "none", "--baselines", "lora", "ssf", "bitfit", "head"])
+    with pytest.raises(BaselineError, match=r"baseline 'ssf' needs \{'A': 'vector'\}.*--forms-A"):
+        replace(parse_config(["--preset", "tiny", "--forms-A", "lora", "none"]), baselines=("lora", "ssf"))
+    with pytest.raises(SystemExit):  # argparse knows each tensor's forms
+        parse_config(["--preset", "tiny", "--forms-C", "scalar", "none"])
+
+
 def test_fixed_subnet_trains_that_subnet_every_step():
     generator = torch.Generator().manual_seed(0)
     images = TensorDataset(torch.randn(64, 3, 16, 16, generator=generator), torch.randint(10, (64,), generator=generator))

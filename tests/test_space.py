@@ -85,3 +85,37 @@ def test_bool_rank_is_refused():
     with pytest.raises(GLoRARayTypeError, match=r"True in \(True, 4\) is not an integer"):
         SearchSpace(ranks=(True, 4))
     assert SearchSpace(np.array([8, 4])).ranks == (8, 4)  # numpy integers are integers
+
+
+def test_forms_narrow_a_tensor_and_become_part_of_the_space_identity():
+    full = SearchSpace((4, 2))
+    narrow = SearchSpace((4, 2), forms={"B": ("none", "lora"), "D": ["none"]})
+    assert narrow.choices("B") == ("lora4", "lora2", "none")  # the table's order, whatever was given
+    assert narrow.choices("D") == ("none",) and narrow.choices("A") == full.choices("A")
+    assert narrow.layer_space_size == 5 * 3 * 4 * 1 * 3 == len(list(narrow.iter_layer_choices()))
+    assert narrow.restricted_forms == {"B": ("lora", "none"), "D": ("none",)}
+    assert narrow.key_prefix == "r4r2-Bln-Dn:" and narrow != full
+    # Naming every form of a tensor is the full space again.
+    assert SearchSpace((4, 2), forms={"C": ("lora", "vector", "none")}) == full
+    assert SearchSpace.from_dict(narrow.to_dict()) == narrow and hash(SearchSpace.from_dict(narrow.to_dict())) == hash(narrow)
+    assert full.to_dict() == {"ranks": [4, 2]}
+    # Sampling stays inside, and a key of the full space is not read by the narrowed one.
+    genes = narrow.sample_genes(np.random.default_rng(0), 50)
+    decoded = narrow.decode(genes, [f"l{i}" for i in range(50)])
+    assert {c["B"] for c in decoded.values()} <= {"lora4", "lora2", "none"} and {c["D"] for c in decoded.values()} == {"none"}
+    with pytest.raises(SearchSpaceError, match="r4r2-Bln-Dn:"):
+        narrow.genes_from_string(full.genes_to_string(np.zeros(5, dtype=np.int8)), 1)
+    with pytest.raises(SearchSpaceError, match="'vector' is not in the space"):
+        narrow.encode_layer({**full.empty_layer_choice(), "B": "vector"})
+
+
+@pytest.mark.parametrize("forms, error, fragment", [
+    ({"F": ("none",)}, SearchSpaceError, "unknown tensor"),
+    ({"C": ("scalar", "none")}, SearchSpaceError, "'scalar' is not a form of C"),
+    ({"B": ("lora",)}, SearchSpaceError, "must keep 'none'"),
+    ({"B": "lora"}, GLoRARayTypeError, "sequence of kinds"),
+    (["B"], GLoRARayTypeError, "mapping tensor -> kinds"),
+])
+def test_bad_forms_are_refused_naming_tensor_and_allowed_kinds(forms, error, fragment):
+    with pytest.raises(error, match=fragment):
+        SearchSpace((4,), forms=forms)

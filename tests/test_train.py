@@ -169,10 +169,12 @@ def test_saved_supernet_reproduces_outputs_and_refuses_a_mismatch(data, train800
     untrained = eval_outputs(spec.build(), subnets, x)
     assert (untrained - trained).abs().max() > 0.1
     for wrong, field in [(dict(ranks=(8, 4)), "ranks"), (dict(dataset="cifar"), "dataset"),
-                         (dict(num_classes=100), "num_classes")]:
+                         (dict(num_classes=100), "num_classes"), (dict(forms={"B": ("lora", "none")}), "forms")]:
         expected = replace(spec, **wrong)
         with pytest.raises(CheckpointMismatchError, match=field):
             load_supernet(tmp_path / "sn", expected=expected)
+    narrow = replace(spec, forms={"B": ("lora", "none")})
+    assert SupernetSpec.from_dict(json.loads(json.dumps(narrow.to_dict()))).space == narrow.space != spec.space
 
 
 # -- train_supernet without workers: local mode --------------------------------------------------

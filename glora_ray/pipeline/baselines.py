@@ -91,11 +91,18 @@ def baseline(name: str) -> Baseline:
         raise BaselineError(f"unknown baseline {name!r}; baselines: {sorted(BASELINES)}") from None
 
 
-def check_baseline_names(names: Sequence[str]) -> tuple[str, ...]:
-    """The names as a tuple, each known and given once."""
+def check_baseline_names(names: Sequence[str], space: SearchSpace | None = None) -> tuple[str, ...]:
+    """The names as a tuple, each known, given once and (with ``space``) a subnet of that space."""
     names = tuple(names)
     for name in names:
-        baseline(name)
+        fixed = baseline(name)
+        if space is not None:
+            wanted = fixed.layer_choice(space)
+            missing = {t: c for t, c in wanted.items() if c not in space.choices(t)}
+            if missing:
+                raise BaselineError(
+                    f"baseline {name!r} needs {missing}, which the space {space!r} does not have; "
+                    f"keep those forms (--forms-{next(iter(missing))}) or leave this baseline out")
     if len(set(names)) != len(names):
         raise BaselineError(f"baselines: {list(names)} names a baseline twice")
     return names

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..backbone import PACKAGED_WEIGHTS, packaged_weights
 from ..errors import GLoRARayError
+from ..space import TENSORS, SearchSpace
 
 from .baselines import BASELINES
 from .config import ALL_DATASETS, PREPROCESSINGS, PRESETS, PipelineConfig, PipelineConfigError, expand_datasets, preset
@@ -35,6 +36,8 @@ _SEARCH_OPTIONS = {"population": "population", "parents": "parents", "mutants": 
                    "m_prob": "m_prob", "generations": "generations", "actors": "num_actors",
                    "actor_cpus": "cpus_per_actor", "actor_gpus": "gpus_per_actor", "eval_batch_size": "eval_batch_size",
                    "min_params": "min_params", "max_params": "max_params", "seed": "seed"}
+# --forms-A .. --forms-E: the kinds each support tensor may take (SearchSpace forms).
+_FORM_OPTIONS = {f"forms_{t}": t for t in TENSORS}
 _TOP_OPTIONS = ("datasets", "data_root", "out", "ranks", "targets", "lr", "layer_types", "preprocessing",
                 "num_classes")
 # What None means, where the preset leaves a value open.
@@ -54,6 +57,9 @@ def _preset_value(values: dict[str, Any], dest: str) -> Any:
         value = getattr(values["train"], _TRAIN_OPTIONS[dest])
     elif dest in _SEARCH_OPTIONS:
         value = getattr(values["search"], _SEARCH_OPTIONS[dest])
+    elif dest in _FORM_OPTIONS:
+        kinds = SearchSpace(values["ranks"], values.get("forms")).kinds[_FORM_OPTIONS[dest]]
+        value = tuple(k.value for k in kinds)
     elif dest == "train_gpus":
         train = values["train"]
         value = (1 if train.gpus_per_worker is None else train.gpus_per_worker) if train.use_gpu else 0
@@ -132,6 +138,10 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
     g.add_argument("--img-size", type=int)
     g.add_argument("--model-kwargs", type=_json_object, help="extra timm.create_model arguments as JSON, e.g. '{\"depth\": 4}'")
     g.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks of the space, e.g. 8 4")
+    for tensor, kinds in SearchSpace().kinds.items():
+        g.add_argument(f"--forms-{tensor}", nargs="+", choices=[k.value for k in kinds], metavar="FORM",
+                       help=f"forms support tensor {tensor} may take, 'none' included: any of "
+                       f"{', '.join(k.value for k in kinds)} (lora: at every rank of --ranks)")
     g.add_argument("--targets", nargs="+", help="adapted layers by name or suffix (default: every layer of "
                    "--layer-types but the head)")
     g.add_argument("--layer-types", nargs="+", metavar="TYPE",
@@ -219,6 +229,7 @@ def shared_fields(given: dict[str, Any], values: Mapping[str, Any]) -> dict[str,
         train=train,
         search=search,
         ranks=given.get("ranks", values["ranks"]),
+        forms={**values.get("forms", {}), **{t: tuple(given[dest]) for dest, t in _FORM_OPTIONS.items() if dest in given}},
         targets=given.get("targets", values["targets"]),
         layer_types=given.get("layer_types", values["layer_types"]),
         preprocessing=given.get("preprocessing", values["preprocessing"]),

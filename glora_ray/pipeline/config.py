@@ -46,6 +46,9 @@ class PipelineConfig:
     train: TrainConfig
     search: SearchConfig
     ranks: tuple[int, ...] = (8, 4)
+    # Tensors whose kinds are narrowed, e.g. {"B": ("lora", "none")} (SearchSpace forms); empty:
+    # the paper's full space.
+    forms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     targets: list[str] | str | None = None  # names or suffixes, or one regex over module names
     layer_types: tuple[str, ...] = ("linear",)  # adapted module types (docs/method.md §7)
     preprocessing: str = VTAB_PREPROCESSING  # one of PREPROCESSINGS
@@ -73,9 +76,10 @@ class PipelineConfig:
         self.datasets = tuple(self.resolve_dataset(d) for d in self.datasets)
         if self.num_classes is not None and self.num_classes < 1:
             raise PipelineConfigError(f"num_classes must be >= 1, got {self.num_classes}")
-        self.ranks = SearchSpace(self.ranks).ranks  # validates: distinct positive integers
+        space = SearchSpace(self.ranks, self.forms)  # validates ranks and forms
+        self.ranks, self.forms = space.ranks, space.restricted_forms
         self.lr_sweep = tuple(float(x) for x in self.lr_sweep)
-        self.baselines = check_baseline_names(self.baselines)
+        self.baselines = check_baseline_names(self.baselines, space)
         self.seeds = tuple(self.seeds)
         if any(not isinstance(x, int) or x < 0 for x in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise PipelineConfigError(f"seeds must be distinct integers >= 0, got {list(self.seeds)}")
@@ -181,10 +185,11 @@ def _tiny_vit() -> BackboneConfig:
     )
 
 
-# The default adapts the convolutions of the last four stages and the final 1x1 conv (a regex
-# over module names): the earlier, generic layers stay as pretrained, and the backward pass stops
-# at stage 3, where a 64 px input is down to 8x8.
-DEFAULT_TARGETS = r"blocks\.[3-6]\..*|conv_head"
+# On a frozen CNN, a vector or scalar B adds a multiple of the sum of a whole kernel window's
+# inputs to each output (docs/method.md §1.2); it shares its storage with B's LoRA, so updates
+# that suit the LoRA blow those forms up, and the supernet diverges at learning rates that the
+# other forms need.  The default keeps B to LoRA (docs/method.md §7, "Why the default narrows B").
+CNN_FORMS: dict[str, tuple[str, ...]] = {"B": ("lora", "none")}
 
 
 def _packaged_efficientnet() -> BackboneConfig:
@@ -196,7 +201,7 @@ def _packaged_efficientnet() -> BackboneConfig:
 
 def _digits_preset(name: str, backbone: BackboneConfig, layer_types: tuple[str, ...], preprocessing: str,
                    targets: str | None, lr: float, epochs: int, batch_size: int, generations: int,
-                   max_params: str) -> dict[str, Any]:
+                   max_params: str, forms: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
     """A run on the bundled digits, sized for 2 CPU cores: one training worker, ranks (4, 2)."""
     return {
         "datasets": ("digits",),
@@ -207,6 +212,7 @@ def _digits_preset(name: str, backbone: BackboneConfig, layer_types: tuple[str, 
         "preprocessing": preprocessing,
         "targets": targets,
         "ranks": (4, 2),
+        "forms": forms or {},
         "lr": lr,
         "train": TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=1, checkpoint_every=5,
                              num_workers=1, cpus_per_worker=2),
@@ -218,9 +224,11 @@ def _digits_preset(name: str, backbone: BackboneConfig, layer_types: tuple[str, 
 PRESETS: dict[str, dict[str, Any]] = {
     # Offline, a few minutes on 2 CPU cores: GLoRA on the convolutions of the last stages of an
     # ImageNet EfficientNet-Lite0 (weights from a pip package), on the bundled digits.
+    # Every convolution (49); the budget lies where the supernet's uniformly drawn training subnets
+    # do (about 130k), which is where its subnets are best trained.
     "default": _digits_preset("default", _packaged_efficientnet(), ("conv2d",), BACKBONE_PREPROCESSING,
-                              targets=DEFAULT_TARGETS, lr=5e-4, epochs=20, batch_size=32, generations=4,
-                              max_params="50k"),
+                              targets=None, lr=3e-3, epochs=20, batch_size=32, generations=4,
+                              max_params="150k", forms=CNN_FORMS),
     # A random-init 4-block ViT-Tiny on the bundled digits: the cheapest whole run (tests).
     "tiny": _digits_preset("tiny", _tiny_vit(), ("linear",), VTAB_PREPROCESSING, targets=None, lr=2e-3,
                            epochs=10, batch_size=64, generations=5, max_params="20k"),
@@ -235,6 +243,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "preprocessing": VTAB_PREPROCESSING,
         "targets": None,
         "ranks": (8, 4),
+        "forms": {},
         "lr": None,
         "train": TrainConfig(),
         "search": SearchConfig(),
@@ -250,6 +259,7 @@ def preset(name: str) -> dict[str, Any]:
     return {
         **values,
         "backbone": replace(values["backbone"], model_kwargs=dict(values["backbone"].model_kwargs)),
+        "forms": dict(values["forms"]),
         "train": replace(values["train"]),
         "search": replace(values["search"]),
     }

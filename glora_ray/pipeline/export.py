@@ -51,6 +51,7 @@ def subnet_record(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, add
         "added_bias_keys": added_bias_keys,
         "dataset": spec.dataset,
         "ranks": list(spec.ranks),
+        "forms": {t: list(kinds) for t, kinds in spec.space.restricted_forms.items()},
         "key": supernet.subnet_key(genes),
         "params": supernet.num_params(genes),
         "head_params": supernet.head_num_params,

@@ -47,7 +47,7 @@ def run_id_for(cfg: PipelineConfig) -> str:
 
 def spec_for(cfg: PipelineConfig, dataset: str | DataConfig) -> SupernetSpec:
     data = data_for(cfg, dataset) if isinstance(dataset, str) else dataset
-    return SupernetSpec(backbone=cfg.backbone, num_classes=data.num_classes, ranks=cfg.ranks,
+    return SupernetSpec(backbone=cfg.backbone, num_classes=data.num_classes, ranks=cfg.ranks, forms=cfg.forms,
                         targets=cfg.targets, layer_types=cfg.layer_types, dataset=data.name,
                         adapter_seed=cfg.train.seed)
 
