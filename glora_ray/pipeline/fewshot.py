@@ -79,11 +79,16 @@ def fewshot_preset(name: str) -> dict[str, Any]:
     """The VTAB preset of that name with the few-shot datasets, data and output."""
     values = preset(name)
     if values["datasets"] == (DIGITS,):  # an embedded preset ('default', 'tiny')
-        # The embedded digits in NOAH's layout; a 1-shot list holds 10 images: batch 10.  One CPU per
-        # training worker, so that two of the 15 units train at once on 2 cores.
+        # The embedded digits in NOAH's layout; a 1-shot list holds 10 images: batch 10.  Sized for a
+        # few minutes in all on 2 cores, two of the 15 units at a time: 10 epochs (a K-shot list is
+        # fitted by then) trained in the unit's own process (Ray Train's local mode: a worker group
+        # took longer to start than a unit takes to train), one evaluator actor per unit and a
+        # search of 16 candidates.
         values.update(out=os.path.join(default_home(), "results", f"fewshot-{name}"),
-                      train=replace(values["train"], batch_size=10, epochs=20, warmup_epochs=2, checkpoint_every=10,
-                                    cpus_per_worker=1))
+                      train=replace(values["train"], batch_size=10, epochs=10, warmup_epochs=1, checkpoint_every=5,
+                                    num_workers=0, cpus_per_worker=1),
+                      search=replace(values["search"], population=8, parents=2, mutants=3, crossovers=3,
+                                     generations=2, num_actors=1))
     else:
         values.update(datasets=tuple(FEWSHOT_DATASETS), data_root=os.path.join(default_home(), "data"),
                       out=os.path.join(default_home(), "results", f"fewshot-{name}"))

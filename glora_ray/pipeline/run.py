@@ -90,7 +90,9 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
         say(f"stage 1: lr {lr:g} chosen; trials {[(t['lr'], round(t['val_acc'], 4)) for t in sweep.trials]}")
     else:
         lr = unit.lr
-        say(f"stage 1: training the supernet, lr {lr:g}, {cfg.train.epochs} epochs, {cfg.train.world_size} worker(s)")
+        where = "in this process (Ray Train local mode)" if cfg.train.num_workers == 0 else \
+            f"{cfg.train.world_size} worker(s)"
+        say(f"stage 1: training the supernet, lr {lr:g}, {cfg.train.epochs} epochs, {where}")
         trained = train_supernet(spec, data, unit.train_config(cfg.train, lr), layout.train_uri(cfg.out, unit.path),
                                  "supernet", progress=_stage(say, "stage 1"))
         checkpoint_dir = trained.checkpoint_dir
