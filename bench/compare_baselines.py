@@ -76,7 +76,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# GLoRA vs fixed adapters: {result['tag']}", "",
         f"- backbone: `{setting['backbone']}` ({setting['weights']}), ranks {setting['ranks']}, "
-        f"{setting['adapted_layers']} adapted layers",
+        f"forms narrowed {setting.get('forms') or 'nowhere (full space)'}, {setting['adapted_layers']} adapted layers",
         f"- datasets {setting['datasets']}, seeds {setting['seeds']}, {setting['epochs']} epochs, "
         f"lr {setting['lr']}, budget {setting['budget']}, search: population {setting['population']}, "
         f"{setting['generations']} generations",
@@ -112,10 +112,11 @@ def _setting(cfg, budgets: dict[str, Any]) -> dict[str, Any]:
     from glora_ray.pipeline.run import spec_for
 
     structure = spec_for(cfg, cfg.datasets[0]).build_empty()
-    weights = ("pretrained" if cfg.backbone.pretrained else
-               f"checkpoint {cfg.backbone.checkpoint_path}" if cfg.backbone.checkpoint_path else "random init")
+    backbone = cfg.backbone
+    weights = ("pretrained (timm)" if backbone.pretrained else f"checkpoint {backbone.checkpoint_path}"
+               if backbone.checkpoint_path else f"pretrained ({backbone.weights})" if backbone.weights else "random init")
     return {"preset_backbone": cfg.backbone.to_dict(), "backbone": cfg.backbone.name, "weights": weights,
-            "ranks": list(cfg.ranks), "adapted_layers": structure.num_layers, "datasets": list(cfg.datasets),
+            "ranks": list(cfg.ranks), "forms": {t: list(k) for t, k in cfg.forms.items()}, "adapted_layers": structure.num_layers, "datasets": list(cfg.datasets),
             "seeds": list(cfg.seeds), "epochs": cfg.train.epochs, "lr": cfg.lr if cfg.lr is not None else "paper table",
             "budget": budgets, "population": cfg.search.population, "generations": cfg.search.generations,
             "baselines": list(cfg.baselines)}

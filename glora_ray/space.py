@@ -112,7 +112,7 @@ def _check_forms(forms: FormsSpec | None) -> dict[str, tuple[Kind, ...]]:
                                        f"allowed: {[k.value for k in allowed]}")
             wanted.add(kind)
         if Kind.NONE not in wanted:
-            raise SearchSpaceError(f"SearchSpace forms[{tensor!r}] = {[str(x) for x in given]} must keep 'none' "
+            raise SearchSpaceError(f"SearchSpace forms[{tensor!r}] = {[getattr(x, 'value', x) for x in given]} must keep 'none' "
                                    f"(the empty subnet and every baseline need it)")
         out[tensor] = tuple(k for k in allowed if k in wanted)
     return out
@@ -122,7 +122,7 @@ class SearchSpace:
     """The choices of every support tensor for a set of LoRA ranks, e.g. ``SearchSpace((8, 4))``.
 
     ``forms`` optionally narrows the kinds some tensors may take, e.g.
-    ``SearchSpace((4, 2), forms={"B": ("lora", "none")})`` (docs/method.md §1.2); by default every
+    ``SearchSpace((4, 2), forms={"B": ("lora", "none")})`` (docs/method.md §1.9); by default every
     tensor has the paper's full set.
     """
 

@@ -236,6 +236,15 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
     assert list(comparison["name"]) == ["glora", "head"] and comparison["test_acc"].iloc[0] == frame["test_acc"].iloc[0]
     head = json.loads((unit_dir / "baselines" / "head.json").read_text())
     assert 0.0 <= head["test_acc"] <= 1.0 and head["params"] == 0
+    # A rerun resumes: nothing trained, searched or tested again, the same rows.
+    done = [p for part in ("train", "search/population", "baselines") for p in (unit_dir / part).rglob("*")
+            if p.is_file()]
+    done.append(unit_dir / "export" / "test.json")
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    assert load_entry("fewshot").main(argv) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(fewshot_out / RESULTS_FILE).drop(columns="wall_seconds"),
+                                  frame.drop(columns="wall_seconds"))
+    assert [p for p, stamp in stamps.items() if not p.exists() or p.stat().st_mtime_ns != stamp] == []
 
     domain_out = tmp_path / "domain out"
     argv = tiny_args(data, domain_out, "--num-classes", "10", "--generations", "1", "--epochs", "1",

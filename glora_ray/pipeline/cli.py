@@ -163,7 +163,8 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
     g.add_argument("--warmup-epochs", type=int)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--checkpoint-every", type=int, help="epochs between training checkpoints")
-    g.add_argument("--train-workers", type=int, help="Ray Train workers (data-parallel)")
+    g.add_argument("--train-workers", type=int, help="Ray Train workers (data-parallel); 0: train in the "
+                   "job's own process (Ray Train's local mode, no worker group to start)")
     g.add_argument("--train-cpus", type=int, help="CPUs per training worker")
     g.add_argument("--train-gpus", type=float, help="GPUs per training worker (0: CPU training)")
 

@@ -222,10 +222,9 @@ def _digits_preset(name: str, backbone: BackboneConfig, layer_types: tuple[str, 
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Offline, a few minutes on 2 CPU cores: GLoRA on the convolutions of the last stages of an
-    # ImageNet EfficientNet-Lite0 (weights from a pip package), on the bundled digits.
-    # Every convolution (49); the budget lies where the supernet's uniformly drawn training subnets
-    # do (about 130k), which is where its subnets are best trained.
+    # Offline, a few minutes on 2 CPU cores: GLoRA on every convolution (49) of an ImageNet
+    # EfficientNet-Lite0 (weights from a pip package), on the bundled digits.  The budget lies where
+    # the supernet's uniformly drawn training subnets do (about 130k), where its subnets train best.
     "default": _digits_preset("default", _packaged_efficientnet(), ("conv2d",), BACKBONE_PREPROCESSING,
                               targets=None, lr=3e-3, epochs=20, batch_size=32, generations=4,
                               max_params="150k", forms=CNN_FORMS),
