@@ -289,16 +289,20 @@ class SearchSpace:
         return arr.astype(np.int8)
 
     @property
+    def _narrowed(self) -> dict[str, tuple[Kind, ...]]:
+        """The tensors whose kinds differ from the full table, with the kinds they keep."""
+        return {t: kinds for t, kinds in self.kinds.items() if kinds != _ALLOWED_KINDS[t]}
+
+    @property
     def restricted_forms(self) -> dict[str, tuple[str, ...]]:
         """The tensors whose kinds are narrowed, with the kinds they keep (empty: the full space)."""
-        return {t: tuple(k.value for k in kinds) for t, kinds in self.kinds.items() if kinds != _ALLOWED_KINDS[t]}
+        return {t: tuple(k.value for k in kinds) for t, kinds in self._narrowed.items()}
 
     @property
     def key_prefix(self) -> str:
         """What every key of this space starts with: its identity, e.g. ``"r8r4:"``, or
         ``"r4r2-Bln:"`` when B keeps only lora and none."""
-        narrowed = "".join(f"-{t}" + "".join(_KIND_LETTER[k] for k in kinds)
-                           for t, kinds in self.kinds.items() if kinds != _ALLOWED_KINDS[t])
+        narrowed = "".join(f"-{t}" + "".join(_KIND_LETTER[k] for k in kinds) for t, kinds in self._narrowed.items())
         return "".join(f"r{r}" for r in self.ranks) + narrowed + ":"
 
     def genes_to_string(self, genes: Sequence[int]) -> str:

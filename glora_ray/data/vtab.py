@@ -265,6 +265,11 @@ def load_split_arrays(
     return decode_samples(read_split(root, dataset, split), img_size, mean, std, interpolation)
 
 
+def sample_labels(samples: Sequence[Sample]) -> np.ndarray:
+    """The samples' labels as one int64 array."""
+    return np.fromiter((s.label for s in samples), dtype=np.int64, count=len(samples))
+
+
 def decode_samples(
     samples: Sequence[Sample],
     img_size: int,
@@ -276,8 +281,7 @@ def decode_samples(
     images = np.empty((len(samples), 3, img_size, img_size), dtype=np.float32)
     for i, sample in enumerate(samples):
         images[i] = load_sample(sample, img_size, mean, std, interpolation)
-    labels = np.fromiter((s.label for s in samples), dtype=np.int64, count=len(samples))
-    return images, labels
+    return images, sample_labels(samples)
 
 
 class ListDataset(Dataset):
@@ -297,7 +301,7 @@ class ListDataset(Dataset):
 
     @property
     def labels(self) -> np.ndarray:
-        return np.fromiter((s.label for s in self.samples), dtype=np.int64, count=len(self.samples))
+        return sample_labels(self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)

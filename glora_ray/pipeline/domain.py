@@ -169,7 +169,7 @@ def run_domain(cfg: DomainConfig) -> pd.DataFrame:
     storage.write_parquet(storage.join(cfg.out, TABLE_FILE), frame)
     log.info("\n" + format_table(frame, test_sets, restricted))
     log.info(f"results: {storage.join(cfg.out, TABLE_FILE)}, restricted classes: {storage.join(cfg.out, CLASSES_FILE)}; "
-          f"per seed: {IMAGENET}/seed-<S>/export/")
+             f"per seed: {IMAGENET}/seed-<S>/export/")
     return frame
 
 

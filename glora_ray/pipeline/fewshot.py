@@ -175,9 +175,9 @@ def run_fewshot(cfg: FewShotConfig) -> pd.DataFrame:
     storage.write_bytes(storage.join(cfg.out, FIGURE_FILE), figure_png(frame))
     stats = curves(frame).rename(columns={"mean": "test_acc", "std": "std_over_seeds", "count": "seeds"})
     log.info("\n" + text_table(stats, ["dataset", "shots", "test_acc", "std_over_seeds", "seeds"],
-                     ["test_acc", "std_over_seeds"]))
+                                ["test_acc", "std_over_seeds"]))
     log.info(f"results: {storage.join(cfg.out, RESULTS_FILE)}, figure: {storage.join(cfg.out, FIGURE_FILE)}; "
-          f"per unit: <dataset>/shots-<K>/seed-<S>/export/")
+             f"per unit: <dataset>/shots-<K>/seed-<S>/export/")
     return frame
 
 
