@@ -55,9 +55,10 @@ def merge_work(evaluator, genes: np.ndarray, batches: int) -> None:
 
     evaluator.model.load(genes)
     if evaluator.merge_strategy is MergeStrategy.JUST_IN_TIME:
+        merger = evaluator.model.merger
         for _ in range(batches):
-            for layer in evaluator.supernet.layers():
-                layer.merged_weight_and_bias()
+            for i in range(len(merger.layers)):
+                merger.weight(i)
 
 
 def build_parser() -> argparse.ArgumentParser:

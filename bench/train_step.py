@@ -12,13 +12,16 @@ epoch of a few steps at a time, interleaved:
              probe; the backward pass stops at the head).
 
 With --precisions fp32,bf16 (issue 14) the supernet runs again in each further precision
-(``TrainConfig.precision``: bf16 autocast, TF32 on CUDA), timed in the same rounds.
+(``TrainConfig.precision``: bf16 autocast, TF32 on CUDA), timed in the same rounds; with
+--layouts auto,channels_last (or contiguous) it runs again in each further memory layout
+(``TrainConfig.channels_last``; ``auto`` is channels-last for a CNN).
 
 A fixed subnet is a ``Supernet`` whose ``set_subnet`` applies the pinned genes (the per-step draw
 is still made, so the loop is the same).  Ray-free (``gpu_check`` calls ``main``).
 
     python -m bench.train_step --size small
     python -m bench.train_step --size small --family cnn    # EfficientNet-Lite0, GLoRA on its convolutions
+    python -m bench.train_step --size small --family cnn --layouts auto,channels_last
     python -m bench.train_step --size base --device cuda
 """
 from __future__ import annotations
@@ -85,7 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training precisions, comma-separated (fp32, tf32 on CUDA, bf16, auto): the first for "
                              "every variant, each other one adds a variant supernet_<p> (default: fp32, or tf32 "
                              "with --tf32)")
+    parser.add_argument("--layouts", default="auto",
+                        help="memory layouts, comma-separated (auto, contiguous, channels_last): the first for every "
+                             "variant, each other one adds a variant supernet_<layout> (default: auto)")
     return parser
+
+
+LAYOUTS = {"auto": None, "contiguous": False, "channels_last": True}  # -> TrainConfig.channels_last
+
+
+def parse_layouts(text: str) -> list[str]:
+    layouts = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip())) or ["auto"]
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown:
+        raise BenchError(f"--layouts: {unknown} not among {list(LAYOUTS)}")
+    return layouts
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,6 +118,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps or size.train_steps
     if batch < 1 or steps < 1 or args.warmup < 0:
         raise BenchError("--batch-size and --steps must be >= 1, --warmup >= 0")
+    layouts = parse_layouts(args.layouts)
     say(f"[train_step] {model.describe()} | batch {batch}, {steps} steps per timed epoch | {timing.describe()} "
         f"| {repeats} rounds")
 
@@ -118,7 +136,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError(f"--precisions: {err}") from None
     # Long schedule, no warm-up: the learning rate does not matter to the step time.
     cfg = TrainConfig(epochs=10_000, batch_size=batch, warmup_epochs=0, seed=args.seed, num_workers=0,
-                      precision=precisions[0])
+                      precision=precisions[0], channels_last=LAYOUTS[layouts[0]])
     cfg.validate()
 
     supernet = build(spec)
@@ -133,12 +151,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         name = f"supernet_{precision}"
         runs[name] = SupernetTraining(build(spec), dataset, replace(cfg, precision=precision), device).setup()
         models[name] = runs[name].supernet
+    for layout in layouts[1:]:  # the supernet again, in another memory layout
+        name = f"supernet_{layout}"
+        runs[name] = SupernetTraining(build(spec), dataset, replace(cfg, channels_last=LAYOUTS[layout]), device).setup()
+        models[name] = runs[name].supernet
 
     trained = {
         "supernet": f"any subnet, up to {supernet.num_params(supernet.largest_subnet()):,} adapter params",
         "lora": f"{lora.num_params(lora.pinned):,} adapter params (B = {largest_lora})",
         "head": "0 adapter params",
         **{f"supernet_{p}": f"as supernet, in {p}" for p in precisions[1:]},
+        **{f"supernet_{layout}": f"as supernet, layout {runs[f'supernet_{layout}'].layout}" for layout in layouts[1:]},
     }
     peak_mib: dict[str, float] = {}
     if device.type == "cuda":  # one untimed epoch each, alone, for its peak memory
@@ -163,6 +186,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "supernet_over_head": timing.ratio("supernet", "head"),
         "lora_over_head": timing.ratio("lora", "head"),
         **{f"supernet_{p}_over_supernet": timing.ratio(f"supernet_{p}", "supernet") for p in precisions[1:]},
+        **{f"supernet_{layout}_over_supernet": timing.ratio(f"supernet_{layout}", "supernet") for layout in layouts[1:]},
     }
     for name in runs:
         say(f"{name:9s} {images_per_s[name]:8.1f} images/s  ({trained[name]})"
@@ -178,7 +202,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "model": model.describe(), "batch_size": batch, "steps_per_epoch": steps, "repeats": repeats,
             "warmup": args.warmup, "threads": threads, "clock": clock,
             "tf32": bool(args.tf32 and device.type == "cuda"),
-            "drop_path_rate": DROP_PATH_RATE, "seed": args.seed, "precisions": precisions,
+            "drop_path_rate": DROP_PATH_RATE, "seed": args.seed, "precisions": precisions, "layouts": layouts,
             "channels_last": runs["supernet"].layout is torch.channels_last,
         },
         "ratios": ratios,

@@ -43,3 +43,17 @@ def test_a_stored_run_continues_only_with_execution_changes_or_a_longer_search()
         check_same_run(parse_config(["--preset", "tiny", "--generations", "4"]), stored, "--out /tmp/run")
     cfg = parse_config(["--preset", "tiny", ])
     assert replace(cfg, out="/x").identity() == cfg.identity()  # a run may move
+
+
+def test_precision_layout_and_merge_options_reach_the_configs_and_the_identity():
+    cfg = parse_config(["--preset", "tiny", "--train-precision", "fp32", "--channels-last", "--search-precision", "bf16",
+                        "--merge-strategy", "per_candidate"])
+    assert (cfg.train.precision, cfg.train.channels_last) == ("fp32", True)
+    assert (cfg.search.precision.value, cfg.search.merge_strategy) == ("bf16", "per_candidate")
+    tiny = parse_config(["--preset", "tiny"])
+    assert (tiny.train.precision, tiny.train.channels_last, tiny.search.merge_strategy) == ("auto", None, "auto")
+    assert {name for name, _, _ in differences(tiny.identity(), cfg.identity())} == {
+        "train.precision", "train.channels_last", "search.precision"}  # the merge strategy only executes
+    assert parse_config(["--preset", "tiny", "--no-channels-last"]).train.channels_last is False
+    with pytest.raises(PipelineConfigError, match="'tf32' is a GPU format.*--train-gpus"):
+        replace(tiny, train=replace(tiny.train, precision="tf32"))

@@ -1,16 +1,21 @@
 """Issue 14: merge strategies (equal results, small actors), precision options, GPU training paths on CPU."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from glora_ray import TENSORS, GLoRAConv2d, GLoRALinear, SearchSpace
 from glora_ray.errors import GLoRARayError
+from glora_ray.layers.support import LowRank
 from glora_ray.precision import Precision, is_convolutional, memory_format, resolve_precision
 from glora_ray.search import Evaluator, SearchConfig, SearchConfigError
 from glora_ray.search.merge import MergeStrategy
 from glora_ray.train import SupernetTraining, TrainConfig, TrainConfigError
 from test_search import problem, tiny_spec  # noqa: F401  (the shared tiny search problem)
 from test_train import make_spec, quick
+from helpers import randomize_adapters
 
 
 def evaluators(problem, **kw):  # noqa: F811
@@ -31,6 +36,10 @@ def test_merge_strategies_agree_and_just_in_time_equals_per_candidate_bit_for_bi
     evs = evaluators(problem.__class__(problem.spec, problem.net, shared, problem.images, problem.labels))
     rng = np.random.default_rng(3)
     subnets = [problem.net.sample_genes(rng) for _ in range(6)] + [problem.net.largest_subnet()]
+    # Every other layer with A and B both none: just in time runs those on the shared W0 itself.
+    space, skipping = problem.net.space, subnets[0].reshape(problem.net.num_layers, len(TENSORS)).copy()
+    skipping[::2, :2] = [space.choices(t).index("none") for t in ("A", "B")]
+    subnets.append(skipping.reshape(-1))
     x = evs[MergeStrategy.PER_CANDIDATE].images[:24]
     for genes in subnets:
         reference = logits(evs[MergeStrategy.PER_CANDIDATE], genes, x)
@@ -46,6 +55,25 @@ def test_merge_strategies_agree_and_just_in_time_equals_per_candidate_bit_for_bi
     assert all(m.weight is None and not list(m.parameters(recurse=False)) for m in adapted)
     assert jit.supernet.model.blocks[0].attn.qkv.base.weight.data_ptr() == \
         shared["model.blocks.0.attn.qkv.base.weight"].ctypes.data
+
+
+@pytest.mark.parametrize("base", [nn.Linear(48, 40), nn.Conv2d(8, 12, 3, groups=2)], ids=["linear", "conv"])
+def test_fused_merge_keeps_the_bits_of_the_stepwise_merge(base):
+    # The merge fuses its first op per case (one pass fewer); the weights must not change by a bit.
+    layer = (GLoRALinear if isinstance(base, nn.Linear) else GLoRAConv2d)(base, SearchSpace((4, 2)))
+    randomize_adapters(layer, 0)
+    w0 = layer.weight_2d()
+    for a_name, b_name in itertools.product(layer.space.choices("A"), layer.space.choices("B")):
+        layer.set_choice({"A": a_name, "B": b_name, "C": "none", "D": "none", "E": "none"})
+        a, b = layer.terms()[:2]
+        with torch.no_grad():  # the merge as it was: a fresh copy or W0 + B, then + W0 * A in place
+            stepwise = torch.addmm(w0, b.down, b.up) if isinstance(b, LowRank) else \
+                w0.clone() if b is None else w0 + b.matrix()
+            if a is not None:
+                stepwise.addcmul_(w0, a.matrix())
+        fused = layer.merged_weight_2d()
+        assert torch.equal(fused, stepwise), (a_name, b_name)
+        assert fused.data_ptr() != w0.data_ptr()
 
 
 def test_cpu_default_is_just_in_time_and_bf16_evaluation_stays_close(problem):  # noqa: F811
@@ -83,14 +111,14 @@ def test_precision_options_are_validated_with_the_valid_values(problem):  # noqa
     assert resolve_precision("auto", "cuda") is Precision.BF16
 
 
-def test_channels_last_only_for_convolutional_backbones_on_cuda():
+def test_channels_last_only_for_convolutional_backbones():
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
     patchify = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4))  # a ViT's patch embedding
     assert is_convolutional(cnn) and not is_convolutional(patchify)
-    assert memory_format(cnn, torch.device("cuda")) is torch.channels_last
-    assert memory_format(cnn, torch.device("cpu")) is torch.contiguous_format
-    assert memory_format(patchify, torch.device("cuda")) is torch.contiguous_format
-    assert memory_format(patchify, torch.device("cpu"), channels_last=True) is torch.channels_last
+    assert memory_format(cnn) is torch.channels_last
+    assert memory_format(cnn, channels_last=False) is torch.contiguous_format
+    assert memory_format(patchify) is torch.contiguous_format
+    assert memory_format(patchify, channels_last=True) is torch.channels_last
 
 
 def test_bf16_and_channels_last_training_run_on_the_cpu():

@@ -165,19 +165,33 @@ class GLoRALayer(nn.Module):
 
     # -- merging -----------------------------------------------------------------------
     @torch.no_grad()
+    def merged_weight_2d(self, terms: Sequence[Term | None] | None = None) -> torch.Tensor:
+        """W0 + W0 * A + B as a new (d_out, d_in) tensor, never W0 itself (docs/method.md §3).
+
+        The first op makes the fresh tensor and fuses what it can, later terms accumulate into
+        it: a candidate merges all its layers, just in time once per batch, so every pass over
+        the weight counts.
+        """
+        a, b = (self.terms() if terms is None else terms)[:2]
+        w0 = self.weight_2d()
+        a_matrix = None if a is None else a.matrix()
+        if isinstance(b, LowRank):
+            weight = torch.addmm(w0, b.down, b.up)
+        elif b is not None:
+            weight = w0 + b.matrix()
+        elif a_matrix is not None:
+            return torch.addcmul(w0, w0, a_matrix)  # the same bits as a copy of W0, then addcmul_
+        else:
+            return w0.clone()
+        if a_matrix is not None:
+            weight.addcmul_(w0, a_matrix)
+        return weight
+
+    @torch.no_grad()
     def merged_weight_and_bias(self, choice: LayerChoiceLike | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W0 + W0 * A + B (shaped like the base weight) and the effective bias, out of place."""
         terms = self.terms(choice)
-        a, b = terms[0], terms[1]
-        w0 = self.weight_2d()
-        # The first op makes a fresh tensor; later terms accumulate into it (never into W0).
-        # Fused ops keep the kernel count low: a candidate merges all its layers every time.
-        if isinstance(b, LowRank):
-            weight = torch.addmm(w0, b.down, b.up)
-        else:
-            weight = w0.clone() if b is None else w0 + b.matrix()
-        if a is not None:
-            weight.addcmul_(w0, a.matrix())
+        weight = self.merged_weight_2d(terms)
         bias = self.effective_bias(terms)
         if bias is not None:
             bias = bias.detach().clone() if bias is self.base.bias else bias.detach()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import logging
 import sys
@@ -10,6 +11,8 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..backbone import PACKAGED_WEIGHTS, packaged_weights
 from ..errors import GLoRARayError
+from ..precision import AUTO as PRECISION_AUTO, Precision
+from ..search.merge import AUTO as MERGE_AUTO, MergeStrategy
 from ..space import TENSORS, SearchSpace
 
 from .baselines import BASELINES
@@ -31,11 +34,13 @@ _BACKBONE_OPTIONS = {"model": "name", "pretrained": "pretrained", "checkpoint": 
                      "img_size": "img_size", "model_kwargs": "model_kwargs", "seed": "init_seed"}
 _TRAIN_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "warmup_epochs": "warmup_epochs",
                   "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every", "train_workers": "num_workers",
-                  "train_cpus": "cpus_per_worker", "seed": "seed"}
+                  "train_cpus": "cpus_per_worker", "seed": "seed", "train_precision": "precision",
+                  "channels_last": "channels_last"}
 _SEARCH_OPTIONS = {"population": "population", "parents": "parents", "mutants": "mutants", "crossovers": "crossovers",
                    "m_prob": "m_prob", "generations": "generations", "actors": "num_actors",
                    "actor_cpus": "cpus_per_actor", "actor_gpus": "gpus_per_actor", "eval_batch_size": "eval_batch_size",
-                   "min_params": "min_params", "max_params": "max_params", "seed": "seed"}
+                   "min_params": "min_params", "max_params": "max_params", "seed": "seed",
+                   "search_precision": "precision", "merge_strategy": "merge_strategy"}
 # --forms-A .. --forms-E: the kinds each support tensor may take (SearchSpace forms).
 _FORM_OPTIONS = {f"forms_{t}": t for t in TENSORS}
 _TOP_OPTIONS = ("datasets", "data_root", "out", "ranks", "targets", "lr", "layer_types", "preprocessing",
@@ -44,6 +49,7 @@ _TOP_OPTIONS = ("datasets", "data_root", "out", "ranks", "targets", "lr", "layer
 _OPEN = {"targets": "every nn.Linear but the head", "lr": "the paper's Table 4 value per dataset",
          "min_params": "what the space reaches", "max_params": "what the space reaches",
          "actors": "fill the cluster", "checkpoint": "none",
+         "channels_last": "automatic: on for a convolutional backbone",
          "num_classes": "counted from the training labels"}
 
 
@@ -67,6 +73,8 @@ def _preset_value(values: dict[str, Any], dest: str) -> Any:
         return argparse.SUPPRESS
     if value is None:
         return _OPEN.get(dest, "none")
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, (tuple, list)):
         return " ".join(str(v) for v in value)
     return json.dumps(value) if isinstance(value, dict) else value
@@ -167,6 +175,14 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
                    "job's own process (Ray Train's local mode, no worker group to start)")
     g.add_argument("--train-cpus", type=int, help="CPUs per training worker")
     g.add_argument("--train-gpus", type=float, help="GPUs per training worker (0: CPU training)")
+    g.add_argument("--train-precision", choices=[PRECISION_AUTO] + [p.value for p in Precision],
+                   help="forward passes of training: 'auto' is bf16 autocast on CUDA and fp32 elsewhere; 'fp32' "
+                   "turns mixed precision off; 'tf32' needs --train-gpus; weights and optimizer stay fp32")
+    layout = g.add_mutually_exclusive_group()
+    layout.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                        help="channels-last activations and weights in training")
+    layout.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="the default (contiguous) layout in training")
 
     g = parser.add_argument_group("stage 2: evolutionary search")
     g.add_argument("--population", type=int)
@@ -179,6 +195,12 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
     g.add_argument("--actor-cpus", type=float, help="CPUs per evaluator actor")
     g.add_argument("--actor-gpus", type=float, help="GPUs per evaluator actor (fractions share a GPU)")
     g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--search-precision", choices=[p.value for p in Precision],
+                   help="forward passes of the evaluation: 'fp32', 'tf32' (needs --actor-gpus) or 'bf16' autocast")
+    g.add_argument("--merge-strategy", choices=[MERGE_AUTO] + [m.value for m in MergeStrategy],
+                   help="how an actor merges a candidate (docs/method.md §3): 'auto' is just_in_time on CPUs "
+                   "(small actors) and batched on CUDA; per_candidate merges once per candidate (faster on "
+                   "small inputs, a private copy of the adapted weights per actor)")
     for action in parser._actions:  # the preset's value after each option's help
         value = _preset_value(values, action.dest)
         if value is not argparse.SUPPRESS:

@@ -11,6 +11,7 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD, VTAB_DATASETS, canonical_dataset
 from ..data.custom import resolve_dataset_name
 from ..data.vtab import VTAB_INTERPOLATION, is_registered
 from ..errors import GLoRARayError
+from ..precision import Precision
 from ..identity import EXECUTION_ONLY, describe, differences, result_extent, result_identity
 from ..space import SearchSpace
 from ..supernet import resolve_layer_types
@@ -102,6 +103,9 @@ class PipelineConfig:
         if not self.wait_for_resources_s >= 0:
             raise PipelineConfigError(f"wait_for_resources_s must be >= 0 seconds, got {self.wait_for_resources_s}")
         self.train.validate()
+        if self.train.precision == Precision.TF32.value and not self.train.use_gpu:
+            raise PipelineConfigError("train precision 'tf32' is a GPU format but training runs on CPUs; give "
+                                      "--train-gpus (use_gpu=True) or use 'fp32', 'bf16' or 'auto'")
 
     def resolve_dataset(self, name: str) -> str:
         """A registry name in its canonical spelling, or an own dataset's folder under data_root."""

@@ -5,11 +5,12 @@ docs/method.md §1), different costs:
 
 ``just_in_time`` (the default on the CPU)
     Each adapted layer's weight is merged just before it runs (a forward pre-hook on the plain
-    layer), by the layer's own ``merged_weight_and_bias``, and dropped right after: an actor
-    holds one layer's merged weight at a time and a bias vector per layer instead of a private
-    merged copy of every adapted layer, so actors that share the weights zero-copy stay small.
-    The weight is merged once per batch instead of once per candidate.  Bit for bit the same
-    logits as ``per_candidate`` (same function, same plain layer ``forward``).
+    layer), by the layer's own ``merged_weight_2d``, and dropped right after: an actor holds one
+    layer's merged weight at a time and a bias vector per layer instead of a private merged
+    copy of every adapted layer, so actors that share the weights zero-copy stay small.  The
+    weight is merged once per batch instead of once per candidate (a layer whose A and B are
+    both ``none`` runs on the shared W0 itself).  Bit for bit the same logits as
+    ``per_candidate`` (same function, same plain layer ``forward``).
 ``per_candidate``
     Every adapted layer merged once per candidate into new tensors (the path before issue 14):
     the least merging, but a private copy of the adapted weights per actor.
@@ -99,20 +100,20 @@ class JustInTimeMerge:
     def __init__(self, supernet: Supernet, targets: Sequence[nn.Module]):
         self.supernet = supernet
         self.targets = list(targets)
-        layers = list(supernet.layers())
+        self.layers = layers = list(supernet.layers())
         # Every layer's bias lives in one buffer allocated once: kept small tensors allocated
         # between the merge's large temporaries would pin freed heap blocks (glibc keeps them).
         sizes = [l.base.weight.shape[0] for l in layers]
         weight = layers[0].base.weight
         store = torch.zeros(sum(sizes), dtype=weight.dtype, device=weight.device)
         self.biases = list(torch.split(store, sizes))
-        for i, (layer, target) in enumerate(zip(layers, self.targets)):
+        for i, target in enumerate(self.targets):
             # weight and bias become plain attributes, set only while the layer runs.
             for name in ("weight", "bias"):
                 if name in target._parameters:
                     del target._parameters[name]
                 setattr(target, name, None)
-            target.register_forward_pre_hook(self._hook_merge(i, layer))
+            target.register_forward_pre_hook(self._hook_merge(i))
             target.register_forward_hook(_drop_weight)
         space = supernet.space
         # Gene columns of A, B (the weight) and of C, D, E (the bias), and each tensor's ``none``.
@@ -120,15 +121,24 @@ class JustInTimeMerge:
         self._bias_only = [TENSORS.index(t) for t in ("A", "B")]
         self._none = {t: space.choices(t).index(Kind.NONE.value) for t in TENSORS}
 
-    def _hook_merge(self, i: int, layer: nn.Module):
+    def weight(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s merged weight under the loaded candidate: a new tensor, or the shared W0
+        itself when A and B are both ``none`` (the plain layer only reads it: no copy needed)."""
+        layer = self.layers[i]
+        terms = layer.terms()
+        if terms[0] is None and terms[1] is None:
+            return layer.base.weight.detach()
+        return layer.merged_weight_2d(terms).view_as(layer.base.weight)
+
+    def _hook_merge(self, i: int):
         def merge(module: nn.Module, args: tuple) -> None:
             device = args[0].device
             if torch.is_autocast_enabled(device.type) or device.type == "cuda":
                 # The merge in full fp32 (no autocast, no TF32); only the layer's own op takes the precision.
                 with torch.autocast(device.type, enabled=False), matmul_precision(Precision.FP32, device):
-                    weight, _ = layer.merged_weight_and_bias()
+                    weight = self.weight(i)
             else:
-                weight, _ = layer.merged_weight_and_bias()
+                weight = self.weight(i)
             module.weight, module.bias = weight, self.biases[i]
 
         return merge
@@ -139,9 +149,9 @@ class JustInTimeMerge:
         bias_genes, weight_genes = per_layer.copy(), per_layer.copy()
         bias_genes[:, self._bias_only] = [self._none[TENSORS[c]] for c in self._bias_only]
         weight_genes[:, self._weight_only] = [self._none[TENSORS[c]] for c in self._weight_only]
-        for i, layer in enumerate(self.supernet.layers()):
+        for i, layer in enumerate(self.layers):
             layer.set_choice_genes(bias_genes[i])
-            _, bias = layer.merged_weight_and_bias()  # A, B none: the weight part is a copy of W0
+            bias = layer.effective_bias()
             if bias is None:  # as ``PerCandidateMerge``: a zero bias keeps one code path
                 self.biases[i].zero_()
             else:

@@ -56,7 +56,7 @@ class TrainConfig:
     # "bf16" (autocast; on CPUs too); tf32 on a CPU is refused when training starts. The weights
     # and the optimizer stay float32 in every case.
     precision: str = "auto"
-    # Channels-last activations and weights: None = on CUDA when the backbone is convolutional.
+    # Channels-last activations and weights: None = on when the backbone is convolutional.
     channels_last: bool | None = None
 
     def validate(self) -> None:

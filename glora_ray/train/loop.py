@@ -202,7 +202,7 @@ def train_epoch(
 
     ``precision``: of the forward pass (bf16 autocast) and the matmuls (TF32); the weights, the
     gradients and the optimizer stay float32.  ``layout``: the images' memory format (channels-last
-    for a CNN on CUDA, matching the model's)."""
+    for a CNN, matching the model's)."""
     supernet = unwrap(model)
     device = torch.device(device)
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -301,7 +301,7 @@ class SupernetTraining:
         self.device = torch.device(device)
         # Refused here (tf32 on a CPU), before any training: a clear error, not a late failure.
         self.precision = resolve_precision(cfg.precision, self.device, error=TrainConfigError)
-        self.layout = memory_format(supernet, self.device, cfg.channels_last)
+        self.layout = memory_format(supernet, cfg.channels_last)
         self.meta = dict(meta or {})
         self.steps_per_epoch = steps_per_epoch(len(dataset), cfg, world_size)
         if self.steps_per_epoch < 1:
