@@ -7,7 +7,9 @@ process) for ViT-B/16 at 224 px, random init:
      CUDA, ``batched``, and the per-layer ``per_candidate`` merge of before issue 14 / plain
      backbone / unmerged supernet) and the training step (batch 64: supernet / plain LoRA-B /
      head only, plus the supernet with bf16 autocast); the evaluation run also checks merged
-     against unmerged logits (relative error < 1e-4);
+     against unmerged logits (relative error < 1e-4); then the training step of
+     EfficientNet-Lite0 with GLoRA on its 49 convolutions at 224 px, channels-last (the default
+     for a CNN) against contiguous, and with bf16 autocast;
   2. the same with TF32 (skip with --no-tf32): the evaluation's goal is merged / backbone <= 1.10;
   3. the evaluation in bf16 autocast;
   4. ``bench.precision``: the ranking of 40 subnets in TF32 and bf16 against fp32 (top-10
@@ -43,6 +45,7 @@ from bench.common import EXIT_CANNOT_MEASURE, BenchError, machine_info, prepare_
 STAGES = (  # (precision, bench)
     ("fp32", "eval_cost"),
     ("fp32", "train_step"),
+    ("fp32", "train_step_cnn"),
     ("tf32", "eval_cost"),
     ("tf32", "train_step"),
     ("bf16", "eval_cost"),
@@ -54,6 +57,8 @@ EXTRA_ARGV = {
     ("tf32", "eval_cost"): ["--merge-strategies", "auto,per_candidate"],
     ("bf16", "eval_cost"): ["--precision", "bf16", "--merge-strategies", "auto,per_candidate"],
     ("fp32", "train_step"): ["--precisions", "fp32,bf16"],
+    # EfficientNet-Lite0's convolutions: bf16 and the layout (auto is channels-last for a CNN).
+    ("fp32", "train_step_cnn"): ["--family", "cnn", "--precisions", "fp32,bf16", "--layouts", "auto,contiguous"],
     ("all", "precision"): ["--precisions", "fp32,tf32,bf16"],
 }
 # What each stage keeps in the summary (the full results are in --out).
@@ -85,7 +90,8 @@ def stage_argv(args: argparse.Namespace, precision: str, bench: str, json_out: P
     if args.smoke and bench == "precision":  # no TF32 on the CPU; the training part takes minutes there
         argv[argv.index("fp32,tf32,bf16")] = "fp32,bf16"
         argv += ["--parts", "ranking"]
-    repeats = {"eval_cost": args.eval_repeats, "train_step": args.train_repeats}.get(bench)
+    repeats = {"eval_cost": args.eval_repeats, "train_step": args.train_repeats,
+               "train_step_cnn": args.train_repeats}.get(bench)
     if repeats is not None:
         argv += ["--repeats", str(repeats)]
     return argv
@@ -103,7 +109,8 @@ def run(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], int]:
     summary: dict[str, Any] = {"bench": "gpu_check", "size": args.size, "device": str(device),
                                "machine": machine_info(device), "stages": {}, "skipped": []}
     status = 0
-    mains = {"eval_cost": eval_cost.main, "train_step": train_step.main, "precision": precision_bench.main}
+    mains = {"eval_cost": eval_cost.main, "train_step": train_step.main, "train_step_cnn": train_step.main,
+             "precision": precision_bench.main}
     for precision, bench in STAGES:
         name = f"{bench}_{precision}"
         if precision == "tf32" and (args.no_tf32 or args.smoke):

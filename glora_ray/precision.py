@@ -1,4 +1,4 @@
-"""Numeric precision and memory layout of training and evaluation on a device (docs/method.md §2, §3).
+"""Numeric precision and memory layout of training and evaluation on a device (docs/method.md §9).
 
 ``fp32``: full float32, TF32 off for matmuls and convolutions.  ``tf32``: float32 tensors whose
 CUDA matmuls and convolutions may use TensorFloat-32 (CUDA only: the CPU has no TF32).

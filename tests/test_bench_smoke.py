@@ -102,12 +102,17 @@ def test_eval_cost(capsys, family):
 
 @pytest.mark.parametrize("family", ["vit", "cnn"])
 def test_train_step(capsys, family):
-    result = run_in_process(train_step.main, ["--size", "tiny", "--device", "cpu", "--family", family], capsys)
+    layouts = ["--layouts", "auto,contiguous"] if family == "cnn" else []
+    result = run_in_process(train_step.main, ["--size", "tiny", "--device", "cpu", "--family", family, *layouts],
+                            capsys)
     assert_common(result, "train_step")
     assert result["family"] == family
-    assert set(result["ratios"]) == {"supernet_over_lora", "supernet_over_head", "lora_over_head"}
+    assert result["settings"]["channels_last"] is (family == "cnn")  # auto: channels-last for a CNN
+    extra = {"supernet_contiguous"} if family == "cnn" else set()
+    assert set(result["ratios"]) == {"supernet_over_lora", "supernet_over_head", "lora_over_head",
+                                     *(f"{name}_over_supernet" for name in extra)}
     assert all(positive(r) for r in result["ratios"].values())
-    assert set(result["images_per_s"]) == {"supernet", "lora", "head"}
+    assert set(result["images_per_s"]) == {"supernet", "lora", "head", *extra}
     assert all(positive(v) for v in result["images_per_s"].values())
 
 
@@ -115,7 +120,8 @@ def test_gpu_check_smoke_runs_without_a_gpu(capsys):
     summary = run_in_process(gpu_check.main, ["--smoke", "--no-tf32", "--eval-repeats", "1", "--train-repeats", "1"],
                              capsys)
     assert summary["bench"] == "gpu_check" and summary["exit_status"] == 0 and not summary["skipped"]
-    assert set(summary["stages"]) == {"eval_cost_fp32", "train_step_fp32", "eval_cost_bf16", "precision_all"}
+    assert set(summary["stages"]) == {"eval_cost_fp32", "train_step_fp32", "train_step_cnn_fp32", "eval_cost_bf16",
+                                      "precision_all"}
     assert all(stage["exit_status"] == 0 for stage in summary["stages"].values())
     assert positive(summary["stages"]["eval_cost_fp32"]["ratios"]["merged_over_backbone"])
     assert summary["correctness"]["max_logits_relative_error"] < summary["correctness"]["tolerance"]

@@ -17,7 +17,7 @@ from glora_ray.search import (
     without_timing,
 )
 from glora_ray.search.pool import ActorSettings, CandidateCrashError, EvaluatorPool
-from glora_ray.search.results import POPULATION_DIR
+from glora_ray.search.results import PARETO_FILE, POPULATION_DIR, RESULT_FILE
 from helpers import injected_faults, randomize_adapters
 
 
@@ -226,11 +226,12 @@ def test_all_actors_dying_fails_loudly_and_a_rerun_resumes_exactly(baseline, pro
 def test_a_finished_run_is_not_recomputed_and_other_settings_are_refused(baseline, problem, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(baseline.out, out)
-    before = {p.name: p.stat().st_mtime_ns for p in (out / POPULATION_DIR).iterdir()}
+    written = [*(out / POPULATION_DIR).iterdir(), out / RESULT_FILE, out / PARETO_FILE]
+    before = {p: p.stat().st_mtime_ns for p in written}
     result, lines = search(problem, out, num_actors=2)
     assert result.actors == 0 and lines == ["[run-a] resuming: 3 complete generations, 24 evaluations found in "
                                             f"{out}/{POPULATION_DIR}"]
-    assert {p.name: p.stat().st_mtime_ns for p in (out / POPULATION_DIR).iterdir()} == before
+    assert {p: p.stat().st_mtime_ns for p in written} == before  # nothing rewritten
     assert_same_run(baseline.out, out)
 
     with pytest.raises(ResumeMismatchError, match="config.m_prob=0.2; this command has 0.3"):

@@ -166,7 +166,7 @@ class GLoRALayer(nn.Module):
     # -- merging -----------------------------------------------------------------------
     @torch.no_grad()
     def merged_weight_2d(self, terms: Sequence[Term | None] | None = None) -> torch.Tensor:
-        """W0 + W0 * A + B as a new (d_out, d_in) tensor, never W0 itself (docs/method.md §3).
+        """W0 + W0 * A + B as a new (d_out, d_in) tensor, never W0 itself (docs/method.md §1.6).
 
         The first op makes the fresh tensor and fuses what it can, later terms accumulate into
         it: a candidate merges all its layers, just in time once per batch, so every pass over

@@ -198,7 +198,7 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
     g.add_argument("--search-precision", choices=[p.value for p in Precision],
                    help="forward passes of the evaluation: 'fp32', 'tf32' (needs --actor-gpus) or 'bf16' autocast")
     g.add_argument("--merge-strategy", choices=[MERGE_AUTO] + [m.value for m in MergeStrategy],
-                   help="how an actor merges a candidate (docs/method.md §3): 'auto' is just_in_time on CPUs "
+                   help="how an actor merges a candidate (docs/method.md §9): 'auto' is just_in_time on CPUs "
                    "(small actors) and batched on CUDA; per_candidate merges once per candidate (faster on "
                    "small inputs, a private copy of the adapted weights per actor)")
     for action in parser._actions:  # the preset's value after each option's help

@@ -1,4 +1,4 @@
-"""How an evaluator puts one subnet's merged weights into the plain backbone (docs/method.md §3).
+"""How an evaluator puts one subnet's merged weights into the plain backbone (docs/method.md §1.6, §9).
 
 Three strategies, one result (``W0 + W0*A + B`` and ``b0 + b0*D + E + W0@C`` per adapted layer,
 docs/method.md §1), different costs:
