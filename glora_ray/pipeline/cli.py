@@ -182,7 +182,7 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
     layout.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                         help="channels-last activations and weights in training")
     layout.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                        help="the default (contiguous) layout in training")
+                        help="the contiguous (NCHW) layout in training, also for a CNN")
 
     g = parser.add_argument_group("stage 2: evolutionary search")
     g.add_argument("--population", type=int)

@@ -147,8 +147,10 @@ class _Search:
         finished = self.exhausted or self.planner.generation >= self.config.generations
         record = _result_record(result, self.config, finished)
         # A rerun of a finished search derives the same record from the same stored generations:
-        # the files are there already (result.json is written last, so it vouches for the front).
-        if not (self.store.exists(RESULT_FILE) and self.store.read_json(RESULT_FILE) == json.loads(json.dumps(record))):
+        # the files are there already (result.json is written after the front it vouches for).
+        unchanged = (self.store.exists(RESULT_FILE) and self.store.exists(PARETO_FILE)
+                     and self.store.read_json(RESULT_FILE) == json.loads(json.dumps(record)))
+        if not unchanged:
             self.store.write_table(front_table(result.pareto), PARETO_FILE)
             self.store.write_json(record, RESULT_FILE)
         return result
