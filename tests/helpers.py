@@ -1,6 +1,7 @@
 """Small shared builders for the tests."""
 import contextlib
 import json
+import logging
 import os
 
 import timm
@@ -58,3 +59,25 @@ def injected_faults(**plan):
         yield
     finally:
         os.remove(path)
+
+
+class _Records(logging.Handler):
+    def __init__(self, level: int):
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def logged(logger_name: str = "glora_ray", level: int = logging.WARNING):
+    """The records of ``logger_name`` at ``level`` or above, read at the logger itself: the CLI's
+    progress handler stops propagation to the root, and pytest >= 9.2 attaches caplog to such
+    loggers too, so caplog sees a record once, twice or not at all depending on what ran before."""
+    handler, logger = _Records(level), logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)

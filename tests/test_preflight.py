@@ -15,6 +15,7 @@ from glora_ray.pipeline import layout, preflight as preflight_module, run as run
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.config import PipelineConfigError
 from glora_ray.pipeline.preflight import budget_warning, check_cluster, preflight, resource_shortfalls
+from helpers import logged
 from test_pipeline import TINY_MODEL, load_entry_point, tiny_args
 
 
@@ -175,13 +176,11 @@ def test_cluster_too_small_exits_2_before_config_json(digits_root, tmp_path, ent
 
 
 # -- 5. budgets and checkpoints -----------------------------------------------------------------------
-def test_a_budget_below_every_real_choice_is_warned_about(digits_root, tmp_path, caplog, monkeypatch):
-    # The CLI's handler (set up by earlier in-process runs) stops propagation; caplog listens at the root.
-    monkeypatch.setattr(logging.getLogger("glora_ray"), "propagate", True)
+def test_a_budget_below_every_real_choice_is_warned_about(digits_root, tmp_path):
     cfg = parse_config(tiny_args(digits_root, tmp_path / "out", "--max-params", "5"))
-    with caplog.at_level(logging.WARNING, logger="glora_ray"):
+    with logged("glora_ray") as records:
         assert preflight(cfg)["digits"] == (0, 5)
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert warned == ["digits: max_params=5 is below the smallest non-empty vector or LoRA choice of any layer "
                       "(vector on C of blocks.0.attn.qkv, 32 parameters): the search can only combine scalars"]
 
