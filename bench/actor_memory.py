@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a file: make ``bench`` importable
 import numpy as np
 
 from bench.common import (
-    BenchError, add_common_args, build_supernet, check, machine_info, make_spec, prepare_environment, preset,
+    BenchError, add_common_args, build_supernet, check, comma_list, machine_info, make_spec, prepare_environment, preset,
     random_labels, require_ray, run_bench, say, state_bytes, synthetic_images,
 )
 
@@ -145,15 +145,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     size = preset(args.size)
     try:
         counts = sorted({int(a) for a in args.actors.split(",")}) if args.actors else list(size.memory_actors)
-        modes = [EvalMode(m.strip()) for m in args.modes.split(",") if m.strip()]
-        strategies = [resolve_merge_strategy(m.strip(), torch.device("cpu")).value
-                      for m in args.merge_strategies.split(",") if m.strip()]
+        modes = [EvalMode(m) for m in comma_list(args.modes)]
+        strategies = [resolve_merge_strategy(m, torch.device("cpu")).value for m in comma_list(args.merge_strategies)]
     except ValueError as err:
         raise BenchError(f"--actors takes integers, --modes merged/supernet, --merge-strategies "
                          f"auto/just_in_time/per_candidate/batched: {err}") from None
     if not counts or counts[0] < 1 or not modes or not strategies:
         raise BenchError("need at least one actor count >= 1 and one mode")
-    wanted_controls = {c.strip() for c in args.controls.split(",") if c.strip()}
+    wanted_controls = set(comma_list(args.controls))
     if wanted_controls - set(CONTROLS):
         raise BenchError(f"--controls: unknown {sorted(wanted_controls - set(CONTROLS))}; choose from {list(CONTROLS)}")
     torch.set_num_threads(1)

@@ -442,6 +442,11 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     return info
 
 
+def comma_list(text: str) -> list[str]:
+    """The items of a comma-separated option, stripped, empty ones dropped, in order."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, device: bool = True, repeats: bool = True) -> None:
     parser.add_argument("--size", choices=SIZES, default="small",
                         help="tiny: seconds (smoke test); small: the CPU default; base: ViT-B/16 at 224 px (GPUs)")

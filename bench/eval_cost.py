@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from bench.common import (
-    CLOCKS, BenchError, add_common_args, add_family_arg, build_supernet, check, machine_info, make_spec, measure_interleaved,
+    CLOCKS, BenchError, add_common_args, add_family_arg, build_supernet, check, comma_list, machine_info, make_spec, measure_interleaved,
     prepare_environment, preset, random_labels, run_bench, say, synthetic_images, timing_setup,
 )
 
@@ -124,7 +124,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     state = numpy_state(build_supernet(spec, seed=args.seed))
     images = synthetic_images(count, model.img_size, args.seed)
     labels = random_labels(count, spec.num_classes, args.seed + 1)
-    strategies = [s.strip() for s in args.merge_strategies.split(",") if s.strip()] or ["auto"]
+    strategies = comma_list(args.merge_strategies) or ["auto"]
     try:
         strategies = [resolve_merge_strategy(s, device).value for s in strategies]
     except ValueError as err:

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a file: make ``bench`` importable
 import numpy as np
 
 from bench.common import (
-    BenchError, add_common_args, check, machine_info, make_search_problem, prepare_environment, preset, run_bench,
+    BenchError, add_common_args, check, comma_list, machine_info, make_search_problem, prepare_environment, preset, run_bench,
     say, timing_setup,
 )
 
@@ -178,7 +178,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError(f"--precisions: {err}") from None
     if precisions[0] != Precision.FP32.value or len(precisions) < 2:
         raise BenchError(f"--precisions must start with fp32 and name at least one more, got {precisions}")
-    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    parts = set(comma_list(args.parts))
     if not parts or parts - {"ranking", "training"}:
         raise BenchError(f"--parts takes ranking and/or training, got {args.parts!r}")
     say(f"[precision] {size.model.describe()} | {timing.describe()} | precisions {precisions} | {sorted(parts)}")

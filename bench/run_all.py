@@ -20,7 +20,7 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a file: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO_ROOT, SIZES, prepare_environment, say
+from bench.common import REPO_ROOT, SIZES, comma_list, prepare_environment, say
 
 BENCHES = ("eval_cost", "search_throughput", "actor_memory", "train_step", "multinode")
 
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    chosen = [b.strip() for b in args.only.split(",") if b.strip()]
+    chosen = comma_list(args.only)
     unknown = sorted(set(chosen) - set(BENCHES))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from bench.common import (
-    CLOCKS, BenchError, add_common_args, add_family_arg, machine_info, make_spec, measure_interleaved, prepare_environment, preset,
+    CLOCKS, BenchError, add_common_args, add_family_arg, comma_list, machine_info, make_spec, measure_interleaved, prepare_environment, preset,
     random_labels, run_bench, say, synthetic_images, timing_setup,
 )
 from glora_ray.supernet import Supernet
@@ -98,7 +98,7 @@ LAYOUTS = {"auto": None, "contiguous": False, "channels_last": True}  # -> Train
 
 
 def parse_layouts(text: str) -> list[str]:
-    layouts = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip())) or ["auto"]
+    layouts = list(dict.fromkeys(comma_list(text))) or ["auto"]
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown:
         raise BenchError(f"--layouts: {unknown} not among {list(LAYOUTS)}")
@@ -130,8 +130,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     default = "tf32" if timing.tf32 else "fp32"
     try:
-        precisions = list(dict.fromkeys(resolve_precision(p.strip(), device).value
-                                        for p in (args.precisions or default).split(",") if p.strip()))
+        precisions = list(dict.fromkeys(resolve_precision(p, device).value
+                                        for p in comma_list(args.precisions or default)))
     except ValueError as err:
         raise BenchError(f"--precisions: {err}") from None
     # Long schedule, no warm-up: the learning rate does not matter to the step time.

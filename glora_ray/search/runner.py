@@ -146,9 +146,11 @@ class _Search:
         )
         finished = self.exhausted or self.planner.generation >= self.config.generations
         record = _result_record(result, self.config, finished)
-        # A rerun of a finished search derives the same record from the same stored generations:
-        # the files are there already (result.json is written after the front it vouches for).
-        unchanged = (self.store.exists(RESULT_FILE) and self.store.exists(PARETO_FILE)
+        # A rerun that only replayed stored generations derives the record they already gave: the
+        # files are there unless the last run stopped before writing them (result.json is written
+        # after the front it vouches for).  A generation evaluated now always writes.
+        replayed = self.planner.generation == self.resumed
+        unchanged = (replayed and self.store.exists(RESULT_FILE) and self.store.exists(PARETO_FILE)
                      and self.store.read_json(RESULT_FILE) == json.loads(json.dumps(record)))
         if not unchanged:
             self.store.write_table(front_table(result.pareto), PARETO_FILE)
