@@ -80,15 +80,20 @@ def markdown(result: dict[str, Any]) -> str:
         f"- datasets {setting['datasets']}, seeds {setting['seeds']}, {setting['epochs']} epochs, "
         f"lr {setting['lr']}, budget {setting['budget']}, search: population {setting['population']}, "
         f"{setting['generations']} generations",
+        *_levers_line(setting),
         f"- command: `python -m bench.compare_baselines {' '.join(result['argv'])}`",
         f"- machine: {result['machine']['cpu']}, torch {result['machine']['torch']}, ray {result['machine']['ray']}, "
         f"{result['machine']['date_utc']} UTC; wall {result['wall_seconds_this_invocation']:.0f} s "
         "(this invocation; a resumed run skips finished stages)", "",
-        "| dataset | configuration | adapter params | val acc % | test acc % | seeds |", "|---|---|---:|---:|---:|---:|",
+        "| dataset | configuration | adapter params | val acc % | test acc % | seeds | train images | train s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["mean"]:
         lines.append(f"| {row['dataset']} | {row['name']} | {row['params']:,.0f} | {_pm(row['val_acc'], row['val_acc_std'])} "
-                     f"| {_pm(row['test_acc'], row['test_acc_std'])} | {row['seeds']} |")
+                     f"| {_pm(row['test_acc'], row['test_acc_std'])} | {row['seeds']} | {_count(row.get('train_images'))} "
+                     f"| {_count(row.get('train_seconds'))} |")
+    lines += ["", "Train images: images through a forward and backward pass (epochs x images x subnets per step; "
+              "GLoRA's supernet and its retraining together); train s: their wall time."]
     lines += ["", "GLoRA minus baseline, test accuracy, paired by seed:", "",
               "| dataset | baseline | GLoRA params | baseline params | difference (points) | GLoRA better in |",
               "|---|---|---:|---:|---:|---:|"]
@@ -101,6 +106,19 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['dataset']} | {row['seed']} | {row['name']} | {row['params']:,} | {row['val_acc'] * 100:.2f} "
                      f"| {row['test_acc'] * 100:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _levers_line(setting: dict[str, Any]) -> list[str]:
+    """The issue-19 levers of the run (absent from results written before they existed)."""
+    if "subnet_sampling" not in setting:
+        return []
+    return [f"- levers: subnet sampling {setting['subnet_sampling']}, sandwich {setting['sandwich']}, distill "
+            f"{setting['distill']}, fitness {setting['fitness']}, generation 0 seeded with "
+            f"{setting['seed_population'] or 'nothing'}, retrain {setting['retrain_epochs']} epochs"]
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:,.0f}"  # None/NaN: not recorded
 
 
 def _pm(mean: float, std: float, sign: bool = False) -> str:
@@ -119,7 +137,9 @@ def _setting(cfg, budgets: dict[str, Any]) -> dict[str, Any]:
             "ranks": list(cfg.ranks), "forms": {t: list(k) for t, k in cfg.forms.items()}, "adapted_layers": structure.num_layers, "datasets": list(cfg.datasets),
             "seeds": list(cfg.seeds), "epochs": cfg.train.epochs, "lr": cfg.lr if cfg.lr is not None else "paper table",
             "budget": budgets, "population": cfg.search.population, "generations": cfg.search.generations,
-            "baselines": list(cfg.baselines)}
+            "baselines": list(cfg.baselines), "subnet_sampling": cfg.train.subnet_sampling,
+            "sandwich": cfg.train.sandwich, "distill": cfg.train.distill, "fitness": cfg.search.fitness.value,
+            "seed_population": list(cfg.seed_population), "retrain_epochs": cfg.retrain_epochs}
 
 
 def _records(frame) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Parameter budgets: the reachable range, a feasibility check, and bounded sampling within it."""
+"""Parameter budgets: the reachable range, a feasibility check, and bounded sampling and repair within it
+(docs/method.md §3)."""
 from __future__ import annotations
 
 from .errors import GLoRARayError
@@ -63,9 +64,17 @@ class Budget:
         return max(lo, reach_lo), min(hi, reach_hi)
 
 
-def _repair(genes: np.ndarray, costs: np.ndarray, lo: int, hi: int, rng: np.random.Generator) -> np.ndarray | None:
-    """Move genes one at a time toward [lo, hi]; bounded by the number of gene values."""
-    genes = genes.copy()
+def repair_into_budget(genes: np.ndarray, costs: np.ndarray, lo: int, hi: int,
+                       rng: np.random.Generator) -> np.ndarray | None:
+    """``genes`` moved one gene at a time toward [lo, hi] (docs/method.md §3), or None.
+
+    ``costs`` is ``ParamCounter.gene_costs()`` (-1 marks a value a gene does not have).  Each
+    step picks, uniformly with ``rng``, a move that lands in the window, else one that heads
+    toward it without overshooting; at most one step per gene value, so it never loops
+    unboundedly.  None when every remaining move overshoots the window.  Genes already inside
+    are returned unchanged (a copy) without drawing from ``rng``.
+    """
+    genes = np.asarray(genes).copy()
     rows = np.arange(costs.shape[0])
     valid = costs >= 0
     for _ in range(costs.size):
@@ -107,7 +116,7 @@ def sample_within_budget(
         total = int(costs[np.arange(len(genes)), genes].sum())
         if lo <= total <= hi:
             return genes.astype(np.int8)
-        repaired = _repair(genes, costs, lo, hi, rng)
+        repaired = repair_into_budget(genes, costs, lo, hi, rng)
         if repaired is not None:
             return repaired.astype(np.int8)
     raise InfeasibleBudgetError(

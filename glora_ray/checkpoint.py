@@ -124,17 +124,28 @@ def load_supernet(directory: str | os.PathLike, expected: SupernetSpec | None = 
     if expected is not None:
         spec.check_matches(expected, str(directory))
     supernet = spec.build()
+    _load_adapter_file(supernet, directory)
+    return supernet, spec
+
+
+def load_adapters_into(supernet: Supernet, directory: str | os.PathLike, expected: SupernetSpec) -> None:
+    """Overwrite ``supernet``'s adapters and head with those of the checkpoint in ``directory``
+    (e.g. to start a retraining from a trained supernet); a checkpoint of another spec is refused."""
+    read_spec(directory).check_matches(expected, str(directory))
+    _load_adapter_file(supernet, directory)
+
+
+def _load_adapter_file(supernet: Supernet, directory: str | os.PathLike) -> None:
     uri = storage.join(os.fspath(directory), ADAPTERS_FILE)
     local = storage.local_path(uri)
     if local is not None:
         supernet.load_adapters(local)
-        return supernet, spec
+        return
     with tempfile.TemporaryDirectory(prefix="glora-adapters-") as local:  # safetensors reads files
         path = os.path.join(local, ADAPTERS_FILE)
         with open(path, "wb") as handle:
             handle.write(storage.read_bytes(uri))
         supernet.load_adapters(path)
-    return supernet, spec
 
 
 def numpy_state(supernet: Supernet) -> dict[str, np.ndarray]:

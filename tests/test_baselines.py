@@ -150,3 +150,9 @@ def test_bench_pairs_glora_with_each_baseline_by_seed():
               "rows": json.loads(table.to_json(orient="records"))}
     text = markdown(result)
     assert "| digits | lora | 500 | 1,000 | +3.00 ± 7.07 | 1/2 seeds |" in text and "random init" in text
+    assert "levers:" not in text  # a result written before issue 19 has none
+    assert "| digits | lora | 1,000 | 60.00 ± 0.00 | 72.00 ± 0.00 | 2 | - | - |" in text  # compute not recorded
+    setting.update(subnet_sampling="budget", sandwich=2, distill=False, fitness="accuracy",
+                   seed_population=["lora"], retrain_epochs=0)
+    assert ("- levers: subnet sampling budget, sandwich 2, distill False, fitness accuracy, generation 0 seeded "
+            "with ['lora'], retrain 0 epochs") in markdown(result)

@@ -68,7 +68,8 @@ def test_registry_is_spec_section_4():
     for group, names in SPEC_GROUPS.items():
         assert {n for n, i in VTAB_DATASETS.items() if i.group == group} == names
     assert DATASETS["digits"].num_classes == 10 and DATASETS["digits"].group is None
-    assert "digits" not in VTAB_DATASETS and set(DATASETS) == set(VTAB_DATASETS) | {"digits"}
+    assert "digits" not in VTAB_DATASETS and set(DATASETS) == set(VTAB_DATASETS) | {"digits", "digits_orientation"}
+    assert DATASETS["digits_orientation"].num_classes == 4 and DATASETS["digits_orientation"].group is None
 
 
 def test_canonical_names_accept_both_spellings():
@@ -235,3 +236,23 @@ def test_data_config_round_trip_and_checks(tmp_path):
     assert isinstance(lazy, ListDataset) and len(eager) == len(lazy) == 6
     torch.testing.assert_close(lazy[3][0], eager[3][0])
     assert lazy[3][1] == eager[3][1] == 3
+
+
+def test_the_orientation_task_turns_each_digit_by_its_label(tmp_path):
+    from glora_ray.data.digits import DIGITS_ORIENTATION, _load_digits, embedded_images
+
+    folder = write_digits_dataset(tmp_path, name=DIGITS_ORIENTATION)
+    counts = validate_dataset(tmp_path, DIGITS_ORIENTATION)
+    assert counts["train800"] == 800 and counts["val200"] == 200 and counts["test"] == 797
+    images, labels = embedded_images(DIGITS_ORIENTATION)
+    originals, _ = _load_digits()
+    assert sorted(np.bincount(labels)) == [449, 449, 449, 450]  # balanced quarter turns
+    for index in (0, 7, 1234):
+        np.testing.assert_array_equal(images[index], np.rot90(originals[index], labels[index]))
+    first = (folder / "train800.txt").read_text().splitlines()[0].rsplit(" ", 1)
+    index = int(Path(first[0]).stem)
+    assert int(first[1]) == labels[index]
+    # the same seed, the same folder: kept; it is not the digits dataset
+    assert write_digits_dataset(tmp_path, name=DIGITS_ORIENTATION) == folder
+    with pytest.raises(DataError, match="no embedded dataset"):
+        embedded_images("digits_colour")

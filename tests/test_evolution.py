@@ -74,7 +74,16 @@ def test_generation_composition_and_lineage():
                     assert len(parents) == 1
                 elif origin is Origin.CROSSOVER:
                     a, b = (by_id[p].genes for p in parents)
-                    assert len(parents) == 2 and np.all((child.genes == a) | (child.genes == b))
+                    assert len(parents) == 2
+                    # Gene-wise from the parents, unless it was moved into the budget afterwards.
+                    assert child.repaired or np.all((child.genes == a) | (child.genes == b))
+            drawn = planner.draws[g]
+            children = [planner.evaluated[key].candidate for _, key, _, _ in population]
+            assert (drawn.repaired_mutation, drawn.repaired_crossover) == (
+                sum(c.repaired for c in children if c.origin is Origin.MUTATION),
+                sum(c.repaired for c in children if c.origin is Origin.CROSSOVER))
+            assert (drawn.mutation, drawn.crossover, drawn.random, drawn.seeded) == (
+                origins.count(Origin.MUTATION), origins.count(Origin.CROSSOVER), origins.count(Origin.RANDOM), 0)
         evaluated_before.update({key: planner.evaluated[key] for _, key, _, _ in population})
 
 
@@ -163,7 +172,8 @@ def test_replay_restores_the_generator_and_checks_stored_candidates():
     lo, hi = Budget.parse("250k", "600k").resolve(COUNTER)
     config = SearchConfig(**SMALL, seed=7)
     full, populations = run(config, lo, hi)
-    stored = [[(s.candidate.candidate_id, s.candidate.key, s.val_acc) for s in gen] for gen in full.history[:3]]
+    stored = [[(s.candidate.candidate_id, s.candidate.key, s.val_acc, s.val_loss) for s in gen]
+              for gen in full.history[:3]]
     resumed = EvolutionPlanner(config, SPACE, COUNTER, lo, hi)
     resumed.replay(stored)
     assert resumed.generation == 3
@@ -175,8 +185,8 @@ def test_replay_restores_the_generator_and_checks_stored_candidates():
     assert resumed.rng_state() == full.rng_state()
 
     tampered = [list(g) for g in stored]
-    cid, key, acc = tampered[1][4]
-    tampered[1][4] = (cid, key, acc + 0.5)  # a different accuracy changes the parents of generation 2
+    cid, key, acc, loss = tampered[1][4]
+    tampered[1][4] = (cid, key, acc + 0.5, loss)  # a different accuracy changes the parents of generation 2
     other = EvolutionPlanner(config, SPACE, COUNTER, lo, hi)
     with pytest.raises(ResumeMismatchError, match="generation 2"):
         other.replay(tampered)

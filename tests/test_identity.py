@@ -14,10 +14,12 @@ def test_execution_settings_are_not_part_of_the_identity():
     train = result_identity(TrainConfig())
     assert set(train) == {"epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
                           "seed", "split", "precision", "channels_last",
-                          "fixed_subnet"}  # a fixed adapter (baseline) is another run
+                          "fixed_subnet",  # a fixed adapter (baseline) is another run
+                          # which subnets a step trains, and where a retraining starts
+                          "subnet_sampling", "budget", "sandwich", "distill", "init_from"}
     search = result_identity(SearchConfig())
     assert set(search) == {"population", "parents", "mutants", "crossovers", "m_prob", "min_params", "max_params",
-                           "seed", "max_draw_tries", "eval_batch_size", "eval_mode", "precision"}
+                           "seed", "max_draw_tries", "eval_batch_size", "eval_mode", "precision", "fitness"}
     assert search["eval_mode"] == "merged"  # enums by value: the identity is plain JSON
     assert result_extent(SearchConfig(generations=7)) == {"generations": 7}
     assert SearchConfig().result_identity() == search

@@ -26,8 +26,10 @@ def two_generations():
     for g in range(2):
         asked = planner.ask()
         accs = {c.key: round(0.1 + 0.8 * (i / len(asked)), 3) for i, c in enumerate(asked)}
-        scored = planner.tell(accs)
-        timings = {c.key: EvalResult(c.key, accs[c.key], 0.01 * i, f"actor-{i % 2}", 0, 0) for i, c in enumerate(asked)}
+        losses = {c.key: 2.0 - accs[c.key] for c in asked}
+        scored = planner.tell(accs, losses)
+        timings = {c.key: EvalResult(c.key, accs[c.key], 0.01 * i, f"actor-{i % 2}", 0, 0, losses[c.key])
+                   for i, c in enumerate(asked)}
         tables.append(generation_table(scored, timings, run_id="r1", dataset="dtd", seed=0, space=SPACE,
                                        layer_names=LAYERS, commit={"generation": g, "rng_state": planner.rng_state()}))
     return planner, tables
@@ -37,9 +39,10 @@ def test_schema_columns_in_the_documented_order():
     schema = population_schema(LAYERS)
     genes = [f"{layer}/{t}" for layer in LAYERS for t in TENSORS]
     assert schema.names == ["run_id", "dataset", "generation", "candidate_id", "parent_ids", "origin", "key",
-                            *genes, "params", "val_acc", "eval_seconds", "actor", "seed"]
+                            *genes, "params", "val_acc", "val_loss", "eval_seconds", "actor", "seed"]
     assert schema.field("parent_ids").type == pa.list_(pa.string())
     assert schema.field("generation").type == pa.int32() and schema.field("params").type == pa.int64()
+    assert schema.field("val_loss").type == pa.float64()
 
 
 def test_round_trip_through_pandas_read_parquet(tmp_path):
@@ -55,6 +58,7 @@ def test_round_trip_through_pandas_read_parquet(tmp_path):
     for _, row in ours.iterrows():
         scored = planner.evaluated[row["key"]]
         assert row["params"] == scored.candidate.params and row["val_acc"] == scored.val_acc
+        assert row["val_loss"] == scored.val_loss == 2.0 - scored.val_acc
         assert list(row["parent_ids"]) == list(scored.candidate.parent_ids)
         assert row["origin"] == scored.candidate.origin.value
         # The per-gene columns decode to the same subnet as the canonical key.
@@ -63,7 +67,7 @@ def test_round_trip_through_pandas_read_parquet(tmp_path):
     assert ours["key"].is_unique  # one row per evaluation
     back = store.read_generation(1, population_schema(LAYERS))
     assert back.commit["generation"] == 1
-    assert stored_scores([back.table])[0] == [(s.candidate.candidate_id, s.candidate.key, s.val_acc)
+    assert stored_scores([back.table])[0] == [(s.candidate.candidate_id, s.candidate.key, s.val_acc, s.val_loss)
                                               for s in planner.history[1]]
 
 

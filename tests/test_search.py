@@ -1,5 +1,6 @@
 """Stage 2 end to end: evaluators, the Ray actor pool with faults, Parquet output, exact resume."""
 import hashlib
+import re
 import shutil
 from dataclasses import dataclass, replace
 
@@ -7,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
-from glora_ray import InfeasibleBudgetError
+from glora_ray import InfeasibleBudgetError, sample_within_budget
 from glora_ray.backbone import BackboneConfig
 from glora_ray.checkpoint import SupernetSpec, numpy_state
 from glora_ray.search import (
@@ -17,7 +19,8 @@ from glora_ray.search import (
     without_timing,
 )
 from glora_ray.search.pool import ActorSettings, CandidateCrashError, EvaluatorPool
-from glora_ray.search.results import PARETO_FILE, POPULATION_DIR, RESULT_FILE
+from glora_ray.search.results import PARETO_FILE, POPULATION_DIR, RESULT_FILE, ResultStore
+from glora_ray.search.runner import commit_generation, open_store, plan_generation
 from helpers import injected_faults, randomize_adapters
 
 
@@ -79,6 +82,13 @@ def test_merged_evaluation_equals_the_supernet_and_never_writes_shared_weights(p
     assert [evaluate_subnet(problem.net, s, problem.images, problem.labels, batch_size=20) for s in subnets] == \
         [r.val_acc for r in a]
     assert digest(shared) == before
+    # The mean cross-entropy of each subnet's logits, whatever the batching and the mode.
+    for subnet, x, y in zip(subnets, a, b):
+        with torch.inference_mode():
+            logits = problem.net.merged(subnet).eval()(torch.from_numpy(problem.images))
+        want = F.cross_entropy(logits.float(), torch.from_numpy(problem.labels)).item()
+        assert x.val_loss == pytest.approx(want, rel=1e-5) and y.val_loss == pytest.approx(want, rel=1e-5)
+    assert len({r.val_loss for r in a}) == len(a)  # finer-grained than the accuracies
     # The supernet's own frozen weights are views of the shared arrays, not copies.
     assert merged.supernet.model.blocks[0].attn.qkv.base.weight.data_ptr() == \
         shared["model.blocks.0.attn.qkv.base.weight"].ctypes.data
@@ -171,20 +181,34 @@ def test_search_writes_generations_front_and_result(baseline, problem):
     assert set(frame.loc[frame["generation"] == 0, "origin"]) == {"random"}
     assert set(frame.loc[frame["generation"] > 0, "origin"]) == {"mutation", "crossover", "random"}
     assert frame["val_acc"].nunique() > 3 and (frame["eval_seconds"] > 0).all()
+    assert frame["val_loss"].dtype == np.float64 and (frame["val_loss"] > 0).all() and frame["val_loss"].is_unique
 
     ranked = frame.sort_values(["val_acc", "params", "key"], ascending=[False, True, True])
     top = ranked.iloc[0]
-    assert (result.best.key, result.best.params, result.best.val_acc) == (top["key"], top["params"], top["val_acc"])
+    assert (result.best.key, result.best.params, result.best.val_acc, result.best.val_loss) == \
+        (top["key"], top["params"], top["val_acc"], top["val_loss"])
+    assert [t.key for t in result.top] == list(ranked["key"][:3]) and result.top[0] == result.best
     assert problem.net.subnet_key(result.best.genes) == result.best.key
     expected_front = pareto_front(frame)
     assert list(result.pareto["key"]) == list(expected_front["key"]) == list(read_pareto(baseline.out)["key"])
     stored = read_result(baseline.out)
     assert stored["finished"] and stored["best"]["key"] == result.best.key and stored["evaluations"] == 24
+    assert stored["best"]["val_loss"] == result.best.val_loss and stored["config"]["fitness"] == "accuracy"
     assert result.population_path.endswith(POPULATION_DIR)
 
     assert len(baseline.lines) == 3
     assert all("best val_acc" in line and "front" in line and "evaluations" in line and "candidates/s" in line
                for line in baseline.lines)
+    # Where each generation's candidates came from: in the progress line and the commit record.
+    store = ResultStore(baseline.out)
+    for g, line in enumerate(baseline.lines):
+        commit = store.read_generation(g).commit
+        counts = frame.loc[frame["generation"] == g, "origin"].value_counts().to_dict()
+        assert {k: v for k, v in commit["origins"].items() if v} == counts
+        wanted = {"mutation": 3, "crossover": 3} if g else {"mutation": 0, "crossover": 0}
+        assert commit["wanted"] == wanted and set(commit["repaired"]) == {"mutation", "crossover"}
+        assert (f"mutation {counts.get('mutation', 0)}/{wanted['mutation']}, crossover "
+                f"{counts.get('crossover', 0)}/{wanted['crossover']}, random {counts.get('random', 0)}") in line
 
 
 def test_two_actors_give_the_same_result(baseline, problem, tmp_path):
@@ -290,3 +314,74 @@ def test_a_hung_actor_is_ended_and_its_batch_resubmitted(ray_local, problem):
     assert sorted(results) == sorted(keys) and {r.actor for r in results.values()} == {"actor-1"}
     want = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=32, threads=1)
     assert [results[key].val_acc for key in keys] == [r.val_acc for r in want.evaluate(keys)]
+
+
+# -- seeded generation 0, repaired offspring, loss fitness ------------------------------------
+
+def narrow_window(problem, fraction=0.03):
+    counter = problem.spec.build_empty().counter
+    mid = (counter.min_params + counter.max_params) // 2
+    half = int(fraction * (counter.max_params - counter.min_params)) // 2
+    return counter, mid - half, mid + half
+
+
+def drive(problem, evaluator, out, initial, **overrides):
+    """A search evaluated in this process (no Ray): plan, evaluate, commit, until done."""
+    config = SearchConfig(**{**SEARCH, **overrides})
+    search = open_store(problem.spec, problem.state, problem.images, problem.labels, config, str(out), "run-s",
+                        "synthetic", initial)
+    while candidates := plan_generation(search):
+        commit_generation(search, {r.key: r for r in evaluator.evaluate([c.key for c in candidates])})
+    return search.result(actors=0), search
+
+
+def test_seeded_search_with_repair_resumes_exactly(problem, tmp_path):
+    counter, lo, hi = narrow_window(problem)
+    rng = np.random.default_rng(4)
+    inside = [sample_within_budget(rng, counter, lo, hi) for _ in range(2)]
+    largest = problem.net.largest_subnet()
+    assert counter.count(largest) > hi
+    initial = [problem.net.subnet_key(inside[0]), largest, inside[1]]  # keys and gene arrays both work
+    settings = dict(min_params=lo, max_params=hi, max_draw_tries=3)
+    evaluator = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=32, threads=1)
+
+    whole, search = drive(problem, evaluator, tmp_path / "whole", initial, **settings)
+    frame = read_population(tmp_path / "whole")
+    gen0 = frame[frame["generation"] == 0]
+    assert list(gen0["key"][:2]) == [problem.net.subnet_key(g) for g in inside]
+    assert list(gen0["origin"]) == ["seeded"] * 2 + ["random"] * 6
+    assert problem.net.subnet_key(largest) not in set(frame["key"])
+    assert frame["params"].between(lo, hi).all()
+    draws = search.planner.draws
+    assert sum(d.repaired_mutation + d.repaired_crossover for d in draws) > 0  # repair was exercised
+    assert all(d.mutation >= 2 for d in draws[1:])  # the offspring quota is (nearly) met
+    assert ResultStore(tmp_path / "whole").read_json("run.json")["initial"] == [
+        problem.net.subnet_key(g) for g in (inside[0], largest, inside[1])]
+
+    # Two generations, then a rerun to three: the replay redraws the seeds and repairs exactly.
+    drive(problem, evaluator, tmp_path / "parts", initial, **settings, generations=2)
+    resumed, again = drive(problem, evaluator, tmp_path / "parts", initial, **settings)
+    assert again.resumed == 2 and resumed.generations_done == 3
+    assert_same_run(tmp_path / "whole", tmp_path / "parts")
+    assert [t.key for t in resumed.top] == [t.key for t in whole.top]
+    with pytest.raises(ResumeMismatchError, match=r"initial"):
+        drive(problem, evaluator, tmp_path / "parts", initial[:1], **settings)
+
+
+def test_loss_fitness_and_seeds_on_ray(ray_local, problem, tmp_path):
+    rng = np.random.default_rng(8)
+    seeds = [problem.net.sample_genes(rng) for _ in range(2)]
+    lines = []
+    result = run_search(problem.spec, problem.state, problem.images, problem.labels,
+                        SearchConfig(**{**SEARCH, "generations": 2, "fitness": "loss"}), str(tmp_path), "run-l",
+                        "synthetic", progress=lines.append, initial=seeds)
+    frame = read_population(tmp_path)
+    assert list(frame["origin"][:2]) == ["seeded", "seeded"]
+    assert list(frame["key"][:2]) == [problem.net.subnet_key(g) for g in seeds]
+    ranked = frame.sort_values(["val_loss", "val_acc", "params", "key"], ascending=[True, False, True, True])
+    assert [t.key for t in result.top] == list(ranked["key"][:3])
+    assert result.best.key == ranked["key"].iloc[0] and result.best.val_loss == frame["val_loss"].min()
+    stored = read_result(tmp_path)
+    assert stored["best"]["val_loss"] == result.best.val_loss and stored["config"]["fitness"] == "loss"
+    assert re.search(r"seeded 2, mutation 0/0, crossover 0/0, random 6 \|", lines[0])
+    assert re.search(r"\| mutation \d/3, crossover \d/3, random \d \|", lines[1])

@@ -6,9 +6,13 @@ wheel, so this dataset needs no network.  ``write_digits_dataset(root)`` writes
     <root>/digits/images/<label>/<index>.png
     <root>/digits/train800.txt  val200.txt  train800val200.txt  test.txt (the other 797)
 
-split by a seeded numpy Generator and stratified by class.  Run it as a command too:
+split by a seeded numpy Generator and stratified by class.  ``write_digits_dataset(root,
+name="digits_orientation")`` writes a harder, structured task from the same scans (like VTAB's
+dSprites orientation): every digit turned by 0, 90, 180 or 270 degrees (drawn per image, balanced,
+seeded), the label being the turn; digits such as 0, 1 and 8 look alike under a half turn, so
+its ceiling is below 100 %.  Run it as a command too:
 
-    python -m glora_ray.data.digits <root>
+    python -m glora_ray.data.digits <root> [--name digits_orientation]
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ from .. import storage
 from .vtab import LIST_SUFFIX, DataError, validate_dataset
 
 DIGITS = "digits"
+DIGITS_ORIENTATION = "digits_orientation"
+EMBEDDED_NAMES = (DIGITS, DIGITS_ORIENTATION)
+QUARTER_TURNS = 4
 TRAIN_SIZE, VAL_SIZE = 800, 200
 IMAGES_DIR = "images"
 _PIXEL_MAX = 16  # sklearn's digits count 0..16 ink pixels per 4x4 cell
@@ -67,6 +74,19 @@ def digits_splits(labels: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
+def embedded_images(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The 8x8 images and labels of the embedded dataset ``name`` (one of ``EMBEDDED_NAMES``)."""
+    images, labels = _load_digits()
+    if name == DIGITS:
+        return images, labels
+    if name == DIGITS_ORIENTATION:
+        rng = np.random.default_rng([seed, QUARTER_TURNS])
+        turns = rng.permutation(np.arange(len(labels)) % QUARTER_TURNS)  # balanced
+        turned = np.stack([np.rot90(image, int(k)) for image, k in zip(images, turns)])
+        return turned, turns.astype(np.int64)
+    raise DataError(f"no embedded dataset {name!r}; embedded datasets: {list(EMBEDDED_NAMES)}")
+
+
 def _image_path(index: int, label: int) -> str:
     return f"{IMAGES_DIR}/{label}/{index:04d}.png"
 
@@ -85,28 +105,29 @@ def _matches(folder: Path, texts: dict[str, str]) -> bool:
         if not path.is_file() or path.read_text() != text:
             return False
     try:
-        validate_dataset(folder.parent, DIGITS)
+        validate_dataset(folder.parent, folder.name)
     except DataError:
         return False
     return True
 
 
-def write_digits_dataset(root: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the digits dataset under ``<root>/digits`` and return that folder.
+def write_digits_dataset(root: str | os.PathLike, seed: int = 0, name: str = DIGITS) -> Path:
+    """Write the embedded dataset ``name`` (``EMBEDDED_NAMES``) under ``<root>/<name>`` and return
+    that folder.
 
     Idempotent: an existing identical folder is kept.  The folder is built under a temporary
     name and renamed into place, so a reader never sees half of it (and concurrent writers
     agree on one copy).
     """
     root = Path(root)
-    target = root / DIGITS
-    images, labels = _load_digits()
+    target = root / name
+    images, labels = embedded_images(name, seed)
     texts = _list_texts(labels, seed)
     if target.exists():
         if _matches(target, texts):
             return target
         raise DataError(
-            f"{target} exists but is not the digits dataset for seed {seed}; remove it or choose another root"
+            f"{target} exists but is not the {name} dataset for seed {seed}; remove it or choose another root"
         )
     try:
         with storage.staged_dir(target, replace=False) as staging:
@@ -127,13 +148,14 @@ def write_digits_dataset(root: str | os.PathLike, seed: int = 0) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m glora_ray.data.digits",
-        description="Write scikit-learn's bundled digits as a VTAB-1k style dataset under <root>/digits.",
+        description="Write scikit-learn's bundled digits as a VTAB-1k style dataset under <root>/<name>.",
     )
     parser.add_argument("root", help="data root; the dataset goes to <root>/digits")
     parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
+    parser.add_argument("--name", choices=EMBEDDED_NAMES, default=DIGITS, help="which embedded dataset")
     args = parser.parse_args(argv)
-    folder = write_digits_dataset(args.root, seed=args.seed)
-    counts = validate_dataset(folder.parent, DIGITS)
+    folder = write_digits_dataset(args.root, seed=args.seed, name=args.name)
+    counts = validate_dataset(folder.parent, args.name)
     print(folder)
     for split, count in counts.items():
         print(f"  {split}{LIST_SUFFIX}: {count}")

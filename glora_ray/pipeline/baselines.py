@@ -26,6 +26,7 @@ from ..errors import GLoRARayError
 from ..space import TENSORS, Choice, Kind, SearchSpace
 from ..supernet import Supernet
 from ..train import TrainConfig, train_supernet
+from ..train.loop import training_compute
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,9 @@ class BaselineOutcome:
     val_acc: float
     test_acc: float
     checkpoint_dir: str
+    # Training compute (comparison.training_compute); NaN in records written before it was kept.
+    train_images: float = float("nan")
+    train_seconds: float = float("nan")
 
 
 def record_uri(dataset_uri: str, name: str) -> str:
@@ -166,14 +170,14 @@ def run_baselines(
             outcomes.append(stored)
             continue
         progress(f"baseline {name}: training {params:,} adapter params, lr {train.lr:g}, {train.epochs} epochs")
-        trained = train_supernet(spec, data, replace(train, fixed_subnet=key), train_uri, run_name(name),
+        trained = train_supernet(spec, data, train.for_fixed_subnet(key), train_uri, run_name(name),
                                  progress=progress)
         val_acc = evaluate(trained.checkpoint_dir, [genes], VAL_SPLIT)[0]
         test_acc = evaluate(trained.checkpoint_dir, [genes], TEST_SPLIT)[0]
         outcome = BaselineOutcome(
             name=name, key=key, params=params, head_params=structure.head_num_params, lr=train.lr,
             epochs=train.epochs, seed=train.seed, val_acc=val_acc, test_acc=test_acc,
-            checkpoint_dir=trained.checkpoint_dir,
+            checkpoint_dir=trained.checkpoint_dir, **training_compute(trained.history),
         )
         storage.write_json(uri, asdict(outcome))
         progress(f"baseline {name}: val {val_acc:.4f}, test {test_acc:.4f} (tested once)")

@@ -12,7 +12,9 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 from ..backbone import PACKAGED_WEIGHTS, packaged_weights
 from ..errors import GLoRARayError
 from ..precision import AUTO as PRECISION_AUTO, Precision
+from ..search.config import Fitness
 from ..search.merge import AUTO as MERGE_AUTO, MergeStrategy
+from ..train.config import SubnetSampling
 from ..space import TENSORS, SearchSpace
 
 from .baselines import BASELINES
@@ -35,22 +37,23 @@ _BACKBONE_OPTIONS = {"model": "name", "pretrained": "pretrained", "checkpoint": 
 _TRAIN_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "warmup_epochs": "warmup_epochs",
                   "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every", "train_workers": "num_workers",
                   "train_cpus": "cpus_per_worker", "seed": "seed", "train_precision": "precision",
-                  "channels_last": "channels_last"}
+                  "channels_last": "channels_last", "subnet_sampling": "subnet_sampling", "sandwich": "sandwich",
+                  "distill": "distill"}
 _SEARCH_OPTIONS = {"population": "population", "parents": "parents", "mutants": "mutants", "crossovers": "crossovers",
                    "m_prob": "m_prob", "generations": "generations", "actors": "num_actors",
                    "actor_cpus": "cpus_per_actor", "actor_gpus": "gpus_per_actor", "eval_batch_size": "eval_batch_size",
                    "min_params": "min_params", "max_params": "max_params", "seed": "seed",
-                   "search_precision": "precision", "merge_strategy": "merge_strategy"}
+                   "search_precision": "precision", "merge_strategy": "merge_strategy", "fitness": "fitness"}
 # --forms-A .. --forms-E: the kinds each support tensor may take (SearchSpace forms).
 _FORM_OPTIONS = {f"forms_{t}": t for t in TENSORS}
 _TOP_OPTIONS = ("datasets", "data_root", "out", "ranks", "targets", "lr", "layer_types", "preprocessing",
-                "num_classes")
+                "num_classes", "seed_population", "retrain_epochs", "baseline_epochs")
 # What None means, where the preset leaves a value open.
 _OPEN = {"targets": "every nn.Linear but the head", "lr": "the paper's Table 4 value per dataset",
          "min_params": "what the space reaches", "max_params": "what the space reaches",
          "actors": "fill the cluster", "checkpoint": "none",
          "channels_last": "automatic: on for a convolutional backbone",
-         "num_classes": "counted from the training labels"}
+         "num_classes": "counted from the training labels", "baseline_epochs": "the supernet's epochs"}
 
 
 def _preset_value(values: dict[str, Any], dest: str) -> Any:
@@ -125,6 +128,8 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
     g.add_argument("--baselines", nargs="+", choices=sorted(BASELINES), metavar="NAME",
                    help="fixed adapters trained like the supernet and tested once beside the winner: "
                         + "; ".join(f"{b.name}: {b.description}" for b in BASELINES.values()))
+    g.add_argument("--baseline-epochs", type=int, metavar="N",
+                   help="train the --baselines for N epochs (default: the supernet's --epochs)")
     if repeat_seeds:
         g.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                        help="repeat supernet, search and baselines per seed under <out>/seed=<s>/ and report "
@@ -178,6 +183,16 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
     g.add_argument("--train-precision", choices=[PRECISION_AUTO] + [p.value for p in Precision],
                    help="forward passes of training: 'auto' is bf16 autocast on CUDA and fp32 elsewhere; 'fp32' "
                    "turns mixed precision off; 'tf32' needs --train-gpus; weights and optimizer stay fp32")
+    g.add_argument("--subnet-sampling", choices=[s.value for s in SubnetSampling],
+                   help="the subnets a step trains: 'uniform' (every form equally likely: the paper) or 'budget' "
+                   "(drawn within the search's --min-params/--max-params window, where the search reads)")
+    g.add_argument("--sandwich", type=int, metavar="N",
+                   help="the sandwich rule: each step also trains the largest and the smallest subnet within the "
+                   "budget besides N drawn ones, gradients accumulated (0: off; costs N + 2 passes per step)")
+    distill = g.add_mutually_exclusive_group()
+    distill.add_argument("--distill", dest="distill", action="store_true", default=None,
+                         help="in-place distillation: a sandwich's subnets learn the largest one's soft labels")
+    distill.add_argument("--no-distill", dest="distill", action="store_false", help="true labels for every subnet")
     layout = g.add_mutually_exclusive_group()
     layout.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                         help="channels-last activations and weights in training")
@@ -191,6 +206,12 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
     g.add_argument("--crossovers", type=int)
     g.add_argument("--m-prob", type=float, help="per-gene mutation probability")
     g.add_argument("--generations", type=int)
+    g.add_argument("--fitness", choices=[f.value for f in Fitness],
+                   help="what ranks candidates (docs/method.md §3.1): 'accuracy' on the search list (the paper; "
+                   "ties to fewer parameters) or 'loss', its mean cross-entropy (ties to higher accuracy)")
+    g.add_argument("--seed-population", nargs="+", choices=sorted(BASELINES), metavar="NAME",
+                   help="fixed adapters generation 0 starts from where they fit the budget (any of "
+                   f"{', '.join(sorted(BASELINES))}); random subnets fill the rest")
     g.add_argument("--actors", type=int, help="evaluator actors")
     g.add_argument("--actor-cpus", type=float, help="CPUs per evaluator actor")
     g.add_argument("--actor-gpus", type=float, help="GPUs per evaluator actor (fractions share a GPU)")
@@ -201,6 +222,11 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
                    help="how an actor merges a candidate (docs/method.md §9): 'auto' is just_in_time on CPUs "
                    "(small actors) and batched on CUDA; per_candidate merges once per candidate (faster on "
                    "small inputs, a private copy of the adapted weights per actor)")
+
+    g = parser.add_argument_group("stage 3: the winner")
+    g.add_argument("--retrain-epochs", type=int, metavar="N",
+                   help="train the winner alone for N epochs from its supernet weights, with the supernet's "
+                   "schedule, before its single test (0: test the supernet's weights as they are)")
     for action in parser._actions:  # the preset's value after each option's help
         value = _preset_value(values, action.dest)
         if value is not argparse.SUPPRESS:
@@ -265,6 +291,9 @@ def shared_fields(given: dict[str, Any], values: Mapping[str, Any]) -> dict[str,
         wait_for_resources_s=given.get("wait_for_resources", 0.0),
         verbose=given.get("verbose", False),
         num_classes=given.get("num_classes", values.get("num_classes")),
+        seed_population=tuple(given.get("seed_population", values.get("seed_population", ()))),
+        retrain_epochs=given.get("retrain_epochs", values.get("retrain_epochs", 0)),
+        baseline_epochs=given.get("baseline_epochs", values.get("baseline_epochs")),
     )
 
 

@@ -3,7 +3,10 @@
 Rows (``COMPARISON_COLUMNS``): the searched winner (kind ``glora``), every Pareto-front subnet
 tested on test (kind ``pareto``, with ``--test-pareto``) and every baseline (kind ``baseline``),
 each with its adapter parameters (the search's counter, docs/method.md §1), val200 and test
-accuracy and seed.  Over several seeds, ``aggregate`` gives mean and std per configuration
+accuracy, seed and training compute: ``train_images`` (images through a forward and backward
+pass: epochs x images x subnets per step, the supernet's and any retraining's together) and
+``train_seconds`` (their wall time), so that GLoRA is judged at equal compute as well as at equal
+epochs.  Over several seeds, ``aggregate`` gives mean and std per configuration
 (the winner and each baseline; front members differ from seed to seed and are not averaged).
 """
 from __future__ import annotations
@@ -22,30 +25,38 @@ COMPARISON_MEAN_FILE = "comparison_mean.parquet"
 COMPARISON_PLOT = "comparison.png"
 
 WINNER, PARETO, BASELINE = "glora", "pareto", "baseline"  # the kinds of row
-COMPARISON_COLUMNS = ["dataset", "seed", "name", "kind", "params", "val_acc", "test_acc", "key"]
-MEAN_COLUMNS = ["dataset", "name", "kind", "seeds", "params", "val_acc", "val_acc_std", "test_acc", "test_acc_std"]
+COMPARISON_COLUMNS = ["dataset", "seed", "name", "kind", "params", "val_acc", "test_acc", "key", "train_images",
+                      "train_seconds"]
+MEAN_COLUMNS = ["dataset", "name", "kind", "seeds", "params", "val_acc", "val_acc_std", "test_acc", "test_acc_std",
+                "train_images", "train_seconds"]
+COMPUTE_FIELDS = ("train_images", "train_seconds")
+
 
 
 def comparison_rows(dataset: str, seed: int, winner: Mapping, front: pd.DataFrame | None,
                     baselines: Iterable[BaselineOutcome]) -> pd.DataFrame:
     """The table of one dataset and seed.  ``winner``: key, params, val_acc, test_acc; ``front``:
     the tested front (key, params, val_acc, test_acc), None when it was not tested."""
-    rows = [{"name": WINNER, "kind": WINNER, **{k: winner[k] for k in ("key", "params", "val_acc", "test_acc")}}]
+    rows = [{"name": WINNER, "kind": WINNER,
+             **{k: winner.get(k, math.nan) for k in ("key", "params", "val_acc", "test_acc", *COMPUTE_FIELDS)}}]
     if front is not None:
         for i, member in enumerate(front.sort_values("params", kind="stable").itertuples(index=False)):
             rows.append({"name": f"{PARETO}-{i}", "kind": PARETO, "key": member.key, "params": member.params,
                          "val_acc": member.val_acc, "test_acc": member.test_acc})
     for outcome in baselines:
         rows.append({"name": outcome.name, "kind": BASELINE, "key": outcome.key, "params": outcome.params,
-                     "val_acc": outcome.val_acc, "test_acc": outcome.test_acc})
+                     "val_acc": outcome.val_acc, "test_acc": outcome.test_acc,
+                     "train_images": outcome.train_images, "train_seconds": outcome.train_seconds})
     frame = pd.DataFrame(rows).assign(dataset=dataset, seed=seed)
     return normalise(frame)
 
 
 def normalise(frame: pd.DataFrame) -> pd.DataFrame:
     """Column order and dtypes of the stored table."""
-    return frame[COMPARISON_COLUMNS].astype({"seed": "int64", "params": "int64", "val_acc": "float64",
-                                             "test_acc": "float64"}).reset_index(drop=True)
+    # reindex: tables stored before the compute columns existed read back with them empty (NaN)
+    return frame.reindex(columns=COMPARISON_COLUMNS).astype(
+        {"seed": "int64", "params": "int64", "val_acc": "float64", "test_acc": "float64", "train_images": "float64",
+         "train_seconds": "float64"}).reset_index(drop=True)
 
 
 def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
@@ -54,7 +65,8 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     grouped = kept.groupby(["dataset", "name", "kind"], sort=False)
     out = grouped.agg(seeds=("seed", "nunique"), params=("params", "mean"), val_acc=("val_acc", "mean"),
                       val_acc_std=("val_acc", "std"), test_acc=("test_acc", "mean"),
-                      test_acc_std=("test_acc", "std")).reset_index()
+                      test_acc_std=("test_acc", "std"), train_images=("train_images", "mean"),
+                      train_seconds=("train_seconds", "mean")).reset_index()
     return out[MEAN_COLUMNS]
 
 

@@ -57,6 +57,12 @@ class PipelineConfig:
     lr_sweep: tuple[float, ...] = ()  # non-empty: Ray Tune picks the supernet lr among these
     lr_sweep_subnets: int = 8  # random in-budget subnets that score a trial on val200
     num_classes: int | None = None  # datasets outside the registry: None counts them from the labels
+    # Fixed adapters (BASELINES names) that generation 0 of the search starts from, where they fit the
+    # budget: the search starts from what a user would pick by hand (docs/method.md §3).
+    seed_population: tuple[str, ...] = ()
+    # > 0: stage-3 retraining: the winner trains alone this many epochs from its supernet weights,
+    # with the supernet's schedule (as the baselines do), before it is tested (docs/method.md §3.2).
+    retrain_epochs: int = 0
     # -- how the job runs: changing these continues a run (glora_ray.identity) -------------------
     test_pareto: bool = field(default=False, metadata=EXECUTION_ONLY)  # also test every Pareto-front subnet
     resume: bool = field(default=True, metadata=EXECUTION_ONLY)  # False: refuse an output holding results
@@ -70,6 +76,9 @@ class PipelineConfig:
     # Extra reports with their own records, so they may be added to a finished run:
     # fixed adapters trained and tested beside the search (BASELINES) ...
     baselines: tuple[str, ...] = field(default=(), metadata=EXECUTION_ONLY)
+    # ... for this many epochs (None: the supernet's; e.g. the supernet's passes, when a sandwich
+    # makes each of its epochs several passes) ...
+    baseline_epochs: int | None = field(default=None, metadata=EXECUTION_ONLY)
     # ... and, non-empty, the whole job once per seed, each its own run under <out>/seed=<s>/.
     seeds: tuple[int, ...] = field(default=(), metadata=EXECUTION_ONLY)
 
@@ -81,6 +90,17 @@ class PipelineConfig:
         self.ranks, self.forms = space.ranks, space.restricted_forms
         self.lr_sweep = tuple(float(x) for x in self.lr_sweep)
         self.baselines = check_baseline_names(self.baselines, space)
+        self.seed_population = check_baseline_names(self.seed_population, space)
+        if isinstance(self.retrain_epochs, bool) or not isinstance(self.retrain_epochs, int) or self.retrain_epochs < 0:
+            raise PipelineConfigError(f"retrain_epochs must be an integer >= 0 (0: no retraining), "
+                                      f"got {self.retrain_epochs!r}")
+        if self.baseline_epochs is not None and (isinstance(self.baseline_epochs, bool) or not isinstance(
+                self.baseline_epochs, int) or self.baseline_epochs <= self.train.warmup_epochs):
+            raise PipelineConfigError(f"baseline_epochs must be None (the supernet's epochs) or an integer above "
+                                      f"warmup_epochs={self.train.warmup_epochs}, got {self.baseline_epochs!r}")
+        if 0 < self.retrain_epochs <= self.train.warmup_epochs:
+            raise PipelineConfigError(f"retrain_epochs={self.retrain_epochs} must exceed warmup_epochs="
+                                      f"{self.train.warmup_epochs}: the retraining uses the supernet's schedule")
         self.seeds = tuple(self.seeds)
         if any(not isinstance(x, int) or x < 0 for x in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise PipelineConfigError(f"seeds must be distinct integers >= 0, got {list(self.seeds)}")
@@ -225,10 +245,13 @@ def _digits_preset(name: str, backbone: BackboneConfig, layer_types: tuple[str, 
     }
 
 
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Offline, a few minutes on 2 CPU cores: GLoRA on every convolution (49) of an ImageNet
     # EfficientNet-Lite0 (weights from a pip package), on the bundled digits.  The budget lies where
     # the supernet's uniformly drawn training subnets do (about 130k), where its subnets train best.
+    # The levers of docs/method.md §2.1 and §3 are options (bench/README.md, "Issue 19"): none is
+    # shown yet to beat LoRA here within the default's few minutes on 2 cores.
     "default": _digits_preset("default", _packaged_efficientnet(), ("conv2d",), BACKBONE_PREPROCESSING,
                               targets=None, lr=3e-3, epochs=20, batch_size=32, generations=4,
                               max_params="150k", forms=CNN_FORMS),

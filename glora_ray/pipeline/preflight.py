@@ -161,7 +161,7 @@ def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
     datas = {}
     for dataset in cfg.datasets:
         if dataset in EMBEDDED_DATASETS and cfg.write_embedded_data:
-            write_digits_dataset(cfg.data_root)
+            write_digits_dataset(cfg.data_root, name=dataset)
         datas[dataset] = vtab_data(cfg, dataset)  # an own dataset's classes are counted from its labels
         counts = datas[dataset].validate(splits)
         _check_batch_size(cfg, dataset, counts[cfg.train.split])

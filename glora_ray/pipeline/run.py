@@ -16,14 +16,17 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .. import storage
+from ..budget import Budget
 from ..checkpoint import SupernetSpec, load_supernet, numpy_state
 from ..data import DataConfig
 from ..errors import GLoRARayError
 from ..runtime import child_runtime_env, init_ray, quiet_ray_logs
 from ..search import run_search
 from ..train import train_supernet
+from ..train.job import HISTORY_FILE
 from . import layout
-from .baselines import TEST_SPLIT as BASELINE_TEST_SPLIT, VAL_SPLIT as BASELINE_VAL_SPLIT, run_baselines
+from .baselines import TEST_SPLIT as BASELINE_TEST_SPLIT, VAL_SPLIT as BASELINE_VAL_SPLIT, baseline, run_baselines
+from ..train.loop import training_compute
 from .comparison import comparison_rows, read_comparisons, write_comparison
 from .config import DatasetOutcome, PipelineConfig, run_record
 from .export import export_winner
@@ -78,61 +81,87 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
     started = time.perf_counter()
     spec, data = spec_for(cfg, unit.data), unit.data
     export_uri = layout.export_uri(cfg.out, unit.path)
+    structure = spec.build_empty()  # meta device: the counter and the baselines' genes
+    window = Budget(cfg.search.min_params, cfg.search.max_params).resolve(structure.counter)
 
     sweep = None
     if cfg.lr_sweep:
         say(f"stage 1: lr sweep over {list(cfg.lr_sweep)} (Ray Tune)")
-        sweep = sweep_learning_rate(spec, data, unit.train_config(cfg.train), cfg.lr_sweep,
+        sweep = sweep_learning_rate(spec, data, unit.train_config(cfg.train, window=window), cfg.lr_sweep,
                                     layout.train_uri(cfg.out, unit.path), cfg.search, cfg.lr_sweep_subnets,
                                     cfg.train.seed, unit.search_split)
         storage.write_json(storage.join(export_uri, LR_SWEEP_FILE), asdict(sweep))
         lr, checkpoint_dir = sweep.lr, sweep.checkpoint_dir
+        compute = training_compute(storage.read_json(storage.join(checkpoint_dir, HISTORY_FILE)))
         say(f"stage 1: lr {lr:g} chosen; trials {[(t['lr'], round(t['val_acc'], 4)) for t in sweep.trials]}")
     else:
         lr = unit.lr
         where = "in this process (Ray Train local mode)" if cfg.train.num_workers == 0 else \
             f"{cfg.train.world_size} worker(s)"
         say(f"stage 1: training the supernet, lr {lr:g}, {cfg.train.epochs} epochs, {where}")
-        trained = train_supernet(spec, data, unit.train_config(cfg.train, lr), layout.train_uri(cfg.out, unit.path),
-                                 "supernet", progress=_stage(say, "stage 1"))
+        trained = train_supernet(spec, data, unit.train_config(cfg.train, lr, window),
+                                 layout.train_uri(cfg.out, unit.path), "supernet", progress=_stage(say, "stage 1"))
         checkpoint_dir = trained.checkpoint_dir
+        compute = training_compute(trained.history)
         last = trained.history[-1] if trained.history else {}
         say(f"stage 1: done, loss {last.get('loss', float('nan')):.4f}, train acc {last.get('train_acc', float('nan')):.4f}")
 
     supernet, spec = load_supernet(checkpoint_dir, expected=spec)
     val_images, val_labels = data.arrays(unit.search_split)
     say("stage 2: evolutionary search")
+    initial = [baseline(name).genes(structure) for name in cfg.seed_population]
     search = run_search(spec, numpy_state(supernet), val_images, val_labels, cfg.search,
                         layout.search_uri(cfg.out, unit.path), run_id_for(cfg), unit.name,
-                        progress=_stage(say, "stage 2"))
+                        progress=_stage(say, "stage 2"), initial=initial)
     best = search.best
     del val_images, val_labels
 
-    tests = _test_once(cfg, unit, checkpoint_dir, best, storage.join(export_uri, TEST_FILE), say)
+    # Baselines score on the baseline module's val and test splits: this unit's search and first test list.
+    unit_split = {BASELINE_VAL_SPLIT: unit.search_split, BASELINE_TEST_SPLIT: unit.tests[0].split}
+    classes = {BASELINE_VAL_SPLIT: None, BASELINE_TEST_SPLIT: unit.tests[0].classes}
+
+    def accuracies(checkpoint: str, genes, split: str) -> list[float]:
+        return _remote_accuracies(cfg, checkpoint, genes, data, unit_split[split], classes[split])
+
+    winner_dir, val_acc = checkpoint_dir, best.val_acc
+    if cfg.retrain_epochs:
+        say(f"stage 3: retraining the winner ({best.params:,} params) alone for {cfg.retrain_epochs} epochs "
+            f"from its supernet weights")
+        retrained = train_supernet(
+            spec, data, unit.train_config(cfg.train, lr).for_fixed_subnet(
+                best.key, epochs=cfg.retrain_epochs, init_from=checkpoint_dir),
+            layout.train_uri(cfg.out, unit.path), retrain_run_name(best.key), progress=_stage(say, "stage 3"))
+        winner_dir = retrained.checkpoint_dir
+        compute = {name: value + training_compute(retrained.history)[name] for name, value in compute.items()}
+        supernet, _ = load_supernet(winner_dir, expected=spec)
+        val_acc = accuracies(winner_dir, [best.genes], BASELINE_VAL_SPLIT)[0]  # a report: nothing is chosen on it
+        say(f"stage 3: retrained, val {val_acc:.4f} (searched with {best.val_acc:.4f})")
+
+    tests = _test_once(cfg, unit, winner_dir, best, storage.join(export_uri, TEST_FILE), say)
     test_acc = tests[unit.tests[0].name]
     several = {"tests": tests} if len(unit.tests) > 1 else {}
-    export_winner(supernet, spec, best.genes, export_uri, val_acc=best.val_acc, test_acc=test_acc, lr=lr, **several)
+    export_winner(supernet, spec, best.genes, export_uri, val_acc=val_acc, search_val_acc=best.val_acc,
+                  test_acc=test_acc, lr=lr, retrain_epochs=cfg.retrain_epochs, **several)
     front = (_test_front(cfg, search.pareto, checkpoint_dir, data, export_uri, supernet, unit.tests[0].split)
              if cfg.test_pareto else None)
     say(f"stage 3: exported to {export_uri} (test acc {test_acc:.4f})")
     dataset_uri = layout.dataset_uri(cfg.out, unit.path)
-    # Baselines score on the baseline module's val and test splits: this unit's search and first test list.
-    unit_split = {BASELINE_VAL_SPLIT: unit.search_split, BASELINE_TEST_SPLIT: unit.tests[0].split}
-    classes = {BASELINE_VAL_SPLIT: None, BASELINE_TEST_SPLIT: unit.tests[0].classes}
-    baselines = run_baselines(
-        cfg.baselines, spec, data, unit.train_config(cfg.train, lr), layout.train_uri(cfg.out, unit.path), dataset_uri,
-        lambda checkpoint, genes, split: _remote_accuracies(cfg, checkpoint, genes, data, unit_split[split],
-                                                            classes[split]),
-        progress=say,
-    )
-    winner = {"key": best.key, "params": best.params, "val_acc": best.val_acc, "test_acc": test_acc}
+    baseline_train = unit.train_config(replace(cfg.train, epochs=cfg.baseline_epochs or cfg.train.epochs), lr)
+    baselines = run_baselines(cfg.baselines, spec, data, baseline_train, layout.train_uri(cfg.out, unit.path),
+                              dataset_uri, accuracies, progress=say)
+    winner = {"key": best.key, "params": best.params, "val_acc": val_acc, "test_acc": test_acc, **compute}
     write_comparison(dataset_uri, comparison_rows(unit.name, cfg.train.seed, winner, front, baselines))
     outcome = DatasetOutcome(
         dataset=unit.data.name, group=unit.group, seed=cfg.train.seed, lr=lr, params=best.params,
-        head_params=supernet.head_num_params, val_acc=best.val_acc, test_acc=test_acc,
+        head_params=supernet.head_num_params, val_acc=val_acc, test_acc=test_acc,
         wall_seconds=time.perf_counter() - started, key=best.key, extra={**unit.extra, **several},
     )
     return asdict(outcome)
+
+
+def retrain_run_name(key: str) -> str:
+    """The retraining's Ray Train run: one per winner, so another winner never resumes it."""
+    return f"retrain-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, best, test_uri: str,
@@ -140,7 +169,8 @@ def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, bes
     """Each test list's accuracy of the winner; a list already tested for this winner is never tested again."""
     stored = storage.read_json(test_uri) if storage.exists(test_uri) else {}
     tests: dict[str, float] = {}
-    if stored.get("key") == best.key:  # this winner was tested already: keep what it scored
+    # This winner, with these weights (retrained or not), was tested already: keep what it scored.
+    if stored.get("key") == best.key and stored.get("retrain_epochs", 0) == cfg.retrain_epochs:
         tests = dict(stored.get("tests") or {unit.tests[0].name: stored["test_acc"]})
     for test in unit.tests:
         if test.name in tests:
@@ -150,7 +180,7 @@ def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, bes
             f"{restricted}")
         tests[test.name] = _remote_accuracies(cfg, checkpoint_dir, [best.genes], unit.data, test.split,
                                               test.classes)[0]
-        record: dict[str, Any] = {"key": best.key, "tests": tests}
+        record: dict[str, Any] = {"key": best.key, "retrain_epochs": cfg.retrain_epochs, "tests": tests}
         if unit.tests[0].name in tests:
             record["test_acc"] = tests[unit.tests[0].name]
         storage.write_json(test_uri, record)

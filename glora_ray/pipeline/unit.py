@@ -55,10 +55,15 @@ class TrainingUnit:
         """Every split the unit reads, training first."""
         return tuple(dict.fromkeys((self.train_split, self.search_split, *(t.split for t in self.tests))))
 
-    def train_config(self, train: TrainConfig, lr: float | None = None) -> TrainConfig:
+    def train_config(self, train: TrainConfig, lr: float | None = None,
+                     window: tuple[int, int] | None = None) -> TrainConfig:
+        """``train`` for this unit: its list, lr and batch; ``window`` (the search's resolved budget)
+        is recorded where the supernet's subnets are drawn within it (``TrainConfig.needs_budget``)."""
         changes: dict[str, Any] = {"split": self.train_split, "lr": self.lr if lr is None else lr}
         if self.batch_size is not None:
             changes["batch_size"] = self.batch_size
+        if window is not None and train.needs_budget:
+            changes["budget"] = (int(window[0]), int(window[1]))
         return replace(train, **changes)
 
 

@@ -13,10 +13,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
-    "EvalMode": "config", "Placement": "config", "SearchConfig": "config", "SearchConfigError": "config",
+    "EvalMode": "config", "Fitness": "config", "Placement": "config", "SearchConfig": "config", "SearchConfigError": "config",
     "EvalResult": "evaluator", "Evaluator": "evaluator", "MergedModel": "evaluator", "evaluate_subnet": "evaluator",
-    "Candidate": "evolution", "EvolutionPlanner": "evolution", "Origin": "evolution",
+    "Candidate": "evolution", "DrawCounts": "evolution", "EvolutionPlanner": "evolution", "Origin": "evolution",
     "ResumeMismatchError": "evolution", "Scored": "evolution", "SpaceExhaustedWarning": "evolution",
+    "StoredScore": "evolution",
     "best_under": "pareto", "pareto_front": "pareto", "pareto_mask": "pareto",
     "ActorStartError": "pool", "AllActorsDiedError": "pool", "CandidateCrashError": "pool",
     "EvaluationPoolError": "pool", "EvaluatorPool": "pool", "plan_actor_count": "pool",
@@ -41,9 +42,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from .config import EvalMode, Placement, SearchConfig, SearchConfigError
+    from .config import EvalMode, Fitness, Placement, SearchConfig, SearchConfigError
     from .evaluator import EvalResult, Evaluator, MergedModel, evaluate_subnet
-    from .evolution import Candidate, EvolutionPlanner, Origin, ResumeMismatchError, Scored, SpaceExhaustedWarning
+    from .evolution import (
+        Candidate, DrawCounts, EvolutionPlanner, Origin, ResumeMismatchError, Scored, SpaceExhaustedWarning, StoredScore,
+    )
     from .pareto import best_under, pareto_front, pareto_mask
     from .pool import (
         ActorStartError, AllActorsDiedError, CandidateCrashError, EvaluationPoolError, EvaluatorPool,

@@ -31,6 +31,19 @@ class EvalMode(str, enum.Enum):
     SUPERNET = "supernet"
 
 
+class Fitness(str, enum.Enum):
+    """What ranks the candidates (docs/method.md §3): parents and the winner follow it.
+
+    ``accuracy`` (the paper's): validation accuracy, higher first, then parameter count (lower
+    first), then the canonical key.  ``loss``: mean validation cross-entropy, lower first, then
+    accuracy, parameter count and key as above: finer-grained than accuracy on a small ``val200``
+    where many candidates tie.
+    """
+
+    ACCURACY = "accuracy"
+    LOSS = "loss"
+
+
 class Placement(str, enum.Enum):
     """Where Ray starts the evaluator actors (Ray's ``scheduling_strategy``).
 
@@ -58,6 +71,8 @@ class SearchConfig:
     # Bounded redraws: a generation tries at most this many draws per wanted mutant, crossover
     # or random candidate before settling for fewer (a tight budget or a small space never hangs).
     max_draw_tries: int = 50
+    # What ranks candidates, and so picks the parents and the winner: "accuracy" or "loss".
+    fitness: Fitness = Fitness.ACCURACY
     # -- evaluation ---------------------------------------------------------------------
     eval_batch_size: int = 64
     eval_mode: EvalMode = EvalMode.MERGED
@@ -93,6 +108,12 @@ class SearchConfig:
         except ValueError:
             raise SearchConfigError(
                 f"eval_mode={self.eval_mode!r} is not one of {[m.value for m in EvalMode]}"
+            ) from None
+        try:
+            self.fitness = Fitness(self.fitness)
+        except ValueError:
+            raise SearchConfigError(
+                f"fitness={self.fitness!r} is not one of {[f.value for f in Fitness]}"
             ) from None
         self.precision = parse_precision(self.precision, "precision", error=SearchConfigError)
         valid_merges = [AUTO_MERGE] + [m.value for m in MergeStrategy]
@@ -179,6 +200,7 @@ class SearchConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["eval_mode"] = self.eval_mode.value
+        data["fitness"] = self.fitness.value
         data["precision"] = self.precision.value
         data["actor_placement"] = self.actor_placement.value
         return data

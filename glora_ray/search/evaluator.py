@@ -1,4 +1,5 @@
-"""Evaluating candidates: accuracy of the supernet with one subnet fixed, on resident data.
+"""Evaluating candidates: accuracy and mean cross-entropy of the supernet with one subnet fixed,
+on resident data (docs/method.md §3, fitness).
 
 Free of Ray: ``Evaluator`` is a plain class that a Ray actor wraps (pool.py), and the tests use
 it in-process.  It holds the supernet as zero-copy views of shared numpy arrays (never written),
@@ -26,6 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..backbone import empty_backbone
 from ..checkpoint import SupernetSpec, supernet_from_numpy
@@ -38,12 +40,16 @@ from .merge import AUTO, BatchedMerge, JustInTimeMerge, MergeStrategy, Merger, P
 
 @dataclass(frozen=True)
 class EvalResult:
+    """One candidate's validation results: top-1 accuracy ``correct / total`` and ``val_loss``,
+    the mean cross-entropy over the ``total`` images (float32 from the logits)."""
+
     key: str
     val_acc: float
     seconds: float
     actor: str
     correct: int
     total: int
+    val_loss: float
 
 
 def default_device() -> torch.device:
@@ -121,13 +127,26 @@ class MergedModel:
 
 
 @torch.inference_mode()
-def _count_correct(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> int:
+def _correct_and_loss(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[int, float]:
+    """(top-1 correct, summed cross-entropy) over the images, in batches; one device sync at the end.
+
+    The cross-entropy is computed in float32 from each batch's logits (whatever the forward
+    precision) and summed over batches in float64.
+    """
     correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    loss = torch.zeros((), dtype=torch.float64, device=labels.device)
     for start in range(0, len(labels), batch_size):
         x = images[start:start + batch_size]
-        logits = model(x.to(labels.device, non_blocking=True))
-        correct += (logits.argmax(dim=-1) == labels[start:start + batch_size]).sum()
-    return int(correct.item())  # .item() also synchronises the device, so timings are real
+        y = labels[start:start + batch_size]
+        logits = model(x.to(labels.device, non_blocking=True)).float()
+        correct += (logits.argmax(dim=-1) == y).sum()
+        loss += F.cross_entropy(logits, y, reduction="sum").double()
+    return int(correct.item()), float(loss.item())  # .item() also synchronises the device, so timings are real
+
+
+def _count_correct(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> int:
+    """Top-1 correct; computes the loss too, so it costs what an evaluation's forward passes cost."""
+    return _correct_and_loss(model, images, labels, batch_size)[0]
 
 
 class Evaluator:
@@ -186,10 +205,11 @@ class Evaluator:
         self._select(genes)
         self._count_correct(self.images[:1], self.labels[:1], 1)
 
-    def _count_correct(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> int:
+    def _count_correct(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[int, float]:
+        """(correct, summed cross-entropy) of the selected subnet."""
         # The merge above runs in full fp32; only the forward passes take the precision.
         with compute_precision(self.precision, self.device):
-            return _count_correct(self.model, images, labels, batch_size)
+            return _correct_and_loss(self.model, images, labels, batch_size)
 
     def _select(self, genes: np.ndarray) -> None:
         if self.mode is EvalMode.MERGED:
@@ -199,17 +219,18 @@ class Evaluator:
             self.supernet.set_subnet(genes)
 
     def evaluate(self, batch: Sequence[SubnetLike]) -> list[EvalResult]:
-        """Accuracy of each subnet (gene array, key or mapping), in the order given."""
+        """Accuracy and mean validation loss of each subnet (gene array, key or mapping), in the order given."""
         self.calls += 1
         results = []
+        total = len(self.labels)
         for subnet in batch:
             genes = self.supernet.to_genes(subnet)
             start = time.perf_counter()
             self._select(genes)
-            correct = self._count_correct(self.images, self.labels, self.batch_size)
+            correct, loss_sum = self._count_correct(self.images, self.labels, self.batch_size)
             seconds = time.perf_counter() - start
-            results.append(EvalResult(self.supernet.space.genes_to_string(genes), correct / len(self.labels),
-                                      seconds, self.actor_id, correct, len(self.labels)))
+            results.append(EvalResult(self.supernet.space.genes_to_string(genes), correct / total, seconds,
+                                      self.actor_id, correct, total, val_loss=loss_sum / total))
         return results
 
 

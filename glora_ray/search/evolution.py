@@ -1,10 +1,18 @@
 """The evolutionary search as an ask/tell planner, free of Ray (docs/method.md §3).
 
 One seeded ``numpy.random.Generator`` drives every draw.  ``ask()`` draws all of a generation's
-candidates (mutants, crossovers, random fill) before any of that generation's results exist,
-and ``tell()`` takes the results as a mapping, so neither the number of evaluators nor the
-order in which they finish can change what is drawn next.  Candidates are ranked by
-(accuracy desc, params asc, key asc): a total order, so ties never depend on arrival order.
+candidates (seeds, mutants, crossovers, random fill) before any of that generation's results
+exist, and ``tell()`` takes the results as mappings, so neither the number of evaluators nor the
+order in which they finish can change what is drawn next.  Candidates are ranked by the
+configured fitness (``SearchConfig.fitness``): (accuracy desc, params asc, key asc) by default,
+(loss asc, accuracy desc, params asc, key asc) for ``loss``; a total order either way, so ties
+never depend on arrival order.
+
+Generation 0 may start from given subnets (``initial``): those within the budget come first,
+in the given order, and random in-budget subnets fill the rest.  A mutant or crossover that
+falls outside the budget is repaired into it (``budget.repair_into_budget``, drawing from the
+same generator) before it is checked for novelty, so a tight budget does not leave the
+offspring quota to random draws.
 
 Selection follows AutoFormer, whose search GLoRA reuses: the parents of a generation are the
 top ``parents`` of everything evaluated so far (elitist), and a generation consists only of new
@@ -16,19 +24,26 @@ from __future__ import annotations
 from ..errors import GLoRARayError
 
 import enum
+import logging
+import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from ..budget import InfeasibleBudgetError, sample_within_budget
+from ..budget import InfeasibleBudgetError, repair_into_budget, sample_within_budget
 from ..params import ParamCounter
-from ..space import SearchSpace
-from .config import SearchConfig
+from ..space import SearchSpace, SearchSpaceError
+from .config import Fitness, SearchConfig
+
+log = logging.getLogger(__name__)
 
 
 class Origin(str, enum.Enum):
+    """How a candidate was drawn (docs/method.md §3)."""
+
+    SEEDED = "seeded"  # given to generation 0 (``EvolutionPlanner(initial=...)``)
     RANDOM = "random"
     MUTATION = "mutation"
     CROSSOVER = "crossover"
@@ -43,16 +58,72 @@ class Candidate:
     params: int
     origin: Origin
     parent_ids: tuple[str, ...]
+    repaired: bool = False  # an offspring moved into the budget after it was drawn (docs/method.md §3)
 
 
 @dataclass(frozen=True)
 class Scored:
+    """A candidate with its validation results; ``rank_key`` orders by ``fitness`` (docs/method.md §3)."""
+
     candidate: Candidate
     val_acc: float
+    val_loss: float = math.nan  # mean cross-entropy on the validation images
+    fitness: Fitness = Fitness.ACCURACY
 
     @property
-    def rank_key(self) -> tuple[float, int, str]:
+    def rank_key(self) -> tuple:
+        """Smaller ranks first; a total order (the key breaks every tie)."""
+        if self.fitness is Fitness.LOSS:
+            loss = self.val_loss if not math.isnan(self.val_loss) else math.inf  # NaN last, still ordered
+            return (loss, -self.val_acc, self.candidate.params, self.candidate.key)
         return (-self.val_acc, self.candidate.params, self.candidate.key)
+
+
+class StoredScore(NamedTuple):
+    """One stored evaluation, as ``replay`` takes it back (results.stored_scores)."""
+
+    candidate_id: str
+    key: str
+    val_acc: float
+    val_loss: float
+
+
+@dataclass(frozen=True)
+class DrawCounts:
+    """Where one generation's candidates came from, and how many offspring it wanted.
+
+    ``repaired`` counts the kept mutants and crossovers that were moved into the budget.
+    """
+
+    generation: int
+    seeded: int = 0
+    mutation: int = 0
+    crossover: int = 0
+    random: int = 0
+    mutants_wanted: int = 0
+    crossovers_wanted: int = 0
+    repaired_mutation: int = 0
+    repaired_crossover: int = 0
+
+    def origins(self) -> dict[str, int]:
+        return {Origin.SEEDED.value: self.seeded, Origin.MUTATION.value: self.mutation,
+                Origin.CROSSOVER.value: self.crossover, Origin.RANDOM.value: self.random}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The generation file's commit record of it (results.generation_table's metadata)."""
+        return {
+            "origins": self.origins(),
+            "wanted": {Origin.MUTATION.value: self.mutants_wanted, Origin.CROSSOVER.value: self.crossovers_wanted},
+            "repaired": {Origin.MUTATION.value: self.repaired_mutation,
+                         Origin.CROSSOVER.value: self.repaired_crossover},
+        }
+
+    def describe(self) -> str:
+        """``"seeded 2, mutation 6/6, crossover 5/6, random 3"`` (seeded only when there are any)."""
+        parts = [f"seeded {self.seeded}"] if self.seeded else []
+        parts += [f"mutation {self.mutation}/{self.mutants_wanted}",
+                  f"crossover {self.crossover}/{self.crossovers_wanted}", f"random {self.random}"]
+        return ", ".join(parts)
 
 
 class SpaceExhaustedWarning(UserWarning):
@@ -65,9 +136,15 @@ def candidate_id(generation: int, index: int) -> str:
 
 
 class EvolutionPlanner:
-    """Plans generations; the caller evaluates them (in any order) and reports back."""
+    """Plans generations; the caller evaluates them (in any order) and reports back.
 
-    def __init__(self, config: SearchConfig, space: SearchSpace, counter: ParamCounter, lo: int, hi: int):
+    ``initial``: gene arrays that generation 0 starts with (docs/method.md §3), in the given
+    order, duplicates dropped; those outside [lo, hi] are skipped (logged), and at most
+    ``population`` are kept.  Random in-budget subnets fill the rest of generation 0.
+    """
+
+    def __init__(self, config: SearchConfig, space: SearchSpace, counter: ParamCounter, lo: int, hi: int,
+                 initial: Sequence[np.ndarray] = ()):
         if counter.space != space:
             raise ValueError(f"counter is for {counter.space!r}, planner for {space!r}")
         self.config = config
@@ -78,8 +155,35 @@ class EvolutionPlanner:
         self.generation = 0  # the next generation ``ask`` plans
         self.evaluated: dict[str, Scored] = {}  # the cache across generations, by canonical key
         self.history: list[list[Scored]] = []
+        self.draws: list[DrawCounts] = []  # per told generation: where its candidates came from
         self._pending: list[Candidate] | None = None
+        self._pending_draws: DrawCounts | None = None
         self._cardinality = space.gene_cardinalities(counter.num_layers)
+        self._costs = counter.gene_costs()
+        self.initial = self._admit_seeds(initial)
+
+    def _admit_seeds(self, initial: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """The seeds generation 0 starts with: valid, within budget, distinct, at most ``population``."""
+        kept: dict[str, np.ndarray] = {}
+        outside: list[str] = []
+        for i, genes in enumerate(initial):
+            try:
+                genes = self.space.validate_genes(np.asarray(genes), self.counter.num_layers).astype(np.int8)
+            except SearchSpaceError as err:
+                raise SearchSpaceError(f"initial[{i}]: {err}") from None
+            key = self.space.genes_to_string(genes)
+            params = self.counter.count(genes)
+            if not self.lo <= params <= self.hi:
+                outside.append(f"{key} ({params:,} params)")
+            elif key not in kept:
+                kept[key] = genes
+        if outside:
+            log.info("%d initial subnet(s) outside the budget [%s, %s] params skipped: %s", len(outside),
+                     f"{self.lo:,}", f"{self.hi:,}", "; ".join(outside))
+        if len(kept) > self.config.population:
+            log.info("%d initial subnets within the budget; generation 0 takes the first %d (population)",
+                     len(kept), self.config.population)
+        return tuple(kept.values())[:self.config.population]
 
     # -- ask / tell ---------------------------------------------------------------------
     def ask(self) -> list[Candidate]:
@@ -89,13 +193,18 @@ class EvolutionPlanner:
         g = self.generation
         cfg = self.config
         taken: set[str] = set()  # keys drawn in this generation (dedupe within it)
-        picked: list[tuple[np.ndarray, Origin, tuple[str, ...]]] = []
-        if g > 0:
+        # (genes, origin, parent ids, repaired)
+        picked: list[tuple[np.ndarray, Origin, tuple[str, ...], bool]] = []
+        if g == 0:
+            for genes in self.initial:
+                taken.add(self.space.genes_to_string(genes))
+                picked.append((genes.copy(), Origin.SEEDED, (), False))
+        else:
             parents = self.top(cfg.parents)
             picked += self._offspring(parents, cfg.mutants, self._mutate, taken)
             if len(parents) >= 2:
                 picked += self._offspring(parents, cfg.crossovers, self._crossover, taken)
-        picked += self._random(cfg.population - len(picked), taken)
+        picked += self._random(cfg.population - len(picked), taken, must_find=g == 0 and not picked)
         if len(picked) < cfg.population:
             warnings.warn(
                 f"generation {g}: only {len(picked)} new candidates within [{self.lo:,}, {self.hi:,}] params "
@@ -104,28 +213,47 @@ class EvolutionPlanner:
             )
         candidates = [
             Candidate(candidate_id(g, i), g, self.space.genes_to_string(genes), genes,
-                      self.counter.count(genes), origin, parents)
-            for i, (genes, origin, parents) in enumerate(picked)
+                      self.counter.count(genes), origin, parents, repaired)
+            for i, (genes, origin, parents, repaired) in enumerate(picked)
         ]
+        origins = [c.origin for c in candidates]
+        fixed = [c.origin for c in candidates if c.repaired]
+        self._pending_draws = DrawCounts(
+            g, seeded=origins.count(Origin.SEEDED), mutation=origins.count(Origin.MUTATION),
+            crossover=origins.count(Origin.CROSSOVER), random=origins.count(Origin.RANDOM),
+            mutants_wanted=cfg.mutants if g > 0 else 0, crossovers_wanted=cfg.crossovers if g > 0 else 0,
+            repaired_mutation=fixed.count(Origin.MUTATION), repaired_crossover=fixed.count(Origin.CROSSOVER),
+        )
         self._pending = candidates
         return list(candidates)
 
-    def tell(self, accuracies: Mapping[str, float]) -> list[Scored]:
-        """Record the results of the asked generation: exactly one accuracy per candidate key."""
+    def tell(self, accuracies: Mapping[str, float], losses: Mapping[str, float] | None = None) -> list[Scored]:
+        """Record the results of the asked generation: exactly one accuracy (and, when given, one
+        validation loss) per candidate key.  ``fitness=loss`` needs the losses."""
         if self._pending is None:
             raise RuntimeError("tell() without a pending ask()")
         wanted = {c.key for c in self._pending}
-        missing, extra = wanted - set(accuracies), set(accuracies) - wanted
-        if missing or extra:
-            raise ValueError(
-                f"generation {self.generation}: results missing for {len(missing)} candidates "
-                f"(e.g. {sorted(missing)[:3]}), unexpected for {len(extra)} (e.g. {sorted(extra)[:3]})"
-            )
-        scored = [Scored(c, float(accuracies[c.key])) for c in self._pending]
+        if losses is None and self.config.fitness is Fitness.LOSS:
+            raise ValueError(f"generation {self.generation}: fitness={Fitness.LOSS.value!r} ranks by validation "
+                             f"loss, but tell() got no losses")
+        for what, given in (("results", accuracies), ("losses", losses)):
+            if given is None:
+                continue
+            missing, extra = wanted - set(given), set(given) - wanted
+            if missing or extra:
+                raise ValueError(
+                    f"generation {self.generation}: {what} missing for {len(missing)} candidates "
+                    f"(e.g. {sorted(missing)[:3]}), unexpected for {len(extra)} (e.g. {sorted(extra)[:3]})"
+                )
+        fitness = self.config.fitness
+        scored = [Scored(c, float(accuracies[c.key]), math.nan if losses is None else float(losses[c.key]), fitness)
+                  for c in self._pending]
         for s in scored:
             self.evaluated[s.candidate.key] = s
         self.history.append(scored)
+        self.draws.append(self._pending_draws)
         self._pending = None
+        self._pending_draws = None
         self.generation += 1
         return scored
 
@@ -155,15 +283,22 @@ class EvolutionPlanner:
         return key
 
     def _offspring(self, parents: list[Scored], count: int, draw, taken: set[str]):
+        """Up to ``count`` new offspring; one outside the budget is repaired into it first."""
         out = []
         for _ in range(count * self.config.max_draw_tries):
             if len(out) == count:
                 break
             genes, parent_ids, origin = draw(parents)
+            moved = False
+            if not self.lo <= self.counter.count(genes) <= self.hi:
+                fixed = repair_into_budget(genes, self._costs, self.lo, self.hi, self.rng)
+                if fixed is None:
+                    continue  # every move overshoots the window: this try is rejected
+                genes, moved = fixed.astype(np.int8), True
             key = self._admissible(genes, taken)
             if key is not None:
                 taken.add(key)
-                out.append((genes, origin, parent_ids))
+                out.append((genes, origin, parent_ids, moved))
         return out
 
     def _mutate(self, parents: list[Scored]):
@@ -180,7 +315,8 @@ class EvolutionPlanner:
         from_a = self.rng.random(a.genes.size) < 0.5
         return np.where(from_a, a.genes, b.genes).astype(np.int8), (a.candidate_id, b.candidate_id), Origin.CROSSOVER
 
-    def _random(self, count: int, taken: set[str]):
+    def _random(self, count: int, taken: set[str], must_find: bool = False):
+        """Up to ``count`` new random in-budget subnets; ``must_find``: raise if the sampler finds none."""
         out = []
         for _ in range(max(0, count) * self.config.max_draw_tries):
             if len(out) == count:
@@ -188,36 +324,38 @@ class EvolutionPlanner:
             try:
                 genes = sample_within_budget(self.rng, self.counter, self.lo, self.hi)
             except InfeasibleBudgetError:
-                if self.generation == 0 and not out:
+                if must_find and not out:
                     raise
                 break  # the repairing sampler gave up: settle for fewer
             key = self._admissible(genes, taken)
             if key is not None:
                 taken.add(key)
-                out.append((genes, Origin.RANDOM, ()))
+                out.append((genes, Origin.RANDOM, (), False))
         return out
 
     # -- resume -------------------------------------------------------------------------
-    def replay(self, generations: Iterable[list[tuple[str, str, float]]]) -> None:
+    def replay(self, generations: Iterable[Sequence[StoredScore]]) -> None:
         """Re-run ``ask``/``tell`` over stored generations, rebuilding the generator's state.
 
-        Each stored generation is a list of (candidate_id, key, val_acc).  The candidates this
-        planner draws must be exactly the stored ones; anything else means the stored run came
-        from other settings or another version of the algorithm, and is refused.
+        Each stored generation is a list of (candidate_id, key, val_acc, val_loss) (``StoredScore``
+        or plain tuples).  The candidates this planner draws must be exactly the stored ones;
+        anything else means the stored run came from other settings, seeds or another version of
+        the algorithm, and is refused.
         """
         for stored in generations:
+            stored = [StoredScore(*row) for row in stored]
             asked = self.ask()
             have = [(c.candidate_id, c.key) for c in asked]
-            want = [(cid, key) for cid, key, _ in stored]
+            want = [(row.candidate_id, row.key) for row in stored]
             if have != want:
                 diff = next((i for i, (h, w) in enumerate(zip(have, want)) if h != w), min(len(have), len(want)))
-                self._pending = None
+                self._pending = self._pending_draws = None
                 raise ResumeMismatchError(
                     f"generation {self.generation}: the stored candidates differ from what this seed and "
                     f"these settings draw (first difference at row {diff}: stored "
                     f"{want[diff] if diff < len(want) else None}, drawn {have[diff] if diff < len(have) else None})"
                 )
-            self.tell({key: acc for _, key, acc in stored})
+            self.tell({row.key: row.val_acc for row in stored}, {row.key: row.val_loss for row in stored})
 
 
 class ResumeMismatchError(GLoRARayError):

@@ -17,13 +17,21 @@ Population rows: one row per evaluation.  A generation's file holds exactly the 
 evaluated in that generation; a parent surviving into later generations is not repeated
 (its children name it in ``parent_ids``), so ``len(table)`` is the number of evaluations and
 ``key`` is unique across the table.  The elite at generation g is the top ``parents`` rows
-of generations < g by (val_acc desc, params asc, key asc).
+of generations < g in the ranking of ``SearchConfig.fitness`` (docs/method.md §3): by
+(val_acc desc, params asc, key asc), or for ``loss`` by (val_loss asc, val_acc desc, params asc,
+key asc).
 
 Columns, in order: run_id, dataset, generation (int32), candidate_id, parent_ids (list<string>),
-origin ("random" | "mutation" | "crossover"), key (the canonical subnet key: the space's
+origin ("seeded" | "random" | "mutation" | "crossover"), key (the canonical subnet key: the space's
 prefix, then one character per gene), then one string column per adapted layer and tensor named "<layer name>/<tensor>"
 (e.g. "blocks.0.attn.qkv/A") holding the choice name ("lora8", "vector", "scalar", "none"),
-in gene order, then params (int64), val_acc (float64), eval_seconds (float64), actor, seed (int64).
+in gene order, then params (int64), val_acc (float64), val_loss (float64, the mean validation
+cross-entropy), eval_seconds (float64), actor, seed (int64).
+
+Each generation file's metadata (key ``glora_ray``) is its commit record: the run's fingerprint,
+the generator state after the generation, and where its candidates came from ("origins": count
+per origin; "wanted": the mutants and crossovers asked for; "repaired": offspring moved into the
+budget).
 """
 from __future__ import annotations
 
@@ -43,10 +51,12 @@ from .. import storage
 from ..errors import GLoRARayError
 from ..space import TENSORS, SearchSpace
 from .evaluator import EvalResult
-from .evolution import Scored
+from .evolution import Scored, StoredScore
 from .pareto import FRONT_COLUMNS
 
-FORMAT_VERSION = 2  # 2: keys carry their space ("r8r4:..."), population column "key"
+# 2: keys carry their space ("r8r4:..."), population column "key"; 3: population column "val_loss",
+# run.json records the initial subnets and the fitness
+FORMAT_VERSION = 3
 MANIFEST_FILE = "run.json"
 POPULATION_DIR = "population"
 PARETO_FILE = "pareto.parquet"
@@ -89,6 +99,7 @@ def population_schema(layer_names: Sequence[str]) -> pa.Schema:
         + [
             ("params", pa.int64()),
             ("val_acc", pa.float64()),
+            ("val_loss", pa.float64()),
             ("eval_seconds", pa.float64()),
             ("actor", pa.string()),
             ("seed", pa.int64()),
@@ -132,6 +143,7 @@ def generation_table(
     columns.update({
         "params": [s.candidate.params for s in scored],
         "val_acc": [s.val_acc for s in scored],
+        "val_loss": [s.val_loss for s in scored],
         "eval_seconds": [timings[s.candidate.key].seconds for s in scored],
         "actor": [timings[s.candidate.key].actor for s in scored],
         "seed": [seed] * len(scored),
@@ -258,10 +270,11 @@ def without_timing(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=[c for c in TIMING_COLUMNS if c in frame.columns])
 
 
-def stored_scores(tables: Iterable[pa.Table]) -> list[list[tuple[str, str, float]]]:
-    """(candidate_id, key, val_acc) per stored generation, in candidate order."""
+def stored_scores(tables: Iterable[pa.Table]) -> list[list[StoredScore]]:
+    """(candidate_id, key, val_acc, val_loss) per stored generation, in candidate order (for replay)."""
     out = []
     for table in tables:
-        columns = table.select(["candidate_id", "key", "val_acc"]).to_pydict()
-        out.append(list(zip(columns["candidate_id"], columns["key"], columns["val_acc"])))
+        columns = table.select(["candidate_id", "key", "val_acc", "val_loss"]).to_pydict()
+        out.append([StoredScore(*row) for row in zip(columns["candidate_id"], columns["key"], columns["val_acc"],
+                                                      columns["val_loss"])])
     return out

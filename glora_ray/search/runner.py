@@ -8,8 +8,10 @@ Resume: a generation's Parquet file is its commit.  Rerunning over the same outp
 planner over the stored generations (drawing exactly what it drew before, checked candidate by
 candidate and against the generator state stored in each file), then continues with the next
 generation.  ``run.json`` records what the results depend on (search settings, model, budget,
-fingerprints of the weights and validation data); a rerun with any of them changed is refused
-with the differing field named.  ``generations`` may grow, to extend a finished run.
+fingerprints of the weights and validation data, the initial subnets); a rerun with any of
+them changed is refused with the differing field named.  ``generations`` may grow, to extend a
+finished run.  Seeded generation 0, budget repair of offspring and the fitness are the
+planner's (docs/method.md §3); each generation's commit record counts its candidates' origins.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,7 +34,7 @@ from ..progress import StageClock
 from ..runtime import init_ray
 from .config import SearchConfig
 from .evaluator import EvalResult, check_val_arrays
-from .evolution import Candidate, EvolutionPlanner, ResumeMismatchError, Scored
+from .evolution import Candidate, DrawCounts, EvolutionPlanner, ResumeMismatchError, Scored
 from .pareto import FRONT_COLUMNS, pareto_front
 from .pool import ActorSettings, EvaluatorPool, plan_actor_count
 from .results import (
@@ -45,10 +47,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BestSubnet:
+    """One ranked candidate of a search: the winner, or a member of ``SearchResult.top``."""
+
     key: str
     genes: np.ndarray
     params: int
     val_acc: float
+    val_loss: float  # mean validation cross-entropy
     candidate_id: str
     generation: int
     choices: dict[str, dict[str, str]]  # layer -> tensor -> choice name
@@ -56,7 +61,7 @@ class BestSubnet:
 
 @dataclass
 class SearchResult:
-    best: BestSubnet
+    best: BestSubnet  # == top[0]
     pareto: pd.DataFrame  # columns FRONT_COLUMNS: key, params, val_acc, candidate_id, generation, origin
     population_path: str
     evaluations: int
@@ -68,6 +73,10 @@ class SearchResult:
     resumed_generations: int = 0  # complete generations found under out_uri at the start
     exhausted: bool = False  # stopped early: no new candidate fits the budget
     actors: int = 0  # actors used by this invocation (0 when nothing was left to evaluate)
+    # The best ``config.parents`` candidates of everything evaluated, in ranking order (best
+    # first), ranked by ``config.fitness`` (docs/method.md §3): the elite the next generation
+    # would draw from.
+    top: tuple[BestSubnet, ...] = ()
 
 
 def array_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
@@ -131,14 +140,18 @@ class _Search:
     resumed: int  # complete generations found in the store
     exhausted: bool = False
 
+    def subnet(self, scored: Scored) -> BestSubnet:
+        c = scored.candidate
+        return BestSubnet(key=c.key, genes=c.genes.copy(), params=c.params, val_acc=scored.val_acc,
+                          val_loss=scored.val_loss, candidate_id=c.candidate_id, generation=c.generation,
+                          choices=self.space.decode(c.genes, self.layer_names))
+
     def result(self, actors: int) -> SearchResult:
         """The best subnet and the front so far; writes pareto.parquet and result.json."""
         scored = list(self.planner.evaluated.values())
-        best = self.planner.best
+        top = tuple(self.subnet(s) for s in self.planner.top(self.config.parents))
         result = SearchResult(
-            best=BestSubnet(best.candidate.key, best.candidate.genes.copy(), best.candidate.params, best.val_acc,
-                            best.candidate.candidate_id, best.candidate.generation,
-                            self.space.decode(best.candidate.genes, self.layer_names)),
+            best=top[0], top=top,
             pareto=_front_frame(scored), population_path=self.store.population_uri, evaluations=len(scored),
             generations_done=self.planner.generation, out_uri=self.store.uri, run_id=self.run_id,
             dataset=self.dataset, budget=self.budget, resumed_generations=self.resumed,
@@ -159,12 +172,14 @@ class _Search:
 
 
 def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: np.ndarray, val_labels: np.ndarray,
-               config: SearchConfig, out_uri: str, run_id: str, dataset: str) -> _Search:
+               config: SearchConfig, out_uri: str, run_id: str, dataset: str,
+               initial: Sequence[np.ndarray | str] = ()) -> _Search:
     """Check the inputs, then open the store: a new run's manifest, or a stored run replayed.
 
     Cheap checks first (structure on the meta device, budget, stored run); a rerun with other
-    result-defining settings is refused naming the field, as is one with fewer ``generations``
-    than the store already holds.
+    result-defining settings (``initial`` among them) is refused naming the field, as is one with
+    fewer ``generations`` than the store already holds.  ``initial``: subnets (gene arrays or
+    keys) generation 0 starts with; those outside the budget are skipped (docs/method.md §3).
     """
     if not isinstance(config, SearchConfig):
         raise GLoRARayTypeError(f"config must be a SearchConfig, got {type(config).__name__}")
@@ -177,6 +192,15 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
     space, layer_names = structure.space, tuple(structure.layer_names)
     lo, hi = Budget(config.min_params, config.max_params).resolve(structure.counter)
     _check_state(structure, state)
+    if isinstance(initial, str) or (isinstance(initial, np.ndarray) and initial.ndim != 2):
+        raise GLoRARayTypeError(f"initial must be a sequence of subnets (gene arrays or keys), "
+                                f"got a single {type(initial).__name__}")
+    seeds = []
+    for i, subnet in enumerate(initial):
+        try:
+            seeds.append(structure.to_genes(subnet))
+        except GLoRARayError as err:
+            raise type(err)(f"initial[{i}]: {err}") from None
 
     store = ResultStore(out_uri)
     manifest = {
@@ -187,6 +211,7 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
         "budget": {"min_params": lo, "max_params": hi},
         "spec": spec.to_dict(),
         "layers": list(layer_names),
+        "initial": [space.genes_to_string(genes) for genes in seeds],
         "state_sha256": array_fingerprint(state),
         "val_sha256": array_fingerprint({"images": val_images, "labels": val_labels}),
     }
@@ -208,7 +233,7 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
             f"cannot undo them: give generations >= {len(stored_numbers)} (more extends the run), or a new output"
         )
 
-    planner = EvolutionPlanner(config, space, structure.counter, lo, hi)
+    planner = EvolutionPlanner(config, space, structure.counter, lo, hi, initial=seeds)
     schema = population_schema(layer_names)
     for number in stored_numbers:
         stored = store.read_generation(number, schema)
@@ -239,10 +264,12 @@ def evaluate_generation(pool: EvaluatorPool, candidates: list[Candidate], config
 def commit_generation(search: _Search, results: Mapping[str, EvalResult]) -> list[Scored]:
     """Rank the evaluated generation and store it: its Parquet file is its commit."""
     g = search.planner.generation
-    scored = search.planner.tell({key: r.val_acc for key, r in results.items()})
+    scored = search.planner.tell({key: r.val_acc for key, r in results.items()},
+                                 {key: r.val_loss for key, r in results.items()})
     commit = {
         "format": FORMAT_VERSION, "run_fingerprint": search.fingerprint, "generation": g,
         "rng_state": search.planner.rng_state(), "evaluations": len(search.planner.evaluated),
+        **search.planner.draws[-1].to_dict(),  # "origins", "wanted", "repaired"
     }
     search.store.write_generation(g, generation_table(
         scored, results, run_id=search.run_id, dataset=search.dataset, seed=search.config.seed,
@@ -279,17 +306,20 @@ def run_search(
     run_id: str,
     dataset: str,
     progress: Callable[[str], None] | None = None,
+    initial: Sequence[np.ndarray | str] = (),
 ) -> SearchResult:
     """Evolve subnets of the supernet ``(spec, state)`` under ``config``'s budget.
 
     ``state`` is the supernet's state as numpy arrays (``checkpoint.numpy_state``), or an
     ObjectRef to them already in the object store; it is put there at most once and shared
     zero-copy by every actor, like the validation arrays.  ``progress`` receives one line per
-    generation (default: this module's logger).
+    generation (default: this module's logger).  ``initial``: subnets (gene arrays or keys) that
+    generation 0 starts with, origin "seeded"; those outside the budget are skipped
+    (docs/method.md §3).  They are part of the run's identity: a resume must give the same.
     """
     say = progress or log.info
     state_arrays = ray.get(state) if isinstance(state, ray.ObjectRef) else state  # zero-copy for a ref
-    search = open_store(spec, state_arrays, val_images, val_labels, config, out_uri, run_id, dataset)
+    search = open_store(spec, state_arrays, val_images, val_labels, config, out_uri, run_id, dataset, initial)
     if search.resumed:
         say(f"[{run_id}] resuming: {search.resumed} complete generations, {len(search.planner.evaluated)} "
             f"evaluations found in {search.store.population_uri}")
@@ -303,14 +333,15 @@ def run_search(
         while candidates:
             started = time.perf_counter()
             scored = commit_generation(search, evaluate_generation(pool, candidates, config))
+            drawn: DrawCounts = search.planner.draws[-1]
             candidates = plan_generation(search)
             result = search.result(pool.num_actors)
             seconds = time.perf_counter() - started
             say(
                 f"[{run_id}] generation {search.planner.generation}/{config.generations}: best val_acc "
-                f"{result.best.val_acc:.4f} ({result.best.params:,} params) | front {len(result.pareto)} | "
-                f"evaluations {result.evaluations} (+{len(scored)}) | {len(scored) / max(seconds, 1e-9):.1f} "
-                f"candidates/s | {clock.step()}"
+                f"{result.best.val_acc:.4f}, val_loss {result.best.val_loss:.4f} ({result.best.params:,} params) | "
+                f"front {len(result.pareto)} | evaluations {result.evaluations} (+{len(scored)}) | "
+                f"{drawn.describe()} | {len(scored) / max(seconds, 1e-9):.1f} candidates/s | {clock.step()}"
             )
     finally:
         pool.shutdown()
@@ -335,7 +366,7 @@ def _result_record(result: SearchResult, config: SearchConfig, finished: bool) -
         "best": {
             "candidate_id": best.candidate_id, "generation": best.generation, "key": best.key,
             "genes": [int(g) for g in best.genes], "params": best.params, "val_acc": best.val_acc,
-            "choices": best.choices,
+            "val_loss": best.val_loss, "choices": best.choices,
         },
         "pareto_size": len(result.pareto),
         "population": POPULATION_DIR,  # relative to the output, like "pareto"

@@ -3,13 +3,21 @@ from __future__ import annotations
 
 from ..errors import GLoRARayError, GLoRARayTypeError
 
-from dataclasses import asdict, dataclass, field
+import enum
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from ..data.vtab import SPLITS
 from ..identity import EXECUTION_ONLY
 from ..precision import parse_precision
 from ..settings import from_known_fields
+
+
+class SubnetSampling(str, enum.Enum):
+    """How a supernet training step draws its subnets (docs/method.md §2.1)."""
+
+    UNIFORM = "uniform"  # every gene uniformly from its forms (the paper)
+    BUDGET = "budget"  # uniformly, then repaired into the search's budget window
 
 
 class TrainConfigError(GLoRARayError):
@@ -39,6 +47,20 @@ class TrainConfig:
     # One subnet for every step (its string key, ``Supernet.subnet_key``) instead of a random one
     # per layer and step: trains a fixed adapter such as a LoRA or SSF baseline (docs/method.md §2).
     fixed_subnet: str | None = None
+    # -- which subnets a supernet step trains (docs/method.md §2.1); ignored with fixed_subnet ------
+    subnet_sampling: str = SubnetSampling.UNIFORM.value
+    # The search's budget window [min_params, max_params], resolved (the pipeline sets it): where
+    # ``subnet_sampling="budget"`` draws and where the sandwich's largest and smallest subnets lie.
+    budget: tuple[int, int] | None = None
+    # > 0: the sandwich rule: each step trains the largest and the smallest subnet within the budget
+    # and this many drawn ones, gradients accumulated (their mean loss).
+    sandwich: int = 0
+    # In-place distillation (needs a sandwich): the other subnets of a step learn the largest
+    # subnet's soft labels instead of the true ones.
+    distill: bool = False
+    # A finished training (a supernet checkpoint folder) whose adapters and head start this one,
+    # e.g. the stage-3 retraining of the winner (docs/method.md §3.2).
+    init_from: str | None = None
     # -- how the job runs: changing these continues a run (glora_ray.identity) ---------------
     # The global batch and the per-epoch reseeding make results independent of the worker count.
     checkpoint_every: int = field(default=10, metadata=EXECUTION_ONLY)  # epochs; the last is always checkpointed
@@ -92,12 +114,41 @@ class TrainConfig:
         if self.fixed_subnet == "":
             raise TrainConfigError("fixed_subnet must be a subnet key (Supernet.subnet_key) or None, got ''")
         parse_precision(self.precision, "precision", allow_auto=True, error=TrainConfigError)
+        self._validate_sampling()
         if self.channels_last not in (None, True, False):
             raise TrainConfigError(f"channels_last must be None (automatic), True or False, got {self.channels_last!r}")
         if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
             raise TrainConfigError(
                 f"gpus_per_worker={self.gpus_per_worker} needs use_gpu=True and a value > 0"
             )
+
+    def _validate_sampling(self) -> None:
+        valid = [s.value for s in SubnetSampling]
+        if self.subnet_sampling not in valid:
+            raise TrainConfigError(f"subnet_sampling={self.subnet_sampling!r} is not one of {valid}")
+        if isinstance(self.sandwich, bool) or not isinstance(self.sandwich, int) or self.sandwich < 0:
+            raise TrainConfigError(f"sandwich must be an integer >= 0 (drawn subnets per step besides the "
+                                   f"largest and the smallest; 0: off), got {self.sandwich!r}")
+        if self.distill and self.sandwich == 0:
+            raise TrainConfigError("distill=True needs a sandwich (sandwich >= 1): the largest subnet of a "
+                                   "step is the teacher")
+        if self.budget is not None:
+            if len(self.budget) != 2 or not 0 <= self.budget[0] <= self.budget[1]:
+                raise TrainConfigError(f"budget must be (min_params, max_params) with 0 <= min <= max, "
+                                       f"got {self.budget!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise TrainConfigError(f"init_from must be a supernet checkpoint folder or None, got {self.init_from!r}")
+
+    @property
+    def needs_budget(self) -> bool:
+        """Whether a supernet trained with these settings draws within the budget window."""
+        return self.fixed_subnet is None and (self.sandwich > 0 or self.subnet_sampling != SubnetSampling.UNIFORM.value)
+
+    def for_fixed_subnet(self, key: str, **changes: Any) -> "TrainConfig":
+        """The same training for one fixed subnet (a baseline, a retrained winner): the supernet's
+        own sampling settings do not apply to it, so they are reset and never make it differ."""
+        return replace(self, fixed_subnet=key, subnet_sampling=SubnetSampling.UNIFORM.value, budget=None,
+                       sandwich=0, distill=False, **changes)
 
     @property
     def world_size(self) -> int:
@@ -120,4 +171,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        return from_known_fields(cls, data, TrainConfigError, "training")
+        cfg = from_known_fields(cls, data, TrainConfigError, "training")
+        if cfg.budget is not None:  # JSON gives a list
+            cfg.budget = tuple(cfg.budget)
+        return cfg

@@ -28,6 +28,7 @@ from ..identity import result_identity
 from ..progress import StageClock
 from ..runtime import init_ray, is_verbose
 from .config import TrainConfig, TrainConfigError
+from .sampling import StepSubnets
 from .loop import STATE_FILE, EpochStats, SupernetTraining, load_training_state, steps_per_epoch
 
 SUPERNET_DIR = "supernet"
@@ -148,6 +149,10 @@ def train_supernet(
         structure = spec.build_empty()  # the architecture builds and the targets match its layers
     if train.fixed_subnet is not None:
         structure.to_genes(train.fixed_subnet)  # a key of this space and these layers, before Ray starts
+    if train.fixed_subnet is None:
+        StepSubnets.from_config(structure.counter, train)  # a sandwich needs the budget: refused now
+    if train.init_from is not None:
+        read_spec(train.init_from).check_matches(spec, f"init_from {train.init_from}")
 
     local_mode = train.num_workers == 0
     if _is_uri(storage_path):
@@ -359,6 +364,7 @@ def _train_worker(
         # Our DistributedSampler (seeded, drop_last) stays; Ray only adds the device move.
         prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
         meta={"spec": spec.to_dict(), "data": data.to_dict(), "train": train.to_dict()},
+        init_spec=spec,
     ).setup(resume)
     reporter = _Reporter(training, spec, rank, local_dir, progress)
     already_done = training.finished

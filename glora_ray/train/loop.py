@@ -4,7 +4,9 @@ Every step every adapted layer gets its own random choice, drawn from a numpy Ge
 by ``(seed, step)``: every data-parallel worker draws the same subnet in the same step without
 talking to the others, and a resumed run draws exactly what the interrupted one would have.
 With ``TrainConfig.fixed_subnet`` set, every step uses that one subnet instead (a fixed
-adapter trained with the same job, data and schedule, e.g. a LoRA baseline).
+adapter trained with the same job, data and schedule, e.g. a LoRA baseline).  Which subnets a
+supernet step trains (one uniform draw, one draw within the budget, or a sandwich of several with
+their gradients accumulated, optionally distilled from the largest) is ``sampling.StepSubnets``.
 
 Randomness, all of it reproducible from ``(seed, epoch, step, rank)``:
   * subnets: ``np.random.default_rng([seed, step])``;
@@ -34,10 +36,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import storage
-from ..checkpoint import MissingCheckpointError
+from ..checkpoint import MissingCheckpointError, SupernetSpec, load_adapters_into
 from ..precision import Precision, autocast, matmul_precision, memory_format, resolve_precision
 from ..supernet import Supernet
 from .config import TrainConfig, TrainConfigError
+from .sampling import StepSubnets
 
 STATE_FILE = "state.pt"
 _FORMAT_VERSION = 1
@@ -173,6 +176,7 @@ class EpochStats:
     images_per_s: float
     world_size: int
     subnet_digests: list[str] = field(default_factory=list)  # one per worker
+    passes: int = 1  # forward and backward passes per step (a sandwich's subnets)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,44 +200,60 @@ def train_epoch(
     precision: Precision = Precision.FP32,
     layout: torch.memory_format = torch.contiguous_format,
     fixed_genes: np.ndarray | None = None,
+    subnets: StepSubnets | None = None,
+    distill: bool = False,
 ) -> EpochStats:
-    """One pass over ``loader``, a fresh subnet every step (or ``fixed_genes`` in every step);
-    metrics summed over all workers.
+    """One pass over ``loader``, fresh subnets every step (``subnets``; None: one uniform draw, the
+    paper's rule) or ``fixed_genes`` in every step; metrics summed over all workers and, in a
+    sandwich, averaged over its subnets.
 
-    ``precision``: of the forward pass (bf16 autocast) and the matmuls (TF32); the weights, the
-    gradients and the optimizer stay float32.  ``layout``: the images' memory format (channels-last
-    for a CNN, matching the model's)."""
+    ``distill``: in a sandwich step the subnets after the first (the largest) learn its soft
+    labels (in-place distillation) instead of the true labels.  ``precision``: of the forward pass
+    (bf16 autocast) and the matmuls (TF32); the weights, the gradients and the optimizer stay
+    float32.  ``layout``: the images' memory format (channels-last for a CNN, matching the model's)."""
     supernet = unwrap(model)
     device = torch.device(device)
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
-    seen, keys, lr = 0, [], float("nan")
+    seen, pass_images, keys, lr = 0, 0, [], float("nan")
     start = time.perf_counter()
     with matmul_precision(precision, device):
         for images, labels in loader:
             if on_step is not None:
                 on_step(step)
-            genes = subnet_for_step(seed, step, supernet) if fixed_genes is None else fixed_genes
-            supernet.set_subnet(genes)
-            keys.append(supernet.space.genes_to_string(genes))
+            if fixed_genes is not None:
+                step_subnets = [fixed_genes]
+            elif subnets is not None:
+                step_subnets = subnets.for_step(step)
+            else:
+                step_subnets = [subnet_for_step(seed, step, supernet)]
+            keys.append(" ".join(supernet.space.genes_to_string(genes) for genes in step_subnets))
             images = images.to(device, non_blocking=True, memory_format=layout)
             labels = labels.to(device, non_blocking=True)
             lr = optimizer.param_groups[0]["lr"]
-            with autocast(precision, device):  # the backward pass runs outside, as autocast wants
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            teacher = None
+            for genes in step_subnets:  # gradients accumulate over a sandwich's subnets
+                supernet.set_subnet(genes)
+                with autocast(precision, device):  # the backward pass runs outside, as autocast wants
+                    logits = model(images)
+                    loss = (F.cross_entropy(logits, labels) if teacher is None
+                            else soft_cross_entropy(logits, teacher))
+                if distill and teacher is None and len(step_subnets) > 1:
+                    teacher = logits.detach().float().softmax(dim=1)
+                (loss / len(step_subnets)).backward()
+                # Accumulate on the device: no host sync per step.
+                loss_sum += loss.detach().double() * labels.numel()
+                correct += (logits.detach().argmax(dim=1) == labels).sum()
+                pass_images += labels.numel()
             optimizer.step()
             scheduler.step()
             step += 1
-            # Accumulate on the device: no host sync per step.
-            loss_sum += loss.detach().double() * labels.numel()
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
             seen += labels.numel()
-    totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    totals = torch.stack([loss_sum, correct, torch.tensor(float(pass_images), dtype=torch.float64, device=device),
+                          torch.tensor(float(seen), dtype=torch.float64, device=device)])
     digests = [subnet_digest(keys)]
     if _distributed(world_size):
         dist.all_reduce(totals)
@@ -242,21 +262,35 @@ def train_epoch(
         if len(set(digests)) != 1:
             # Different subnets on different workers make the averaged gradient meaningless.
             raise RuntimeError(f"epoch {epoch}: workers drew different subnets (digests {digests})")
-    loss_total, correct_total, images_total = totals.tolist()
+    loss_total, correct_total, pass_images_total, images_total = totals.tolist()
     seconds = time.perf_counter() - start
     return EpochStats(
         epoch=epoch,
         step=step,
         steps=len(keys),
-        loss=loss_total / max(images_total, 1.0),
-        train_acc=correct_total / max(images_total, 1.0),
+        loss=loss_total / max(pass_images_total, 1.0),
+        train_acc=correct_total / max(pass_images_total, 1.0),
         lr=lr,
         images=int(images_total),
         seconds=seconds,
         images_per_s=images_total / seconds if seconds > 0 else float("nan"),
         world_size=world_size,
         subnet_digests=digests,
+        passes=round(pass_images_total / max(images_total, 1.0)),
     )
+
+
+def training_compute(history: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """A run's compute from its per-epoch history (``EpochStats`` dicts): ``train_images``, the images
+    through a forward and backward pass (a sandwich's subnets each count), and ``train_seconds``."""
+    history = list(history)
+    return {"train_images": float(sum(h["images"] * h.get("passes", 1) for h in history)),
+            "train_seconds": float(sum(h["seconds"] for h in history))}
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft labels (in-place distillation's loss), mean over the batch."""
+    return -(target_probs * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
 # -- a whole run -------------------------------------------------------------------------------
@@ -296,6 +330,7 @@ class SupernetTraining:
         prepare_model: Callable[[nn.Module], nn.Module] | None = None,
         prepare_loader: Callable[[DataLoader], Iterable] | None = None,
         meta: Mapping[str, Any] | None = None,
+        init_spec: SupernetSpec | None = None,
     ):
         self.supernet, self.cfg, self.rank, self.world_size = supernet, cfg, rank, world_size
         self.device = torch.device(device)
@@ -322,12 +357,18 @@ class SupernetTraining:
         self.resumed_from_step: int | None = None
         # Validated against this supernet's space and layers now, not at the first step.
         self.fixed_genes = None if cfg.fixed_subnet is None else supernet.to_genes(cfg.fixed_subnet)
+        self.subnets = None if self.fixed_genes is not None else StepSubnets.from_config(supernet.counter, cfg)
+        self.init_spec = init_spec
 
     def setup(self, resume: Mapping[str, Any] | None = None) -> "SupernetTraining":
         """Restore ``resume`` (a payload of ``save``), then build model wrapper, optimizer, scheduler."""
         if resume is not None:
             # Before the DDP wrap, so its initial broadcast already carries the restored weights.
             self.supernet.load_adapter_state_dict(resume["adapters"])
+        elif self.cfg.init_from is not None:
+            if self.init_spec is None:
+                raise TrainConfigError("init_from needs the spec the checkpoint must match (init_spec)")
+            load_adapters_into(self.supernet, self.cfg.init_from, self.init_spec)
         if self.layout is torch.channels_last:  # before the device move and the DDP wrap, which keep it
             self.supernet.to(memory_format=self.layout)
         self.model = self._prepare_model(self.supernet) if self._prepare_model else self.supernet.to(self.device)
@@ -367,7 +408,7 @@ class SupernetTraining:
         stats = train_epoch(
             self.model, self.loader, self.optimizer, self.scheduler, self.state.step, self.cfg.seed,
             self.device, epoch=epoch, on_step=on_step, precision=self.precision, layout=self.layout,
-            fixed_genes=self.fixed_genes,
+            fixed_genes=self.fixed_genes, subnets=self.subnets, distill=self.cfg.distill,
         )
         self.state.step, self.state.epoch = stats.step, epoch + 1
         self.state.history.append(stats.to_dict())
