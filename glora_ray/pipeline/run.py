@@ -24,9 +24,9 @@ from ..runtime import child_runtime_env, init_ray, quiet_ray_logs
 from ..search import run_search
 from ..train import train_supernet
 from ..train.job import HISTORY_FILE
+from ..train.loop import training_compute
 from . import layout
 from .baselines import TEST_SPLIT as BASELINE_TEST_SPLIT, VAL_SPLIT as BASELINE_VAL_SPLIT, baseline, run_baselines
-from ..train.loop import training_compute
 from .comparison import comparison_rows, read_comparisons, write_comparison
 from .config import DatasetOutcome, PipelineConfig, run_record
 from .export import export_winner
