@@ -2,14 +2,12 @@
 in-place distillation and a training that starts from a trained supernet (stage-3 retraining)."""
 import hashlib
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from glora_ray.budget import Budget
 from glora_ray.checkpoint import SupernetSpec, save_supernet
 from glora_ray.space import Kind
 from glora_ray.train import SupernetTraining, TrainConfig, TrainConfigError, subnet_for_step

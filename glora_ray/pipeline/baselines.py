@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
@@ -123,7 +123,7 @@ class BaselineOutcome:
     val_acc: float
     test_acc: float
     checkpoint_dir: str
-    # Training compute (comparison.training_compute); NaN in records written before it was kept.
+    # Training compute (train.loop.training_compute); NaN in records written before it was kept.
     train_images: float = float("nan")
     train_seconds: float = float("nan")
 

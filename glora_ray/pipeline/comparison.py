@@ -32,7 +32,6 @@ MEAN_COLUMNS = ["dataset", "name", "kind", "seeds", "params", "val_acc", "val_ac
 COMPUTE_FIELDS = ("train_images", "train_seconds")
 
 
-
 def comparison_rows(dataset: str, seed: int, winner: Mapping, front: pd.DataFrame | None,
                     baselines: Iterable[BaselineOutcome]) -> pd.DataFrame:
     """The table of one dataset and seed.  ``winner``: key, params, val_acc, test_acc; ``front``:
