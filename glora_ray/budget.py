@@ -12,7 +12,8 @@ import numpy as np
 from .params import ParamCounter
 
 _SUFFIXES = {"": 1, "k": 1_000, "K": 1_000, "m": 1_000_000, "M": 1_000_000, "b": 1_000_000_000, "B": 1_000_000_000}
-_COUNT_PATTERN = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbB]?)\s*")
+_COUNT_PATTERN = re.compile(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbB]?)\s*")
+_MAX_COUNT = 2**63 - 1  # counts are int64 in the search's tables
 
 
 class InfeasibleBudgetError(GLoRARayError):
@@ -20,19 +21,26 @@ class InfeasibleBudgetError(GLoRARayError):
 
 
 def parse_param_count(value: str | int | float) -> int:
-    """``"0.29M"`` -> 290000, ``"800k"`` -> 800000, ``1603776`` -> 1603776."""
+    """``"0.29M"`` -> 290000, ``"800k"`` -> 800000, ``1603776`` -> 1603776 (docs/method.md §3).
+
+    A negative, infinite or not-a-number count, or one beyond int64, is refused by name.
+    """
     if isinstance(value, (int, np.integer)):
-        number = int(value)
+        scaled: float | int = int(value)
     elif isinstance(value, float):
-        number = int(round(value))
+        scaled = value
     else:
         match = _COUNT_PATTERN.fullmatch(str(value))
         if match is None:
             raise GLoRARayError(f"parameter count {value!r} is not a number with an optional k/M/B suffix (e.g. '0.29M')")
-        number = int(round(float(match.group(1)) * _SUFFIXES[match.group(2)]))
-    if number < 0:
-        raise GLoRARayError(f"parameter count must be >= 0, got {value!r}")
-    return number
+        scaled = float(match.group(1)) * _SUFFIXES[match.group(2)]
+    if scaled != scaled:  # NaN
+        raise GLoRARayError(f"parameter count {value!r} is not a number")
+    if scaled < 0:
+        raise GLoRARayError(f"parameter count {value!r} is negative; give a count >= 0 (e.g. '0.29M')")
+    if scaled > _MAX_COUNT:
+        raise GLoRARayError(f"parameter count {value!r} is too large (above {_MAX_COUNT:,}); give a count such as '0.29M'")
+    return int(round(scaled))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,22 @@ class MissingCheckpointError(GLoRARayError, FileNotFoundError):
     """No checkpoint (or training state) where one was expected."""
 
 
+class NonFiniteCheckpointError(GLoRARayError):
+    """A checkpoint holding NaN or infinite weights: a training that diverged (docs/method.md §7)."""
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity."""
+    return [name for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def describe_names(names: list[str], limit: int = 3) -> str:
+    """``"a, b, c, ... (7 in all)"`` for an error message."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
 @dataclass
 class SupernetSpec:
     """Everything needed to rebuild a supernet's structure and frozen weights."""
@@ -125,7 +141,19 @@ def load_supernet(directory: str | os.PathLike, expected: SupernetSpec | None = 
         spec.check_matches(expected, str(directory))
     supernet = spec.build()
     _load_adapter_file(supernet, directory)
+    check_finite(supernet, directory)
     return supernet, spec
+
+
+def check_finite(supernet: Supernet, directory: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose adapters or head hold NaN or infinite values: searching, testing or
+    exporting it would only report chance accuracy as a result."""
+    bad = nonfinite_tensors(supernet.adapter_state_dict())
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"{os.fspath(directory)}: the checkpoint holds non-finite weights ({describe_names(bad)}): its training "
+            f"diverged; train again with a lower lr or narrower forms (docs/method.md §7)"
+        )
 
 
 def load_adapters_into(supernet: Supernet, directory: str | os.PathLike, expected: SupernetSpec) -> None:
@@ -133,6 +161,7 @@ def load_adapters_into(supernet: Supernet, directory: str | os.PathLike, expecte
     (e.g. to start a retraining from a trained supernet); a checkpoint of another spec is refused."""
     read_spec(directory).check_matches(expected, str(directory))
     _load_adapter_file(supernet, directory)
+    check_finite(supernet, directory)
 
 
 def _load_adapter_file(supernet: Supernet, directory: str | os.PathLike) -> None:

@@ -9,11 +9,13 @@ plan written after Ray started still reaches the actors.
 Plan keys::
 
     {"evaluate": {"on_call": 2, "actors": [0], "action": "exit" | "hang"},
+     "start": {"actors": [1]},
      "train_step": 15}
 
 ``evaluate``: the listed evaluator actors (by start index; absent: every actor, replacements
 included) end their process (``exit``) or never return (``hang``) at the start of their
-``on_call``-th evaluate call.  ``train_step``: raise ``InjectedFailure`` at that global step in
+``on_call``-th evaluate call.  ``start``: the listed evaluator actors (absent: every one) raise
+``InjectedFailure`` in their constructor, i.e. fail to start.  ``train_step``: raise ``InjectedFailure`` at that global step in
 a training attempt that did not start from a checkpoint.
 """
 from __future__ import annotations
@@ -48,6 +50,13 @@ def at_evaluate_call(actor_index: int, call: int) -> None:
         while True:  # until the pool's call_timeout_s ends this actor
             time.sleep(60)
     os._exit(1)
+
+
+def at_actor_start(actor_index: int) -> None:
+    """The evaluator actors' fault point, at the start of their constructor."""
+    fault = plan("start")
+    if fault is not None and actor_index in fault.get("actors", [actor_index]):
+        raise InjectedFailure(f"injected start failure of actor-{actor_index} ({ENV_VAR})")
 
 
 def at_train_step(step: int, resumed: bool) -> None:

@@ -10,7 +10,10 @@ says otherwise:
   where it stopped; the stage that owns it refuses a value below what is already stored.
 
 ``result_identity`` collects the rest, recursing into nested settings dataclasses, and
-``differences`` names what differs between a stored identity and the current one.
+``differences`` names what differs between a stored identity and the current one.  A field whose
+value is ``"auto"`` is recorded as what it resolves to (the dataclass's ``resolved_field``), so
+that a run moved to other hardware, where ``auto`` means another precision or merge, does not
+count as the same run.
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ def result_identity(config: Any) -> dict[str, Any]:
         if spec.metadata.get(_KEY, "yes") != "yes":
             continue
         value = getattr(config, spec.name)
+        resolve = getattr(config, "resolved_field", None)
+        if resolve is not None:
+            value = resolve(spec.name, value)
         identity[spec.name] = result_identity(value) if is_dataclass(value) else _normalised(value)
     return identity
 

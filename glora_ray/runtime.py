@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +51,35 @@ def init_ray(verbose: bool | None = None) -> None:
         os.environ.setdefault(name, value)
     level = logging.INFO if verbose else logging.ERROR
     # Workers' output (ours is logged, not printed) reaches this console only when verbose.
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=level, log_to_driver=verbose)
-    else:
-        ray.init(address="local", logging_level=level, log_to_driver=verbose)
+    address = {} if os.environ.get("RAY_ADDRESS") else {"address": "local"}
+    _keeping_sigterm_handler(lambda: ray.init(logging_level=level, log_to_driver=verbose, **address))
     # Children of this driver (Train controller, Tune trials) find this instance and no other.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     log.info("Ray %s at %s", ray.__version__, os.environ["RAY_ADDRESS"])
+
+
+def _keeping_sigterm_handler(start: Callable[[], Any]) -> None:
+    """``start()`` (``ray.init``), keeping a SIGTERM handler the caller installed.
+
+    ``ray.init`` replaces the driver's SIGTERM handler with one that calls ``sys.exit(15)``, and
+    Ray's core worker adds a crash handler that dumps "SIGTERM received" and aborts (exit 134).
+    A caller's own handler (the pipelines' clean stop, docs/method.md §6) is put back afterwards;
+    a SIGTERM during ``ray.init`` itself is handed to it.  Without one, Ray's stays.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    if not callable(previous):
+        start()
+        return
+    try:
+        start()
+    except SystemExit as exit_:
+        if exit_.code != signal.SIGTERM:
+            raise
+        signal.signal(signal.SIGTERM, previous)
+        previous(signal.SIGTERM, None)  # raises the caller's stop
+        raise
+    signal.signal(signal.SIGTERM, previous)
 
 
 def child_runtime_env() -> dict:

@@ -14,30 +14,28 @@ import sys
 # Runnable from a checkout (and from `ray job submit --working-dir .`) without installing.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from glora_ray.errors import GLoRARayError  # noqa: E402
 from glora_ray.pipeline import layout  # noqa: E402
-from glora_ray.pipeline.cli import parse_config, show_progress  # noqa: E402
+from glora_ray.pipeline.cli import parse_config, run_main  # noqa: E402
 from glora_ray.pipeline.comparison import format_comparison  # noqa: E402
+from glora_ray.pipeline.config import PipelineConfig  # noqa: E402
 from glora_ray.pipeline.run import comparison_table, run_pipeline  # noqa: E402
 from glora_ray.pipeline.summary import format_summary  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)
-    show_progress(config.verbose)
-    try:
-        frame = run_pipeline(config)
-    except GLoRARayError as err:
-        # Bad input (data, budget, model, checkpoint, output path): one line, no traceback.
-        # Anything else is a bug or a failure after compute started: it keeps its traceback.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run_and_report(config: PipelineConfig) -> None:
+    """The whole job, then its summary (and GLoRA against fixed adapters, when asked for)."""
+    frame = run_pipeline(config)
     print(format_summary(frame))
     if config.baselines or config.test_pareto or config.seeds:  # GLoRA against fixed adapters
         print(format_comparison(comparison_table(config)))
     print(f"results: {config.out} (summary: {layout.SUMMARY_FILE}; per dataset: "
           f"<dataset>/export/merged.safetensors, subnet.json, adapters.safetensors)")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Bad input (data, budget, model, checkpoint, output path): one `error:` line, exit 2; SIGTERM or
+    # Ctrl-C: one line naming the stage stopped, exit 143 / 130; anything else keeps its traceback.
+    return run_main(parse_config, run_and_report, argv)
 
 
 if __name__ == "__main__":

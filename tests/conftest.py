@@ -29,3 +29,25 @@ def ray_local():
                  include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """The shared tiny search problem (helpers.Problem): a supernet with non-zero adapters, its
+    numpy state, 64 images and labels from a fixed random teacher subnet, so subnets closer to the
+    teacher score higher, accuracies differ and a search has a signal."""
+    import numpy as np
+
+    from glora_ray.checkpoint import numpy_state
+    from helpers import Problem, randomize_adapters, tiny_spec
+
+    spec = tiny_spec()
+    net = spec.build().eval()
+    randomize_adapters(net, seed=1)  # subnets differ only when the support tensors are non-zero
+    state = numpy_state(net)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((64, 3, 16, 16)).astype(np.float32)
+    net.set_subnet(net.sample_genes(rng))
+    with torch.inference_mode():
+        labels = net(torch.from_numpy(images)).argmax(-1).numpy().astype(np.int64)
+    return Problem(spec, net, state, images, labels)

@@ -24,6 +24,8 @@ from glora_ray.data import (
     write_digits_dataset,
 )
 from glora_ray.data.digits import main as digits_main
+from glora_ray.data.verify import check_decodable
+from glora_ray.data.vtab import list_file, read_split
 
 SPEC_CLASSES = {
     "cifar": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37,
@@ -79,9 +81,15 @@ def test_canonical_names_accept_both_spellings():
         canonical_dataset_name("imagenet")
 
 
+def decode_all(root, dataset, splits=SPLITS):
+    for split in splits:
+        check_decodable(read_split(root, dataset, split), list_file(root, dataset, split))
+
+
 def test_parse_and_spec_preprocessing(tmp_path):
     write_vtab(tmp_path)
-    assert validate_dataset(tmp_path, "kitti", open_images=True) == {s: 6 for s in SPLITS}
+    assert validate_dataset(tmp_path, "kitti") == {s: 6 for s in SPLITS}
+    decode_all(tmp_path, "kitti")
     ds = VTABDataset(tmp_path, "kitti", "train800", img_size=8)
     assert len(ds) == 6 and ds.num_classes == 4
     image, label = ds[0]
@@ -179,7 +187,7 @@ def test_undecodable_image_fails_validation_with_its_line(tmp_path):
     (base / "images" / "c4.png").write_bytes(b"not a png at all")
     validate_dataset(tmp_path, "kitti")  # the path exists: only opening it finds the problem
     with pytest.raises(DataError, match=re.escape(f"{base / 'train800.txt'}:5: cannot decode")):
-        validate_dataset(tmp_path, "kitti", ("train800",), open_images=True)
+        decode_all(tmp_path, "kitti", ("train800",))
     with pytest.raises(DataError, match=":5: cannot decode"):
         load_split_arrays(tmp_path, "kitti", "train800", img_size=4)
 
@@ -189,7 +197,8 @@ def test_digits_writer_layout_counts_and_real_images(tmp_path, capsys):
 
     folder = write_digits_dataset(tmp_path)
     assert folder == tmp_path / "digits"
-    assert validate_dataset(tmp_path, "digits", open_images=True) == {
+    decode_all(tmp_path, "digits")
+    assert validate_dataset(tmp_path, "digits") == {
         "train800": 800, "val200": 200, "train800val200": 1000, "test": 797,
     }
     splits = {}

@@ -10,33 +10,7 @@ from glora_ray.search import (
     EvolutionPlanner, Origin, ResumeMismatchError, SearchConfig, SearchConfigError, SpaceExhaustedWarning,
     best_under, pareto_front, pareto_mask,
 )
-
-VIT_B_DIMS = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12
-SPACE = SearchSpace((8, 4))
-COUNTER = ParamCounter(SPACE, VIT_B_DIMS)
-
-
-def fitness(genes: np.ndarray) -> float:
-    """A deterministic landscape with ties: prefers small genes (large choices) in early layers."""
-    weights = np.linspace(1.0, 0.0, genes.size)
-    return float(np.round(1.0 / (1.0 + float(weights @ genes) / 50.0), 3))
-
-
-def run(config, lo, hi, order_seed=None, counter=COUNTER, space=SPACE):
-    """Drive the planner to the end; ``order_seed`` shuffles the order results are told in."""
-    planner = EvolutionPlanner(config, space, counter, lo, hi)
-    populations = []
-    for _ in range(config.generations):
-        asked = planner.ask()
-        if not asked:
-            break
-        populations.append([(c.candidate_id, c.key, c.origin, c.parent_ids) for c in asked])
-        results = [(c.key, fitness(c.genes)) for c in asked]
-        if order_seed is not None:
-            np.random.default_rng(order_seed).shuffle(results)
-        planner.tell(dict(results))
-    return planner, populations
-
+from helpers import COUNTER, SPACE, fitness, run
 
 SMALL = dict(population=20, parents=5, mutants=8, crossovers=8, generations=5)
 

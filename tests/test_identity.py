@@ -16,10 +16,13 @@ def test_execution_settings_are_not_part_of_the_identity():
                           "seed", "split", "precision", "channels_last",
                           "fixed_subnet",  # a fixed adapter (baseline) is another run
                           # which subnets a step trains, and where a retraining starts
-                          "subnet_sampling", "budget", "sandwich", "distill", "init_from"}
+                          "subnet_sampling", "budget", "sandwich", "distill", "init_from",
+                          # workers draw their own masks and batch statistics; a GPU has other kernels
+                          "num_workers", "use_gpu"}
     search = result_identity(SearchConfig())
     assert set(search) == {"population", "parents", "mutants", "crossovers", "m_prob", "min_params", "max_params",
-                           "seed", "max_draw_tries", "eval_batch_size", "eval_mode", "precision", "fitness"}
+                           "seed", "max_draw_tries", "eval_batch_size", "eval_mode", "precision", "fitness",
+                           "merge_strategy"}  # batched merges sum in another order
     assert search["eval_mode"] == "merged"  # enums by value: the identity is plain JSON
     assert result_extent(SearchConfig(generations=7)) == {"generations": 7}
     assert SearchConfig().result_identity() == search
@@ -34,7 +37,7 @@ def test_differences_name_nested_fields_with_both_values():
 
 def test_a_stored_run_continues_only_with_execution_changes_or_a_longer_search():
     stored = run_record(parse_config(["--preset", "tiny", "--out", "/tmp/run", "--generations", "5"]))
-    for argv in (["--checkpoint-every", "1"], ["--actors", "4", "--actor-cpus", "0.5"], ["--train-workers", "2"],
+    for argv in (["--checkpoint-every", "1"], ["--actors", "4", "--actor-cpus", "0.5"],
                  ["--train-cpus", "1"], ["--test-pareto"], ["--max-concurrent-datasets", "1"], ["--verbose"],
                  ["--baselines", "lora", "head"], ["--seeds", "0", "1"],
                  ["--generations", "8"], ["--out", "/elsewhere"]):
@@ -55,7 +58,31 @@ def test_precision_layout_and_merge_options_reach_the_configs_and_the_identity()
     tiny = parse_config(["--preset", "tiny"])
     assert (tiny.train.precision, tiny.train.channels_last, tiny.search.merge_strategy) == ("auto", None, "auto")
     assert {name for name, _, _ in differences(tiny.identity(), cfg.identity())} == {
-        "train.precision", "train.channels_last", "search.precision"}  # the merge strategy only executes
+        "train.channels_last", "search.precision", "search.merge_strategy"}  # auto: fp32 on CPUs
     assert parse_config(["--preset", "tiny", "--no-channels-last"]).train.channels_last is False
     with pytest.raises(PipelineConfigError, match="'tf32' is a GPU format.*--train-gpus"):
         replace(tiny, train=replace(tiny.train, precision="tf32"))
+
+
+def test_auto_is_recorded_as_what_it_resolves_to_where_the_run_executes():
+    cpu = parse_config(["--preset", "tiny"])
+    assert (cpu.identity()["train"]["precision"], cpu.identity()["search"]["merge_strategy"]) == ("fp32", "just_in_time")
+    assert cpu.identity() == parse_config(["--preset", "tiny", "--train-precision", "fp32",
+                                           "--merge-strategy", "just_in_time"]).identity()
+    gpu = parse_config(["--preset", "tiny", "--train-gpus", "1", "--actor-gpus", "0.5"])
+    assert (gpu.train.precision, gpu.search.merge_strategy) == ("auto", "auto")  # the settings keep "auto"
+    assert (gpu.identity()["train"]["precision"], gpu.identity()["search"]["merge_strategy"]) == ("bf16", "batched")
+    # The same command moved to GPUs is another run, named by every field that changes its numbers.
+    stored = run_record(replace(cpu, out="/tmp/run"))
+    with pytest.raises(PipelineConfigError) as refused:
+        check_same_run(replace(gpu, out="/tmp/run"), stored, "--out /tmp/run")
+    for name in ("train.precision: stored 'fp32', now 'bf16'", "train.use_gpu: stored False, now True",
+                 "search.merge_strategy: stored 'just_in_time', now 'batched'"):
+        assert name in str(refused.value)
+
+
+def test_the_worker_count_is_another_run():
+    stored = run_record(parse_config(["--preset", "tiny", "--out", "/tmp/run"]))
+    with pytest.raises(PipelineConfigError, match=r"train\.num_workers: stored \d+, now 2"):
+        check_same_run(parse_config(["--preset", "tiny", "--out", "/tmp/run", "--train-workers", "2"]), stored,
+                       "--out /tmp/run")

@@ -13,7 +13,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from test_pipeline import tiny_args
+from helpers import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]

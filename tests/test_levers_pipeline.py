@@ -14,7 +14,7 @@ from glora_ray.pipeline import layout
 from glora_ray.pipeline.baselines import baseline
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.run import comparison_table, retrain_run_name, run_pipeline, spec_for
-from test_pipeline import tiny_args
+from helpers import tiny_args
 
 LEVERS = ("--sandwich", "1", "--distill", "--subnet-sampling", "budget", "--fitness", "loss",
           "--seed-population", "lora", "ssf", "--retrain-epochs", "2", "--baselines", "lora")

@@ -4,6 +4,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from glora_ray import TENSORS, GLoRAConv2d, GLoRALinear, SearchSpace
@@ -12,13 +13,11 @@ from glora_ray.layers.support import LowRank
 from glora_ray.precision import Precision, is_convolutional, memory_format, resolve_precision
 from glora_ray.search import Evaluator, SearchConfig, SearchConfigError
 from glora_ray.search.merge import MergeStrategy
-from glora_ray.train import SupernetTraining, TrainConfig, TrainConfigError
-from test_search import problem, tiny_spec  # noqa: F401  (the shared tiny search problem)
-from test_train import make_spec, quick
-from helpers import randomize_adapters
+from glora_ray.train import SupernetTraining, TrainConfigError
+from helpers import make_spec, quick, randomize_adapters, spec_support
 
 
-def evaluators(problem, **kw):  # noqa: F811
+def evaluators(problem, **kw):
     return {s: Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=24, threads=1,
                          merge=s, **kw) for s in MergeStrategy}
 
@@ -29,7 +28,7 @@ def logits(evaluator, genes, images):
     return evaluator.model(images)
 
 
-def test_merge_strategies_agree_and_just_in_time_equals_per_candidate_bit_for_bit(problem):  # noqa: F811
+def test_merge_strategies_agree_and_just_in_time_equals_per_candidate_bit_for_bit(problem):
     shared = {k: v.copy() for k, v in problem.state.items()}
     for array in shared.values():
         array.flags.writeable = False  # as the object store hands them out
@@ -74,9 +73,14 @@ def test_fused_merge_keeps_the_bits_of_the_stepwise_merge(base):
         fused = layer.merged_weight_2d()
         assert torch.equal(fused, stepwise), (a_name, b_name)
         assert fused.data_ptr() != w0.data_ptr()
+        # Both follow docs/method.md §1 (W0 + W0 * A + B), read from the raw support tensors.
+        a_spec, b_spec = (spec_support(layer.glora, t, n) for t, n in (("A", a_name), ("B", b_name)))
+        want = w0 + (0 if a_spec is None else w0 * a_spec) + (0 if b_spec is None else b_spec)
+        torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-6, msg=f"{a_name}, {b_name}")
+        assert torch.equal(fused, w0) == (a_name == b_name == "none")  # non-zero adapters: the check can fail
 
 
-def test_cpu_default_is_just_in_time_and_bf16_evaluation_stays_close(problem):  # noqa: F811
+def test_cpu_default_is_just_in_time_and_bf16_evaluation_stays_close(problem):
     fp32 = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=64, threads=1)
     bf16 = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=64, threads=1,
                      precision="bf16")
@@ -89,10 +93,16 @@ def test_cpu_default_is_just_in_time_and_bf16_evaluation_stays_close(problem):  
         reference = logits(fp32, genes, fp32.images)
     assert not torch.equal(low, reference)  # autocast really ran
     assert float((low - reference).norm() / reference.norm()) < 5e-2
-    assert 0.0 <= bf16.evaluate([genes])[0].val_acc <= 1.0
+    # evaluate() scores exactly those bf16 logits, not the fp32 ones.
+    labels = torch.from_numpy(problem.labels)
+    scored, plain = bf16.evaluate([genes])[0], fp32.evaluate([genes])[0]
+    assert scored.val_acc == float((low.argmax(-1) == labels).float().mean())
+    assert scored.val_loss == pytest.approx(F.cross_entropy(low, labels).item(), rel=1e-6)
+    assert plain.val_loss == pytest.approx(F.cross_entropy(reference, labels).item(), rel=1e-6)
+    assert scored.val_loss != plain.val_loss
 
 
-def test_precision_options_are_validated_with_the_valid_values(problem):  # noqa: F811
+def test_precision_options_are_validated_with_the_valid_values(problem):
     with pytest.raises(SearchConfigError, match=r"precision='fp16' .*\['fp32', 'tf32', 'bf16'\]"):
         SearchConfig(precision="fp16")
     with pytest.raises(SearchConfigError, match="'tf32' is a GPU format.*gpus_per_actor"):
@@ -137,3 +147,9 @@ def test_bf16_and_channels_last_training_run_on_the_cpu():
     history = training.run().history
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
     assert training.supernet.head.weight.dtype == torch.float32 and not torch.equal(training.supernet.head.weight, head)
+    # The same training in fp32: bf16 autocast really ran (other losses), and stayed close to it.
+    fp32 = SupernetTraining(make_spec().build(), dataset, quick(epochs=2, batch_size=32, precision="fp32",
+                                                                channels_last=True), "cpu").setup()
+    reference = [h["loss"] for h in fp32.run().history]
+    losses = [h["loss"] for h in history]
+    assert losses != reference and losses == pytest.approx(reference, rel=1e-2)

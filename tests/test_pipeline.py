@@ -1,5 +1,4 @@
 """The whole job: options, bad input before compute, an end-to-end run, resume, export, notebook."""
-import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +12,9 @@ import torch
 from ray.exceptions import RayTaskError
 
 from glora_ray import storage
+from glora_ray.backbone import BackboneConfig
+from glora_ray.search import SearchConfig
+from glora_ray.train import TrainConfig
 from glora_ray.checkpoint import read_spec
 from glora_ray.data import VTAB_DATASETS, write_digits_dataset
 from glora_ray.pipeline import layout
@@ -24,24 +26,8 @@ from glora_ray.pipeline.comparison import format_comparison
 from glora_ray.pipeline.run import _outcome, comparison_table, preflight, run_pipeline, spec_for
 from glora_ray.pipeline.summary import format_summary, group_means
 from glora_ray.search import read_population, without_timing
+from helpers import REPO, TINY_MODEL, load_entry_point, tiny_args
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = json.dumps({"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2})
-
-
-def tiny_args(data_root, out, *extra):
-    return ["--preset", "tiny", "--data-root", str(data_root), "--out", str(out), "--img-size", "16",
-            "--model-kwargs", TINY_MODEL,
-            "--epochs", "3", "--warmup-epochs", "1", "--checkpoint-every", "3", "--train-cpus", "1",
-            "--population", "8", "--parents", "3", "--mutants", "3", "--crossovers", "2", "--generations", "2",
-            "--max-params", "6k", "--actors", "1", "--eval-batch-size", "100", *extra]
-
-
-def load_entry_point():
-    spec = importlib.util.spec_from_file_location("vtab_entry", REPO / "pipelines" / "vtab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_options_override_the_preset():
@@ -76,11 +62,33 @@ def test_options_override_the_preset():
     assert gpu.train.use_gpu and gpu.search.gpus_per_actor == 0.25 and gpu.search.num_actors == 4
 
 
+def test_every_option_sets_a_field_of_its_section_and_an_unrouted_one_is_refused():
+    from dataclasses import fields
+
+    from glora_ray.pipeline.cli import _check_routes, build_parser, option_targets
+    from glora_ray.pipeline.config import PipelineConfig
+
+    classes = {None: PipelineConfig, "backbone": BackboneConfig, "train": TrainConfig, "search": SearchConfig}
+    parser = build_parser()
+    routed = [(action.dest, target) for action in parser._actions for target in option_targets(action.dest)]
+    assert len(routed) > 40
+    for dest, (section, name) in routed:
+        assert name in {f.name for f in fields(classes[section])}, (dest, section, name)
+    # Each given option changes exactly its fields: one with a value unlike the preset's.
+    cfg = parse_config(["--actors", "3", "--train-workers", "4", "--seed", "7", "--wait-for-resources", "9"])
+    assert (cfg.search.num_actors, cfg.train.num_workers, cfg.wait_for_resources_s) == (3, 4, 9.0)
+    assert cfg.train.seed == cfg.backbone.init_seed == cfg.search.seed == 7
+    parser.add_argument("--frobnicate", type=int)  # named after no field and routed nowhere
+    with pytest.raises(RuntimeError, match="--frobnicate"):
+        _check_routes(parser)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--datasets", "imagenet"], "unknown dataset 'imagenet'"),
     (["--max-params", "lots"], "0.29M"),
     (["--ranks", "4", "4"], "distinct"),
     (["--layer-types", "lstm"], "'lstm' is not adaptable"),
+    (["--train-workers", "0", "--lr-sweep", "1e-3", "2e-3"], "--train-workers 1 or more"),
 ])
 def test_bad_options_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -132,7 +140,8 @@ def write_vtab_named_digits(root: Path) -> None:
 
 
 def run_args(cfg, *extra):
-    return tiny_args(cfg.data_root, cfg.out, "--datasets", *DATASETS, "--lr-sweep", "1e-5", "3e-3", *extra)
+    return tiny_args(cfg.data_root, cfg.out, "--datasets", *DATASETS, "--lr-sweep", "1e-5", "3e-3",
+                     "--train-workers", "1", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +151,9 @@ def finished_run(tmp_path_factory, ray_local):
     # With the paper's lr search: per dataset two Tune trials, each a Ray Train run, on the 2-CPU test
     # cluster (their trial drivers reserve no CPU, or a second trial's worker could never start).
     # One fixed-adapter baseline (LoRA) trained like the supernet and tested once beside the search.
+    # The lr sweep's Tune trials need Ray Train worker groups (no local mode inside a trial).
     cfg = parse_config(tiny_args(root / "data", root / "out", "--datasets", *DATASETS,
-                                 "--lr-sweep", "1e-5", "3e-3", "--baselines", "lora"))
+                                 "--lr-sweep", "1e-5", "3e-3", "--baselines", "lora", "--train-workers", "1"))
     frame = run_pipeline(cfg)
     return cfg, frame
 
@@ -302,7 +312,7 @@ def test_population_notebook_runs_headless(finished_run, tmp_path):
 
 
 def test_rerun_with_execution_changes_and_more_generations_continues_the_run(finished_run):
-    # Last: it changes the run.  Checkpoint frequency, workers, actors, CPUs, concurrency and
+    # Last: it changes the run.  Checkpoint frequency, actors, CPUs, concurrency and
     # --test-pareto change how a run executes, not its results; a higher --generations extends the
     # search from where it stopped.  Nothing done before is recomputed, the baseline included.
     cfg, frame = finished_run
@@ -314,7 +324,7 @@ def test_rerun_with_execution_changes_and_more_generations_continues_the_run(fin
     done_once += [Path(cfg.out) / d / "baselines" / "lora.json" for d in DATASETS]
     stamps = [path.stat().st_mtime_ns for path in done_once]
     rerun = run_pipeline(parse_config(run_args(
-        cfg, "--checkpoint-every", "1", "--train-workers", "2", "--actors", "2", "--actor-cpus", "0.5",
+        cfg, "--checkpoint-every", "1", "--actors", "2", "--actor-cpus", "0.5",
         "--max-concurrent-datasets", "1", "--test-pareto", "--generations", "3", "--baselines", "lora")))
     assert [path.stat().st_mtime_ns for path in done_once] == stamps  # neither trained nor tested again
     assert list(rerun["dataset"]) == list(DATASETS) and list(rerun["lr"]) == list(frame["lr"])

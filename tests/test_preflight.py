@@ -16,7 +16,7 @@ from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.config import PipelineConfigError
 from glora_ray.pipeline.preflight import budget_warning, check_cluster, preflight, resource_shortfalls
 from helpers import logged
-from test_pipeline import TINY_MODEL, load_entry_point, tiny_args
+from helpers import TINY_MODEL, load_entry_point, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +144,11 @@ def test_resource_shortfalls_name_what_was_asked_and_what_the_cluster_has(tmp_pa
     assert short() == ""
     assert short("--train-workers", "0", "--train-cpus", "100") == ""  # local mode reserves nothing
     assert "stage 1 asks 4 worker(s) x 1 CPU = 4 CPU" in short("--train-workers", "4")
-    assert "stage 1 asks 1 worker(s) x 1 GPU" in short("--train-gpus", "1")
+    assert "stage 1 asks 1 worker(s) x 1 GPU" in short("--train-workers", "1", "--train-gpus", "1")
     message = short("--actor-cpus", "100", "--actor-gpus", "0.5")
     assert "each evaluator actor asks 100 CPU" in message and "0.5 GPU" in message
     assert message.endswith("the Ray cluster has 2 CPU and 0 GPU in total")
-    assert short("--train-gpus", "1", "--actor-gpus", "0.5", cluster={"CPU": 4.0, "GPU": 1.0}) == ""
+    assert short("--train-workers", "1", "--train-gpus", "1", "--actor-gpus", "0.5", cluster={"CPU": 4.0, "GPU": 1.0}) == ""
 
 
 def test_check_cluster_refuses_or_waits_for_an_autoscaling_cluster(tmp_path, monkeypatch):
@@ -169,7 +169,7 @@ def test_check_cluster_refuses_or_waits_for_an_autoscaling_cluster(tmp_path, mon
 
 
 def test_cluster_too_small_exits_2_before_config_json(digits_root, tmp_path, entry, capsys, ray_local):
-    refuses(entry, tiny_args(digits_root, tmp_path / "out", "--train-cpus", "100"), capsys,
+    refuses(entry, tiny_args(digits_root, tmp_path / "out", "--train-workers", "1", "--train-cpus", "100"), capsys,
             "stage 1 asks 1 worker(s) x 100 CPU", "the Ray cluster has 2 CPU")
     refuses(entry, tiny_args(digits_root, tmp_path / "out", "--actor-cpus", "100"), capsys,
             "each evaluator actor asks 100 CPU")

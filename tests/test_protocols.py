@@ -22,7 +22,7 @@ from glora_ray.pipeline.protocol import check_units
 from glora_ray.pipeline.run import preflight
 from glora_ray.pipeline.unit import vtab_unit
 
-from test_pipeline import tiny_args
+from helpers import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,6 +208,13 @@ def load_entry(name):
     return module
 
 
+def a_count_of(accuracy: float, images: int) -> bool:
+    """Whether ``accuracy`` is some number of correct images out of ``images`` (and in 0..1)."""
+    correct = accuracy * images
+    return 0.0 <= accuracy <= 1.0 and abs(correct - round(correct)) < 1e-6
+
+
+@pytest.mark.slow
 def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
     # As cheap as a whole run gets: 1 shot, 1 seed, 1 epoch, 1 generation, training in Ray Train's
     # local mode (no worker group to start); the VTAB pipeline's tests cover Train workers.
@@ -225,7 +232,10 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
     assert load_entry("fewshot").main(argv) == 0
     frame = pd.read_parquet(fewshot_out / RESULTS_FILE)
     assert list(frame[["dataset", "shots", "seed"]].itertuples(index=False, name=None)) == [("digits", 1, 0)]
-    assert 0.0 <= frame["test_acc"].iloc[0] <= 1.0 and frame["params"].iloc[0] <= 6_000
+    # Scored once on the whole test list (797 digits), not on a batch or on the val list.
+    test_images = len((annotations / "test_meta.list").read_text().splitlines())
+    assert test_images == 797 and a_count_of(frame["test_acc"].iloc[0], test_images)
+    assert 0 < frame["params"].iloc[0] <= 6_000
     figure = fewshot_out / FIGURE_FILE
     assert figure.stat().st_size > 5_000 and figure.read_bytes()[:4] == b"\x89PNG"
     test_record = json.loads((fewshot_out / "digits" / "shots-1" / "seed-0" / "export" / "test.json").read_text())
@@ -235,7 +245,7 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
     comparison = pd.read_parquet(unit_dir / COMPARISON_FILE)
     assert list(comparison["name"]) == ["glora", "head"] and comparison["test_acc"].iloc[0] == frame["test_acc"].iloc[0]
     head = json.loads((unit_dir / "baselines" / "head.json").read_text())
-    assert 0.0 <= head["test_acc"] <= 1.0 and head["params"] == 0
+    assert a_count_of(head["test_acc"], test_images) and head["params"] == 0
     # A rerun resumes: nothing trained, searched or tested again, the same rows.
     done = [p for part in ("train", "search/population", "baselines") for p in (unit_dir / part).rglob("*")
             if p.is_file()]
@@ -253,6 +263,11 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
     table = pd.read_parquet(domain_out / TABLE_FILE)
     assert list(table.columns[:3]) == ["seed", "params", "val_acc"]
     assert list(table.columns[3:8]) == ["imagenet", *DOMAIN_TARGETS]
-    assert ((table[["imagenet", *DOMAIN_TARGETS]] >= 0) & (table[["imagenet", *DOMAIN_TARGETS]] <= 1)).all(axis=None)
+    # Each column is scored on its own list: the held-out digits, or that target set's images.
+    sizes = {"imagenet": test_images, **{t: len((data / "domain-generalization" / t / "annotations" / "val_meta.list")
+                                              .read_text().splitlines()) for t in DOMAIN_TARGETS}}
+    assert sizes["imagenet-adversarial"] < test_images  # a subset of the classes
+    for column, images in sizes.items():
+        assert all(a_count_of(acc, images) for acc in table[column]), (column, images, list(table[column]))
     classes = storage.read_json(str(domain_out / CLASSES_FILE))["restricted_to_classes_present"]
     assert classes["imagenet-adversarial"] == [1, 3, 5, 7, 9] and classes["imagenetv2"] is None

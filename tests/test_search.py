@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from glora_ray import InfeasibleBudgetError, sample_within_budget
-from glora_ray.backbone import BackboneConfig
-from glora_ray.checkpoint import SupernetSpec, numpy_state
 from glora_ray.search import (
     ActorStartError, AllActorsDiedError, EvalMode, Evaluator, ResumeMismatchError, SearchConfig,
     evaluate_subnet, pareto_front, plan_actor_count, read_pareto, read_population, read_result, run_search,
@@ -21,38 +19,7 @@ from glora_ray.search import (
 from glora_ray.search.pool import ActorSettings, CandidateCrashError, EvaluatorPool
 from glora_ray.search.results import PARETO_FILE, POPULATION_DIR, RESULT_FILE, ResultStore
 from glora_ray.search.runner import commit_generation, open_store, plan_generation
-from helpers import injected_faults, randomize_adapters
-
-
-def tiny_spec() -> SupernetSpec:
-    backbone = BackboneConfig("vit_tiny_patch16_224", img_size=16, drop_path_rate=0.0,
-                              model_kwargs=dict(patch_size=8, depth=2, embed_dim=32, num_heads=2))
-    return SupernetSpec(backbone, num_classes=5, ranks=(4, 2), dataset="synthetic")
-
-
-@dataclass
-class Problem:
-    spec: SupernetSpec
-    net: object
-    state: dict
-    images: np.ndarray
-    labels: np.ndarray
-
-
-@pytest.fixture(scope="module")
-def problem() -> Problem:
-    spec = tiny_spec()
-    net = spec.build().eval()
-    randomize_adapters(net, seed=1)  # subnets differ only when the support tensors are non-zero
-    state = numpy_state(net)
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((64, 3, 16, 16)).astype(np.float32)
-    # Labels from a fixed random teacher (the supernet under one random subnet): subnets
-    # closer to the teacher score higher, so accuracies differ and the search has a signal.
-    net.set_subnet(net.sample_genes(rng))
-    with torch.inference_mode():
-        labels = net(torch.from_numpy(images)).argmax(-1).numpy().astype(np.int64)
-    return Problem(spec, net, state, images, labels)
+from helpers import injected_faults
 
 
 def digest(arrays) -> str:
@@ -223,8 +190,11 @@ def test_an_actor_killed_mid_generation_loses_no_candidate(baseline, problem, tm
     with injected_faults(evaluate={"on_call": 2, "actors": [0]}):
         result = run_search(problem.spec, problem.state, problem.images, problem.labels,
                             SearchConfig(**SEARCH, num_actors=2), str(tmp_path), "run-a", "synthetic")
-    actors = set(read_population(tmp_path)["actor"])
-    assert "actor-2" in actors  # the replacement joined and did work
+    # The death was noticed and a replacement started; it joins in the background, so whether
+    # it evaluates anything before the last generation depends on its start-up time.
+    assert len(result.pool.deaths) == 1 and result.pool.deaths[0].startswith("actor-0: ")
+    assert result.pool.replacements_started == 1
+    assert set(read_population(tmp_path)["actor"]) <= {"actor-0", "actor-1", "actor-2"}
     assert result.evaluations == 24
     assert_same_run(baseline.out, tmp_path)
 

@@ -11,8 +11,7 @@ from glora_ray.search import (
     EvolutionPlanner, Fitness, Origin, ResumeMismatchError, SearchConfig, SearchConfigError, evolution,
 )
 from glora_ray.space import SearchSpaceError
-from helpers import logged
-from test_evolution import COUNTER, SPACE, fitness, run
+from helpers import COUNTER, SPACE, fitness, logged, run
 
 SMALL = dict(population=20, parents=5, mutants=8, crossovers=8, generations=5)
 

@@ -75,6 +75,7 @@ def test_vit_end_to_end_merged_equals_unmerged_and_loads_in_timm():
     net = tiny_supernet(ranks=(4, 2))
     randomize_adapters(net, seed=3)
     net.eval()
+    frozen = {k: v.clone() for k, v in net.model.state_dict().items() if ".glora." not in k}
     x = torch.randn(3, 3, 16, 16)
     rng = np.random.default_rng(7)
     for _ in range(4):
@@ -90,8 +91,10 @@ def test_vit_end_to_end_merged_equals_unmerged_and_loads_in_timm():
         assert not any(isinstance(m, GLoRALinear) for m in plain.modules())
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
-    # Merging did not touch the supernet's frozen weights.
+    # Merging did not touch the supernet's frozen weights (nor unwrap its layers).
     assert all(isinstance(net.layer(n), GLoRALinear) for n in net.layer_names)
+    after = net.model.state_dict()
+    assert frozen and all(torch.equal(v, after[k]) for k, v in frozen.items()), "a frozen weight changed"
 
 
 def test_fresh_supernet_equals_backbone():

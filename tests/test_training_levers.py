@@ -14,8 +14,7 @@ from glora_ray.train import SupernetTraining, TrainConfig, TrainConfigError, sub
 from glora_ray.train.loop import build_optimizer, build_scheduler, WarmupCosine, soft_cross_entropy, train_epoch
 from glora_ray.train.loop import training_compute
 from glora_ray.train.sampling import StepSubnets, edge_subnets
-from helpers import tiny_supernet
-from test_train import make_spec
+from helpers import make_spec, tiny_supernet
 
 WINDOW_FRACTION = (0.2, 0.35)  # of the space's reachable maximum: a window well inside the range
 
@@ -44,7 +43,11 @@ def test_budget_sampling_draws_every_subnet_within_the_window_from_seed_and_step
     draws = StepSubnets.from_config(net.counter, TrainConfig(subnet_sampling="budget", budget=(lo, hi)))
     counts = [net.counter.count(draws.for_step(step)[0]) for step in range(60)]
     assert all(lo <= c <= hi for c in counts)
-    np.testing.assert_array_equal(draws.for_step(7)[0], draws.for_step(7)[0])  # what every worker draws
+    # What every worker draws: a fresh sampler, asked for step 7 alone, draws what this one drew.
+    fresh = StepSubnets.from_config(net.counter, TrainConfig(subnet_sampling="budget", budget=(lo, hi)))
+    assert net.counter.count(fresh.for_step(7)[0]) == counts[7]
+    np.testing.assert_array_equal(fresh.for_step(7)[0], draws.for_step(7)[0])
+    assert any(not np.array_equal(draws.for_step(7)[0], draws.for_step(s)[0]) for s in range(8, 12))
     uniform = [net.counter.count(subnet_for_step(0, step, net)) for step in range(60)]
     assert sum(not lo <= c <= hi for c in uniform) > 20  # the paper's draws mostly miss this window
 

@@ -15,6 +15,7 @@ The input is a plain list of ``ImageRef`` (image path, list file, line), so any 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 from PIL import Image
 
 from ..errors import one_line
-from .vtab import DataError, Sample, read_split
+from .vtab import DataError, Sample, raise_problems, read_split
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +145,25 @@ def sample_refs(samples: Iterable[Sample]) -> list[ImageRef]:
 def split_images(root: str | os.PathLike, dataset: str, splits: Sequence[str]) -> list[ImageRef]:
     """The images that VTAB-1k style list files of ``splits`` name, with list file and line."""
     return [ref for split in splits for ref in sample_refs(read_split(root, dataset, split))]
+
+
+def check_data_root(root: str | os.PathLike) -> None:
+    """A ``DataError`` when ``root`` cannot be resolved: a symlink loop (on it or a folder above it),
+    which every later look at it would report as missing or, when the embedded data is written
+    there, as a ``FileExistsError`` (docs/method.md §6).  A root that does not exist yet passes."""
+    try:
+        os.stat(root)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DataError(f"--data-root {os.fspath(root)!r} is a symlink loop (too many levels of symbolic links); "
+                            f"point it at a real folder") from None
+        raise DataError(f"--data-root {os.fspath(root)!r} cannot be read ({one_line(err)})") from None
+
+
+def check_decodable(samples: Sequence[Sample], list_path: str | Path) -> None:
+    """Every image of ``samples`` decodes; else a ``DataError`` naming each bad line of ``list_path``."""
+    found = verify_images(sample_refs(samples))
+    problems = [f"{p.ref.where}: cannot decode image {str(p.ref.path)!r}: {p.problem}" for p in found]
+    raise_problems(Path(list_path), problems)

@@ -24,9 +24,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..splits import SPLITS
+
 NATURAL, SPECIALIZED, STRUCTURED = "natural", "specialized", "structured"
 GROUPS: tuple[str, ...] = (NATURAL, SPECIALIZED, STRUCTURED)
-SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
 LIST_SUFFIX = ".txt"
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -142,7 +143,8 @@ class Sample:
     line: int | None = None
 
 
-def _raise_problems(path: Path, problems: list[str]) -> None:
+def raise_problems(path: Path, problems: list[str]) -> None:
+    """One ``DataError`` naming ``path`` and the first problems found in it (none: nothing)."""
     if not problems:
         return
     shown = "\n  ".join(problems[:_MAX_REPORTED_PROBLEMS])
@@ -187,7 +189,7 @@ def parse_list_file(path: str | Path, num_classes: int | None, check_exists: boo
             problems.append(f"{where}: image {str(image)!r} does not exist")
             continue
         samples.append(Sample(image, label, where, path, number))
-    _raise_problems(path, problems)
+    raise_problems(path, problems)
     if not samples:
         raise DataError(f"list file {str(path)!r} holds no samples")
     return samples
@@ -201,32 +203,18 @@ def validate_dataset(
     root: str | Path,
     dataset: str,
     splits: Sequence[str] = SPLITS,
-    *,
-    open_images: bool = False,
 ) -> dict[str, int]:
     """Pre-flight check of a dataset: raises ``DataError`` naming the file and line at fault.
 
-    Checks the root and dataset folders, each list file, every line, every image path and label;
-    with ``open_images`` also that every image decodes.  Returns the sample count of each split.
+    Checks the root and dataset folders, each list file, every line, every image path and label
+    (``verify.check_decodable`` also opens the images).  Returns the sample count of each split.
     """
     if isinstance(splits, str):
         splits = (splits,)
     counts: dict[str, int] = {}
     for split in splits:
-        samples = read_split(root, dataset, split)
-        if open_images:
-            check_decodable(samples, list_file(root, dataset, split))
-        counts[split] = len(samples)
+        counts[split] = len(read_split(root, dataset, split))
     return counts
-
-
-def check_decodable(samples: Sequence[Sample], list_path: str | Path) -> None:
-    """Every image of ``samples`` decodes; else a ``DataError`` naming each bad line of ``list_path``."""
-    from .verify import sample_refs, verify_images  # verify.py builds on this module
-
-    found = verify_images(sample_refs(samples))
-    problems = [f"{p.ref.where}: cannot decode image {str(p.ref.path)!r}: {p.problem}" for p in found]
-    _raise_problems(Path(list_path), problems)
 
 
 # -- preprocessing --------------------------------------------------------------------------
@@ -416,6 +404,17 @@ class DataConfig:
             return parse_list_file(entry.path, self.num_classes, check_exists, images=entry.images)
         return parse_list_file(list_file(self.root, self.dataset, split), self.num_classes, check_exists)
 
+    def check_classes(self, split: str) -> int:
+        """The classes the training list ``split`` holds; a ``DataError`` when fewer than two: a
+        one-class head learns nothing and scores 100 % on any test list (docs/method.md §4)."""
+        labels = sorted({s.label for s in self.samples(split, check_exists=False)})
+        if self.num_classes < 2 or len(labels) < 2:
+            raise DataError(
+                f"dataset {self.name!r} has a single class: its {split} list {str(self.list_path(split))!r} holds only "
+                f"label {labels[0]}" + (f" of {self.num_classes} classes" if self.num_classes > 1 else "")
+                + "; a classifier needs at least two classes")
+        return len(labels)
+
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """The whole split preprocessed: images (N, 3, H, W) float32 and labels (N,) int64."""
         return decode_samples(self.samples(split), self.img_size, self.mean, self.std, self.interpolation)
@@ -439,18 +438,12 @@ class DataConfig:
         if self.loader_workers < 0:
             raise DataError(f"loader_workers must be >= 0, got {self.loader_workers}")
 
-    def validate(self, splits: Iterable[str] = SPLITS, open_images: bool = False) -> dict[str, int]:
+    def validate(self, splits: Iterable[str] = SPLITS) -> dict[str, int]:
         """Pre-flight check of ``splits`` (see ``validate_dataset``); returns their sample counts."""
         self.check()
         if isinstance(splits, str):
             splits = (splits,)
-        counts: dict[str, int] = {}
-        for split in splits:
-            samples = self.samples(split)
-            if open_images:
-                check_decodable(samples, self.list_path(split))
-            counts[split] = len(samples)
-        return counts
+        return {split: len(self.samples(split)) for split in splits}
 
     def build(self, split: str) -> Dataset:
         return ArrayDataset(*self.arrays(split)) if self.in_memory else self.lazy(split)

@@ -5,19 +5,23 @@ import argparse
 import enum
 import json
 import logging
+import signal
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from ..backbone import PACKAGED_WEIGHTS, packaged_weights
+from ..backbone import PACKAGED_WEIGHTS, BackboneConfig, packaged_weights
 from ..errors import GLoRARayError
 from ..precision import AUTO as PRECISION_AUTO, Precision
-from ..search.config import Fitness
-from ..search.merge import AUTO as MERGE_AUTO, MergeStrategy
-from ..train.config import SubnetSampling
+from ..progress import StageWatch
+from ..search.config import AUTO_MERGE as MERGE_AUTO, Fitness, MergeStrategy, SearchConfig
+from ..train.config import SubnetSampling, TrainConfig
 from ..space import TENSORS, SearchSpace
 
 from .baselines import BASELINES
+from .lock import OutputLock
+from .preflight import check_output_location
+from .stopping import install_stop_handlers, restore_handlers, shutdown_ray, stop_signal
 from .config import ALL_DATASETS, PREPROCESSINGS, PRESETS, PipelineConfig, PipelineConfigError, expand_datasets, preset
 
 
@@ -31,23 +35,44 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-# Options that set one field of the preset's nested settings: option dest -> field name.
-_BACKBONE_OPTIONS = {"model": "name", "pretrained": "pretrained", "checkpoint": "checkpoint_path", "weights": "weights",
-                     "img_size": "img_size", "model_kwargs": "model_kwargs", "seed": "init_seed"}
-_TRAIN_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "warmup_epochs": "warmup_epochs",
-                  "weight_decay": "weight_decay", "checkpoint_every": "checkpoint_every", "train_workers": "num_workers",
-                  "train_cpus": "cpus_per_worker", "seed": "seed", "train_precision": "precision",
-                  "channels_last": "channels_last", "subnet_sampling": "subnet_sampling", "sandwich": "sandwich",
-                  "distill": "distill"}
-_SEARCH_OPTIONS = {"population": "population", "parents": "parents", "mutants": "mutants", "crossovers": "crossovers",
-                   "m_prob": "m_prob", "generations": "generations", "actors": "num_actors",
-                   "actor_cpus": "cpus_per_actor", "actor_gpus": "gpus_per_actor", "eval_batch_size": "eval_batch_size",
-                   "min_params": "min_params", "max_params": "max_params", "seed": "seed",
-                   "search_precision": "precision", "merge_strategy": "merge_strategy", "fitness": "fitness"}
+# -- where each option lands ------------------------------------------------------------------
+# An option sets the field its dest names: a PipelineConfig field first, else the one nested
+# section whose dataclass has a field of that name.  _RENAMED lists the options named otherwise,
+# _BY_HAND those config_from_args and shared_fields combine themselves; build_parser refuses an
+# option that lands nowhere, so none can be forgotten.  Section None: PipelineConfig itself.
+Target = tuple[str | None, str]
+_SECTIONS = {"backbone": BackboneConfig, "train": TrainConfig, "search": SearchConfig}
+_TOP_FIELDS = frozenset(f.name for f in fields(PipelineConfig)) - {"backbone", "train", "search", "datasets", "seeds"}
+_RENAMED: dict[str, tuple[Target, ...]] = {
+    "model": (("backbone", "name"),), "checkpoint": (("backbone", "checkpoint_path"),),
+    "seed": (("train", "seed"), ("backbone", "init_seed"), ("search", "seed")),
+    "train_workers": (("train", "num_workers"),), "train_cpus": (("train", "cpus_per_worker"),),
+    "train_precision": (("train", "precision"),), "actors": (("search", "num_actors"),),
+    "actor_cpus": (("search", "cpus_per_actor"),), "actor_gpus": (("search", "gpus_per_actor"),),
+    "search_precision": (("search", "precision"),), "wait_for_resources": ((None, "wait_for_resources_s"),),
+}
 # --forms-A .. --forms-E: the kinds each support tensor may take (SearchSpace forms).
 _FORM_OPTIONS = {f"forms_{t}": t for t in TENSORS}
-_TOP_OPTIONS = ("datasets", "data_root", "out", "ranks", "targets", "lr", "layer_types", "preprocessing",
-                "num_classes", "seed_population", "retrain_epochs", "baseline_epochs")
+_BY_HAND = frozenset({"help", "preset", "datasets", "seeds", "train_gpus", *_FORM_OPTIONS})
+
+
+def option_targets(dest: str) -> tuple[Target, ...]:
+    """The configuration fields the option ``dest`` sets; () for one handled by hand or none."""
+    if dest in _RENAMED:
+        return _RENAMED[dest]
+    if dest in _TOP_FIELDS:
+        return ((None, dest),)
+    owners = [name for name, cls in _SECTIONS.items() if dest in {f.name for f in fields(cls)}]
+    return ((owners[0], dest),) if len(owners) == 1 else ()
+
+
+def _check_routes(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if action.dest not in _BY_HAND and not option_targets(action.dest):
+            raise RuntimeError(f"option {action.option_strings} sets no configuration field: name it after one, "
+                               f"or route it in glora_ray.pipeline.cli._RENAMED")
+
+
 # What None means, where the preset leaves a value open.
 _OPEN = {"targets": "every nn.Linear but the head", "lr": "the paper's Table 4 value per dataset",
          "min_params": "what the space reaches", "max_params": "what the space reaches",
@@ -58,14 +83,14 @@ _OPEN = {"targets": "every nn.Linear but the head", "lr": "the paper's Table 4 v
 
 def _preset_value(values: dict[str, Any], dest: str) -> Any:
     """The value the preset gives the option ``dest`` (what it is when the option is not given)."""
-    if dest in _TOP_OPTIONS:
+    targets = option_targets(dest)
+    if targets and targets[0][0] is not None:
+        section, name = targets[0]
+        value = getattr(values[section], name)
+    elif targets and (dest in values or dest in _OPEN):  # a run-level field the preset sets or leaves open
         value = values.get(dest)
-    elif dest in _BACKBONE_OPTIONS and dest != "seed":
-        value = getattr(values["backbone"], _BACKBONE_OPTIONS[dest])
-    elif dest in _TRAIN_OPTIONS:
-        value = getattr(values["train"], _TRAIN_OPTIONS[dest])
-    elif dest in _SEARCH_OPTIONS:
-        value = getattr(values["search"], _SEARCH_OPTIONS[dest])
+    elif dest == "datasets":
+        value = values[dest]
     elif dest in _FORM_OPTIONS:
         kinds = SearchSpace(values["ranks"], values.get("forms")).kinds[_FORM_OPTIONS[dest]]
         value = tuple(k.value for k in kinds)
@@ -94,19 +119,9 @@ VTAB_DATASETS_HELP = (f"dataset names (both VTAB spellings accepted), '{ALL_DATA
 VTAB_DATA_ROOT_HELP = "folder holding <dataset>/{images,train800.txt,val200.txt,test.txt,...}"
 
 
-def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", description: str = VTAB_DESCRIPTION,
-                 datasets_help: str | None = VTAB_DATASETS_HELP, data_root_help: str = VTAB_DATA_ROOT_HELP,
-                 presets: Callable[[str], dict[str, Any]] = preset,
-                 repeat_seeds: bool = True) -> argparse.ArgumentParser:
-    """The options every pipeline shares; ``--help`` shows the values ``presets`` gives ``preset_name``
-    (or the --preset given).  ``datasets_help`` None leaves out --datasets; ``repeat_seeds`` False
-    leaves out VTAB's --seeds (the few-shot and domain jobs' --seeds name their lists' seeds)."""
-    values = presets(preset_name if preset_name in PRESETS else "default")
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(f"{description} Option values shown are those of preset {preset_name!r}; "
-                     f"--preset NAME --help shows another's."),
-    )
+def _job_options(parser: argparse.ArgumentParser, datasets_help: str | None, data_root_help: str,
+                 repeat_seeds: bool) -> None:
+    """What runs where: datasets, output, seeds, baselines, logging."""
     g = parser.add_argument_group("job")
     g.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting values: 'default' (embedded: pretrained EfficientNet-Lite0 on the bundled digits, "
@@ -137,6 +152,9 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
     g.add_argument("--verbose", action="store_true", default=None,
                    help="also show Ray's own log lines (worker output, Train reports, warnings)")
 
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    """The backbone, its weights and the GLoRA space over it."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", help="timm model name, e.g. vit_base_patch16_224.orig_in21k")
     weights = g.add_mutually_exclusive_group()
@@ -163,10 +181,16 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
                    help="image mean/std and resize filter: 'backbone' (the model's pretrained config in timm) or "
                    "'vtab' (ImageNet mean/std, bicubic: the paper's protocol)")
 
+
+def _budget_options(parser: argparse.ArgumentParser) -> None:
+    """The search's parameter budget."""
     g = parser.add_argument_group("budget (adapter parameters; 0.29M, 800k or an integer)")
     g.add_argument("--min-params")
     g.add_argument("--max-params")
 
+
+def _training_options(parser: argparse.ArgumentParser) -> None:
+    """Stage 1: supernet training."""
     g = parser.add_argument_group("stage 1: supernet training")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="global batch, split over the workers")
@@ -199,6 +223,9 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
     layout.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="the contiguous (NCHW) layout in training, also for a CNN")
 
+
+def _search_options(parser: argparse.ArgumentParser) -> None:
+    """Stage 2: the evolutionary search and its actors."""
     g = parser.add_argument_group("stage 2: evolutionary search")
     g.add_argument("--population", type=int)
     g.add_argument("--parents", type=int)
@@ -223,14 +250,36 @@ def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", 
                    "(small actors) and batched on CUDA; per_candidate merges once per candidate (faster on "
                    "small inputs, a private copy of the adapted weights per actor)")
 
+
+def _winner_options(parser: argparse.ArgumentParser) -> None:
+    """Stage 3: the winner."""
     g = parser.add_argument_group("stage 3: the winner")
     g.add_argument("--retrain-epochs", type=int, metavar="N",
                    help="train the winner alone for N epochs from its supernet weights, with the supernet's "
                    "schedule, before its single test (0: test the supernet's weights as they are)")
+
+
+def build_parser(preset_name: str = "default", prog: str = "pipelines/vtab.py", description: str = VTAB_DESCRIPTION,
+                 datasets_help: str | None = VTAB_DATASETS_HELP, data_root_help: str = VTAB_DATA_ROOT_HELP,
+                 presets: Callable[[str], dict[str, Any]] = preset,
+                 repeat_seeds: bool = True) -> argparse.ArgumentParser:
+    """The options every pipeline shares; ``--help`` shows the values ``presets`` gives ``preset_name``
+    (or the --preset given).  ``datasets_help`` None leaves out --datasets; ``repeat_seeds`` False
+    leaves out VTAB's --seeds (the few-shot and domain jobs' --seeds name their lists' seeds)."""
+    values = presets(preset_name if preset_name in PRESETS else "default")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(f"{description} Option values shown are those of preset {preset_name!r}; "
+                     f"--preset NAME --help shows another's."),
+    )
+    _job_options(parser, datasets_help, data_root_help, repeat_seeds)
+    for add_options in (_model_options, _budget_options, _training_options, _search_options, _winner_options):
+        add_options(parser)
     for action in parser._actions:  # the preset's value after each option's help
         value = _preset_value(values, action.dest)
         if value is not argparse.SUPPRESS:
             action.help = f"{action.help or ''} (preset: {str(value).replace('%', '%%')})".lstrip()
+    _check_routes(parser)
     return parser
 
 
@@ -248,7 +297,11 @@ def shared_fields(given: dict[str, Any], values: Mapping[str, Any]) -> dict[str,
     """PipelineConfig's fields but ``datasets`` and ``seeds``: a preset's ``values`` replaced by the
     options ``given``."""
 
-    backbone_changes = {field: given[dest] for dest, field in _BACKBONE_OPTIONS.items() if dest in given}
+    routed: dict[str | None, dict[str, Any]] = {None: {}, **{section: {} for section in _SECTIONS}}
+    for dest, value in given.items():
+        for section, name in option_targets(dest):
+            routed[section][name] = value
+    backbone_changes = routed["backbone"]
     # One source of weights: the one given replaces the preset's.
     for source, others in (("checkpoint", {"pretrained": False, "weights": None}),
                            ("weights", {"pretrained": False, "checkpoint_path": None}),
@@ -260,41 +313,21 @@ def shared_fields(given: dict[str, Any], values: Mapping[str, Any]) -> dict[str,
         given["model"] = backbone_changes["name"]  # a new model: the preset's reductions do not apply
     if "model" in given and "model_kwargs" not in given:
         backbone_changes["model_kwargs"] = {}  # the preset's reductions belong to the preset's model
-    backbone = replace(values["backbone"], **backbone_changes)
-
-    train_changes = {field: given[dest] for dest, field in _TRAIN_OPTIONS.items() if dest in given}
+    train_changes = routed["train"]
     if "train_gpus" in given:
         train_changes["use_gpu"] = given["train_gpus"] > 0
         train_changes["gpus_per_worker"] = given["train_gpus"] if given["train_gpus"] > 0 else None
-    train = replace(values["train"], **train_changes)
-    search = replace(values["search"], **{field: given[dest] for dest, field in _SEARCH_OPTIONS.items() if dest in given})
 
-    # A sweep replaces the preset's fixed lr; an explicit --lr replaces both.
-    lr = given.get("lr", None if "lr_sweep" in given else values["lr"])
-    return dict(
-        data_root=given.get("data_root", values["data_root"]),
-        out=given.get("out", values["out"]),
-        backbone=backbone,
-        train=train,
-        search=search,
-        ranks=given.get("ranks", values["ranks"]),
-        forms={**values.get("forms", {}), **{t: tuple(given[dest]) for dest, t in _FORM_OPTIONS.items() if dest in given}},
-        targets=given.get("targets", values["targets"]),
-        layer_types=given.get("layer_types", values["layer_types"]),
-        preprocessing=given.get("preprocessing", values["preprocessing"]),
-        lr=lr,
-        lr_sweep=given.get("lr_sweep", ()),
-        test_pareto=given.get("test_pareto", False),
-        resume=given.get("resume", True),
-        max_concurrent_datasets=given.get("max_concurrent_datasets"),
-        baselines=tuple(given.get("baselines", ())),
-        wait_for_resources_s=given.get("wait_for_resources", 0.0),
-        verbose=given.get("verbose", False),
-        num_classes=given.get("num_classes", values.get("num_classes")),
-        seed_population=tuple(given.get("seed_population", values.get("seed_population", ()))),
-        retrain_epochs=given.get("retrain_epochs", values.get("retrain_epochs", 0)),
-        baseline_epochs=given.get("baseline_epochs", values.get("baseline_epochs")),
-    )
+    run = {name: values[name] for name in _TOP_FIELDS if name in values}  # the preset's, then the options'
+    run.update(routed[None])
+    run["lr"] = given.get("lr", None if "lr_sweep" in given else values["lr"])  # a sweep replaces the preset's lr
+    run["forms"] = {**values.get("forms", {}), **{t: tuple(given[dest]) for dest, t in _FORM_OPTIONS.items()
+                                                 if dest in given}}
+    for name in ("baselines", "seed_population", "lr_sweep"):
+        if name in run:
+            run[name] = tuple(run[name])
+    return dict(backbone=replace(values["backbone"], **backbone_changes), train=replace(values["train"], **train_changes),
+                search=replace(values["search"], **routed["search"]), **run)
 
 
 Config = TypeVar("Config")
@@ -315,9 +348,9 @@ def parse_with(build: Callable[[str], argparse.ArgumentParser], make: Callable[[
     args = parser.parse_args(argv)
     try:
         return make(args)
-    except GLoRARayError as err:  # bad values: a usage error naming the option
-        parser.error(str(err))
-        raise  # unreachable: parser.error exits
+    except GLoRARayError as err:  # bad values: one line naming the option, exit 2 (no usage screen)
+        parser.exit(2, f"error: {err}\n")
+        raise  # unreachable: parser.exit exits
 
 
 def parse_config(argv: Sequence[str] | None = None) -> PipelineConfig:
@@ -327,14 +360,40 @@ def parse_config(argv: Sequence[str] | None = None) -> PipelineConfig:
 def run_main(parse: Callable[[Sequence[str] | None], Config], run: Callable[[Config], Any],
              argv: Sequence[str] | None = None) -> int:
     """A pipeline's entry point: progress lines to stdout; exit status 2 with a one-line message for bad
-    input (a ``GLoRARayError``); anything else is a bug or a failure after compute started: its traceback."""
+    input (a ``GLoRARayError``); anything else is a bug or a failure after compute started: its traceback.
+
+    One driver per output folder (``OutputLock``, taken before any check or compute).  SIGTERM and
+    SIGINT stop the job cleanly (``stopping``): Ray shut down, one line naming the stage that was
+    stopped, exit status 143 / 130; the same command resumes.
+    """
     config = parse(argv)
     show_progress(getattr(config, "verbose", False))
+    package = logging.getLogger("glora_ray")
+    stages = StageWatch()
+    package.addHandler(stages)
+    previous = install_stop_handlers()
+    out = getattr(config, "out", None)
+    lock = OutputLock(out) if out is not None else None
     try:
+        if lock is not None:
+            check_output_location(out)  # a clear message before the lock tries to make the folder
+            lock.acquire()
         run(config)
     except GLoRARayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # RunStopped (SIGTERM, SIGINT) or Python's own Ctrl-C
+        signum = stop_signal(stop)
+        shutdown_ray()
+        sys.stdout.flush()
+        print(f"stopped by {signal.Signals(signum).name} during {stages.describe()}; run the same command to "
+              f"resume", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if lock is not None:
+            lock.release()
+        package.removeHandler(stages)
+        restore_handlers(previous)
     return 0
 
 

@@ -19,12 +19,13 @@ import pandas as pd
 
 from .. import storage
 from .baselines import BaselineOutcome
+from .plots import comparison_png
+from .row_kinds import BASELINE, PARETO, WINNER
 
 COMPARISON_FILE = "comparison.parquet"
 COMPARISON_MEAN_FILE = "comparison_mean.parquet"
 COMPARISON_PLOT = "comparison.png"
 
-WINNER, PARETO, BASELINE = "glora", "pareto", "baseline"  # the kinds of row
 COMPARISON_COLUMNS = ["dataset", "seed", "name", "kind", "params", "val_acc", "test_acc", "key", "train_images",
                       "train_seconds"]
 MEAN_COLUMNS = ["dataset", "name", "kind", "seeds", "params", "val_acc", "val_acc_std", "test_acc", "test_acc_std",
@@ -94,8 +95,6 @@ def format_comparison(frame: pd.DataFrame) -> str:
 def write_comparison(dataset_uri: str, frame: pd.DataFrame) -> None:
     """``comparison.parquet`` (every row), ``comparison.png`` and, over several seeds,
     ``comparison_mean.parquet``, under ``dataset_uri``."""
-    from .plots import comparison_png  # matplotlib only when a plot is written
-
     storage.write_parquet(storage.join(dataset_uri, COMPARISON_FILE), frame)
     if frame["seed"].nunique() > 1:
         storage.write_parquet(storage.join(dataset_uri, COMPARISON_MEAN_FILE), aggregate(frame))

@@ -9,6 +9,7 @@ from .. import storage
 from ..backbone import BackboneConfig, pretrained_preprocessing
 from ..data import IMAGENET_MEAN, IMAGENET_STD, VTAB_DATASETS, canonical_dataset_name
 from ..data.custom import resolve_dataset_name
+from ..data.verify import check_data_root
 from ..data.vtab import VTAB_INTERPOLATION, is_registered
 from ..errors import GLoRARayError
 from ..precision import Precision
@@ -83,12 +84,17 @@ class PipelineConfig:
     seeds: tuple[int, ...] = field(default=(), metadata=EXECUTION_ONLY)
 
     def __post_init__(self) -> None:
+        check_data_root(self.data_root)  # a symlink loop, before anything looks into it
         self.datasets = tuple(self.resolve_dataset(d) for d in self.datasets)
-        if self.num_classes is not None and self.num_classes < 1:
-            raise PipelineConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise PipelineConfigError(f"num_classes must be >= 2 (a classifier needs two classes), "
+                                      f"got {self.num_classes}")
         space = SearchSpace(self.ranks, self.forms)  # validates ranks and forms
         self.ranks, self.forms = space.ranks, space.restricted_forms
         self.lr_sweep = tuple(float(x) for x in self.lr_sweep)
+        if self.lr_sweep and self.train.num_workers == 0:  # Ray Train's local mode cannot run inside a Tune trial
+            raise PipelineConfigError("lr_sweep runs each lr as a Ray Tune trial of Ray Train workers: give "
+                                      "--train-workers 1 or more with --lr-sweep (got --train-workers 0)")
         self.baselines = check_baseline_names(self.baselines, space)
         self.seed_population = check_baseline_names(self.seed_population, space)
         if isinstance(self.retrain_epochs, bool) or not isinstance(self.retrain_epochs, int) or self.retrain_epochs < 0:

@@ -1,12 +1,14 @@
 """The paper's one hyperparameter search (its appendix A): the supernet lr, as Ray Tune trials.
 
 Each trial is a whole Ray Train run (``train_supernet``) scored by the mean val200 accuracy of
-the same seeded random in-budget subnets, so trials differ only in their learning rate.
+the same seeded random in-budget subnets, so trials differ only in their learning rate.  A trial
+whose training diverges (``TrainingDiverged``) is recorded as such, with no score, and never
+chosen; when every trial diverges the sweep raises it.
 """
 from __future__ import annotations
 
 import hashlib
-
+import logging
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -16,17 +18,22 @@ import numpy as np
 from ..budget import Budget, sample_within_budget
 from ..checkpoint import SupernetSpec, load_supernet
 from ..data import DataConfig
+from ..errors import TrainingDiverged
 from ..search import SearchConfig, evaluate_subnet
 from ..train import TrainConfig, train_supernet
 
 SCORE = "val_acc"
+TRIAL_FIELDS = (SCORE, "lr", "final_loss", "checkpoint_dir", "diverged")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class SweepOutcome:
     lr: float
     checkpoint_dir: str  # the chosen trial's supernet: no retraining after the sweep
-    trials: list[dict[str, Any]]  # lr, val_acc, final_loss, checkpoint_dir of every trial
+    # lr, val_acc, final_loss, checkpoint_dir, diverged of every trial; a diverged trial has its
+    # error message under diverged ("" otherwise) and None for val_acc, final_loss, checkpoint_dir.
+    trials: list[dict[str, Any]]
 
 
 def run_name_for(lr: float) -> str:
@@ -46,7 +53,11 @@ def _trial(config: dict[str, Any], *, spec: SupernetSpec, data: DataConfig, trai
     from ray import tune
 
     lr = float(config["lr"])
-    result = train_supernet(spec, data, replace(train, lr=lr), storage_path, run_name_for(lr))
+    try:
+        result = train_supernet(spec, data, replace(train, lr=lr), storage_path, run_name_for(lr))
+    except TrainingDiverged as err:
+        tune.report({SCORE: math.nan, "lr": lr, "final_loss": math.nan, "checkpoint_dir": "", "diverged": str(err)})
+        return
     supernet, _ = load_supernet(result.checkpoint_dir)
     images, labels = data.arrays(search_split)
     scores = [evaluate_subnet(supernet, genes, images, labels, eval_batch_size) for genes in subnets]
@@ -55,7 +66,29 @@ def _trial(config: dict[str, Any], *, spec: SupernetSpec, data: DataConfig, trai
         "lr": lr,
         "final_loss": float(result.history[-1]["loss"]) if result.history else math.nan,
         "checkpoint_dir": result.checkpoint_dir,
+        "diverged": "",
     })
+
+
+def trial_record(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One trial as the sweep's outcome records it: a diverged one without score, loss or checkpoint."""
+    record = {k: metrics.get(k, "") for k in TRIAL_FIELDS}
+    if record["diverged"]:
+        record.update({SCORE: None, "final_loss": None, "checkpoint_dir": None})
+    return record
+
+
+def choose_trial(trials: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The trial with the highest score, on a tie the smaller lr (the choice never depends on trial
+    order); diverged trials are never chosen, and if every trial diverged the sweep fails."""
+    healthy = [t for t in trials if not t["diverged"]]
+    for trial in trials:
+        if trial["diverged"]:
+            log.warning("lr sweep: lr %g diverged and is left out: %s", trial["lr"], trial["diverged"])
+    if not healthy:
+        lrs = ", ".join(f"{t['lr']:g}" for t in trials)
+        raise TrainingDiverged(f"lr sweep: every learning rate diverged ({lrs}); first: {trials[0]['diverged']}")
+    return max(healthy, key=lambda t: (t[SCORE], -t["lr"]))
 
 
 def sweep_learning_rate(spec: SupernetSpec, data: DataConfig, train: TrainConfig, lrs: Sequence[float],
@@ -89,8 +122,6 @@ def sweep_learning_rate(spec: SupernetSpec, data: DataConfig, train: TrainConfig
     failed = [r for r in grid if r.error is not None]
     if failed:
         raise RuntimeError(f"lr sweep: {len(failed)} trial(s) failed; first error: {failed[0].error}")
-    trials = sorted(({k: r.metrics[k] for k in (SCORE, "lr", "final_loss", "checkpoint_dir")} for r in grid),
-                    key=lambda t: t["lr"])
-    # Highest score; on a tie the smaller lr, so the choice never depends on trial order.
-    best = max(trials, key=lambda t: (t[SCORE], -t["lr"]))
+    trials = sorted((trial_record(r.metrics) for r in grid), key=lambda t: t["lr"])
+    best = choose_trial(trials)
     return SweepOutcome(lr=best["lr"], checkpoint_dir=best["checkpoint_dir"], trials=trials)

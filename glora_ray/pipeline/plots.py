@@ -9,7 +9,7 @@ import io
 
 import pandas as pd
 
-from .comparison import BASELINE, PARETO, WINNER
+from .row_kinds import BASELINE, PARETO, WINNER
 
 
 def comparison_png(frame: pd.DataFrame, title: str | None = None) -> bytes:

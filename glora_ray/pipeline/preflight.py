@@ -14,7 +14,8 @@ import logging
 import os
 import tempfile
 import time
-from typing import Callable, Mapping
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -25,16 +26,18 @@ from ..budget import Budget
 from ..data import EMBEDDED_DATASETS
 from ..data.digits import write_digits_dataset
 from ..data.verify import check_images, sample_refs
+from ..data.vtab import DataError
 from ..errors import one_line
 from ..params import ParamCounter
+from ..search.results import POPULATION_DIR
 from ..space import TENSORS, Kind
 from ..train.loop import steps_per_epoch
 from . import layout
+from .lock import LOCK_FILE
 from .config import PipelineConfig, PipelineConfigError, check_same_run
-from .unit import vtab_data
+from .unit import TrainingUnit, spec_for, vtab_unit
 
 log = logging.getLogger(__name__)
-EVAL_SPLITS = ("val200", "test")
 # timm.create_model arguments the pipeline sets from other options: never from --model-kwargs.
 _SET_ELSEWHERE = {"img_size": "--img-size", "num_classes": "the dataset's class count",
                   "pretrained": "--pretrained / --checkpoint", "drop_path_rate": "the backbone's drop_path_rate"}
@@ -47,7 +50,7 @@ def _check_backbone_weights(cfg: PipelineConfig) -> None:
         create_backbone(cfg.backbone, num_classes=2)
 
 
-def _check_output_location(out: str) -> None:
+def check_output_location(out: str) -> None:
     """``--out`` names a folder (new or existing) on a filesystem that is there and writable."""
     try:
         fs, path = storage.resolve(out)
@@ -70,7 +73,7 @@ def _check_output_location(out: str) -> None:
 
 
 def _check_output(cfg: PipelineConfig) -> None:
-    _check_output_location(cfg.out)
+    check_output_location(cfg.out)
     config_uri = storage.join(cfg.out, layout.CONFIG_FILE)
     if storage.exists(config_uri):
         stored = storage.read_json(config_uri)
@@ -78,9 +81,51 @@ def _check_output(cfg: PipelineConfig) -> None:
             raise PipelineConfigError(f"--out {cfg.out} already holds a run; drop --no-resume to continue it, "
                                       f"or choose another --out")
         check_same_run(cfg, stored, f"--out {cfg.out}")
-    elif not storage.is_empty_dir(cfg.out):
+    elif not _empty_but_lock(cfg.out):
         raise PipelineConfigError(f"--out {cfg.out} is not empty and holds no glora-ray run ({layout.CONFIG_FILE}); "
                                   f"choose an empty or new folder")
+
+
+def _empty_but_lock(out: str) -> bool:
+    """``out`` is missing or empty, this driver's lock file aside (``lock.LOCK_FILE``)."""
+    local = storage.local_path(out)
+    if local is None or not os.path.isdir(local):
+        return storage.is_empty_dir(out)
+    return not [name for name in os.listdir(local) if name != LOCK_FILE]
+
+
+def _probe_folder(folder: str, what: str) -> None:
+    """``folder`` can be made (or written, when it exists): a file on its path, or a parent where
+    nothing can be made, is refused naming it."""
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        kind = "the folder itself" if existing == folder else f"a folder above {folder}"
+        raise PipelineConfigError(f"{what}: {existing} is a file, where {kind} must be; remove or rename it")
+    try:  # os.access says yes to root even where nothing can be made (read-only or virtual mounts)
+        os.rmdir(tempfile.mkdtemp(prefix=".glora-ray-probe-", dir=existing))
+    except OSError as err:
+        raise PipelineConfigError(f"{what}: cannot write in {existing} ({one_line(err)}), so {folder} "
+                                  f"cannot be written") from err
+
+
+def unit_folders(out: str, unit_path: str) -> list[str]:
+    """Every folder a unit under ``out`` writes into (``layout``, the search's population folder)."""
+    search = layout.search_uri(out, unit_path)
+    return [layout.dataset_uri(out, unit_path), layout.train_uri(out, unit_path), search,
+            storage.join(search, POPULATION_DIR), layout.export_uri(out, unit_path)]
+
+
+def check_unit_folders(out: str, units: Sequence[tuple[str, str]]) -> None:
+    """Every output folder of every unit, given as (run output, unit path), can be written (or
+    made): found here, not after a generation's compute (docs/method.md §6).  Local only: an
+    object store has no folders to probe."""
+    for run_out, unit_path in units:
+        for folder in unit_folders(run_out, unit_path):
+            local = storage.local_path(folder)
+            if local is not None:
+                _probe_folder(os.path.normpath(local), f"--out {out}")
 
 
 def _check_model(cfg: PipelineConfig) -> None:
@@ -99,17 +144,6 @@ def _check_model(cfg: PipelineConfig) -> None:
             f"--model {backbone.name} does not build with --model-kwargs {json.dumps(backbone.model_kwargs)} "
             f"and --img-size {backbone.img_size} ({one_line(err)})"
         ) from err
-
-
-def _check_batch_size(cfg: PipelineConfig, dataset: str, train_size: int) -> None:
-    """docs/method.md §2 drops the last partial batch: a batch larger than a worker's share trains nothing."""
-    train, world = cfg.train, cfg.train.world_size
-    if steps_per_epoch(train_size, train, world) == 0:
-        raise PipelineConfigError(
-            f"--batch-size {train.batch_size} is larger than {dataset}'s {train.split} split "
-            f"({train_size} images over {world} worker(s)), so an epoch would hold no full batch; "
-            f"use at most {world * (train_size // world)}"
-        )
 
 
 def smallest_choice_costs(counter: ParamCounter, layer_names: tuple[str, ...]) -> dict[str, tuple[int, str]]:
@@ -146,10 +180,33 @@ def budget_warning(counter: ParamCounter, layer_names: tuple[str, ...], max_para
     return None
 
 
-def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
-    """Every check that needs no training and no Ray, in order of cost; returns each dataset's budget.
+def _check_unit_batch(cfg: PipelineConfig, unit: TrainingUnit, train_size: int) -> None:
+    """docs/method.md §2 drops the last partial batch: a batch larger than a worker's share trains
+    nothing.  A unit whose batch was fitted to a short list (few-shot) can only fail on the workers."""
+    train = unit.train_config(cfg.train)
+    world = train.world_size
+    if steps_per_epoch(train_size, train, world) >= 1:
+        return
+    if unit.batch_size is None:
+        raise PipelineConfigError(
+            f"--batch-size {train.batch_size} is larger than {unit.name}'s {train.split} split "
+            f"({train_size} images over {world} worker(s)), so an epoch would hold no full batch; "
+            f"use at most {world * (train_size // world)}")
+    train_list = unit.data.list_path(unit.train_split)
+    raise DataError(f"{train_list}: {train_size} image(s) give no full batch over {world} training worker(s); "
+                    f"use fewer --train-workers")
 
-    Writes nothing to ``--out`` (the embedded digits dataset is written to the data root if missing).
+
+def check_units(cfg: PipelineConfig, units: Sequence[TrainingUnit] | Callable[[], Sequence[TrainingUnit]],
+                run_outs: Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Every check of a run that needs no training and no Ray, in order of cost, for all three
+    pipelines; returns each unit's parameter budget (docs/method.md §8).
+
+    ``units`` may be a function that builds them: it is called after the job's own checks (an own
+    dataset's unit reads its labels).  ``run_outs``: the output folders the units are written under
+    (VTAB's one per seed; default ``--out``).  Each distinct list file is read once: every line
+    parsed, every label in range, every image present; last, every image they name is opened once.
+    Writes nothing to ``--out``.
     """
     _check_output(cfg)
     try:
@@ -157,32 +214,48 @@ def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
     except BackboneError as err:
         raise PipelineConfigError(str(err)) from err
     _check_model(cfg)
-    splits = (cfg.train.split, *EVAL_SPLITS)
-    datas = {}
-    for dataset in cfg.datasets:
-        if dataset in EMBEDDED_DATASETS and cfg.write_embedded_data:
-            write_digits_dataset(cfg.data_root, name=dataset)
-        datas[dataset] = vtab_data(cfg, dataset)  # an own dataset's classes are counted from its labels
-        counts = datas[dataset].validate(splits)
-        _check_batch_size(cfg, dataset, counts[cfg.train.split])
-    from .run import spec_for  # run.py imports this module
-
-    budgets = {}
-    for dataset in cfg.datasets:
-        supernet = spec_for(cfg, datas[dataset]).build_empty()
-        budgets[dataset] = Budget(cfg.search.min_params, cfg.search.max_params).resolve(supernet.counter)
-        warning = budget_warning(supernet.counter, supernet.layer_names, budgets[dataset][1])
-        if warning is not None:
-            log.warning("%s: %s", dataset, warning)
+    units = list(units() if callable(units) else units)
+    counts: dict[Path, int] = {}
+    for unit in units:
+        for split in unit.splits:
+            path = unit.data.list_path(split)
+            if path not in counts:
+                counts[path] = unit.data.validate((split,))[split]
+        unit.data.check_classes(unit.train_split)
+        _check_unit_batch(cfg, unit, counts[unit.data.list_path(unit.train_split)])
+    check_unit_folders(cfg.out, [(out, unit.path) for out in (run_outs or [cfg.out]) for unit in units])
+    budgets: dict[str, tuple[int, int]] = {}
+    by_classes: dict[int, tuple[int, int]] = {}
+    for unit in units:
+        classes = unit.data.num_classes
+        if classes not in by_classes:
+            supernet = spec_for(cfg, unit.data).build_empty()
+            by_classes[classes] = Budget(cfg.search.min_params, cfg.search.max_params).resolve(supernet.counter)
+            warning = budget_warning(supernet.counter, supernet.layer_names, by_classes[classes][1])
+            if warning is not None:
+                log.warning("%s: %s", unit.name, warning)
+        budgets[unit.name] = by_classes[classes]
     try:
         _check_backbone_weights(cfg)
     except BackboneError as err:
         raise PipelineConfigError(str(err)) from err
-    # Last: the costliest check, every image every split of every dataset names, opened once.
-    refs = [ref for data in datas.values() for split in splits for ref in sample_refs(data.samples(split))]
-    checked = check_images(refs)
-    log.info("preflight: %d image(s) of %d dataset(s) open", checked, len(cfg.datasets))
+    # Last: the costliest check, every image the units' lists name, opened once.
+    lists = {unit.data.list_path(split): (unit, split) for unit in units for split in unit.splits}
+    refs = [ref for unit, split in lists.values() for ref in sample_refs(unit.data.samples(split))]
+    log.info("preflight: %d image(s) of %d unit(s) open", check_images(refs), len(units))
     return budgets
+
+
+def preflight(cfg: PipelineConfig) -> dict[str, tuple[int, int]]:
+    """The VTAB job's ``check_units``: one unit per dataset, under every seed's output folder; the
+    embedded digits dataset is written to the data root if missing."""
+    def vtab_units() -> list[TrainingUnit]:
+        for dataset in cfg.datasets:
+            if dataset in EMBEDDED_DATASETS and cfg.write_embedded_data:
+                write_digits_dataset(cfg.data_root, name=dataset)
+        return [vtab_unit(cfg, dataset) for dataset in cfg.datasets]
+
+    return check_units(cfg, vtab_units, [run.out for _, run in cfg.seed_runs()])
 
 
 # -- once Ray is up ------------------------------------------------------------------------------

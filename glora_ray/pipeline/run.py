@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, replace
 from typing import Any, Sequence
@@ -17,9 +18,9 @@ import pandas as pd
 
 from .. import storage
 from ..budget import Budget
-from ..checkpoint import SupernetSpec, load_supernet, numpy_state
+from ..checkpoint import load_supernet, numpy_state
 from ..data import DataConfig
-from ..errors import GLoRARayError
+from ..errors import GLoRARayError, TrainingDiverged
 from ..runtime import child_runtime_env, init_ray, quiet_ray_logs
 from ..search import run_search
 from ..train import train_supernet
@@ -34,29 +35,20 @@ from .holdout import split_accuracies
 from .lr_sweep import sweep_learning_rate
 from .preflight import check_cluster, preflight
 from .summary import summary_frame
-from .unit import TrainingUnit, vtab_data, vtab_unit
+from .lock import LOCK_FILE
+from .unit import TrainingUnit, spec_for, vtab_data, vtab_unit
 
 log = logging.getLogger(__name__)
 TEST_FILE = "test.json"  # the winner's single test result; present means "tested once already"
 PARETO_TEST_FILE = "pareto_test.parquet"
 LR_SWEEP_FILE = "lr_sweep.json"
+WALL_TIME_FILE = "wall_time.json"  # per unit: the seconds of every invocation that finished it
 
 
 def run_id_for(cfg: PipelineConfig) -> str:
     """Stable across reruns of the same job, so a resumed run writes the same rows."""
     identity = json.dumps(cfg.identity(), sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
-
-
-def spec_for(cfg: PipelineConfig, dataset: str | DataConfig) -> SupernetSpec:
-    data = data_for(cfg, dataset) if isinstance(dataset, str) else dataset
-    return SupernetSpec(backbone=cfg.backbone, num_classes=data.num_classes, ranks=cfg.ranks, forms=cfg.forms,
-                        targets=cfg.targets, layer_types=cfg.layer_types, dataset=data.name,
-                        adapter_seed=cfg.train.seed)
-
-
-def data_for(cfg: PipelineConfig, dataset: str) -> DataConfig:
-    return vtab_data(cfg, dataset)
 
 
 # -- one unit ----------------------------------------------------------------------------------
@@ -93,7 +85,8 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
         storage.write_json(storage.join(export_uri, LR_SWEEP_FILE), asdict(sweep))
         lr, checkpoint_dir = sweep.lr, sweep.checkpoint_dir
         compute = training_compute(storage.read_json(storage.join(checkpoint_dir, HISTORY_FILE)))
-        say(f"stage 1: lr {lr:g} chosen; trials {[(t['lr'], round(t['val_acc'], 4)) for t in sweep.trials]}")
+        trials = [(t["lr"], "diverged" if t["diverged"] else round(t["val_acc"], 4)) for t in sweep.trials]
+        say(f"stage 1: lr {lr:g} chosen; trials {trials}")
     else:
         lr = unit.lr
         where = "in this process (Ray Train local mode)" if cfg.train.num_workers == 0 else \
@@ -154,9 +147,19 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
     outcome = DatasetOutcome(
         dataset=unit.data.name, group=unit.group, seed=cfg.train.seed, lr=lr, params=best.params,
         head_params=supernet.head_num_params, val_acc=val_acc, test_acc=test_acc,
-        wall_seconds=time.perf_counter() - started, key=best.key, extra={**unit.extra, **several},
+        wall_seconds=add_wall_time(dataset_uri, time.perf_counter() - started), key=best.key,
+        extra={**unit.extra, **several},
     )
     return asdict(outcome)
+
+
+def add_wall_time(dataset_uri: str, seconds: float) -> float:
+    """Record this invocation's ``seconds`` on a unit beside those of the earlier ones (a resumed
+    or extended run) in ``WALL_TIME_FILE``; return the total, the unit's wall time over all of them."""
+    uri = storage.join(dataset_uri, WALL_TIME_FILE)
+    runs = [*(storage.read_json(uri)["runs"] if storage.exists(uri) else []), seconds]
+    storage.write_json(uri, {"runs": runs, "total": sum(runs)})
+    return sum(runs)
 
 
 def retrain_run_name(key: str) -> str:
@@ -288,9 +291,33 @@ def run_units(cfg: PipelineConfig, units: Sequence[TrainingUnit],
             for ref in done:
                 rows[running.pop(ref)] = _outcome(ref)
         _drain(progress)
+    except TrainingDiverged:
+        if len(units) == 1:  # with several, others may still be writing into --out
+            withdraw_empty_run(cfg.out)
+        raise
     finally:
         progress.shutdown()
     return [rows[i] for i in range(len(units))]
+
+
+def withdraw_empty_run(out: str) -> None:
+    """After a training diverged: when no unit of the run in ``out`` (a local folder) kept anything
+    (the diverged training removes its own folder), remove the run's records too, so that ``out``
+    is as before and a rerun with other settings (a lower lr) may use it.  Only the run's
+    top-level records and empty folders are removed, never a file of a unit."""
+    root = storage.local_path(out)
+    if root is None or not os.path.isdir(root):
+        return
+    for folder, _, files in os.walk(root):
+        if files and folder != root:
+            return  # a unit kept something: the record stays, and with it the run's settings
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            if not (folder == root and name == LOCK_FILE):
+                os.remove(os.path.join(folder, name))
+        if folder != root:
+            os.rmdir(folder)
+    log.info("--out %s: the run diverged before any unit kept anything; its record is removed", out)
 
 
 def start_run(cfg: PipelineConfig, budgets: dict[str, tuple[int, int]]) -> None:

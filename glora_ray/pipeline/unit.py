@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..checkpoint import SupernetSpec
 from ..data import DataConfig, dataset_info
 from ..data.custom import CUSTOM_GROUP, own_dataset_classes
 from ..data.vtab import is_registered
@@ -96,3 +97,11 @@ def fitted_batch(train: TrainConfig, samples: int) -> int | None:
     if fitted < train.world_size:
         return None  # not even one sample per worker: training's own check names the list
     return fitted
+
+
+def spec_for(cfg: PipelineConfig, dataset: str | DataConfig) -> SupernetSpec:
+    """The supernet a job builds for ``dataset`` (its classes, the job's space and adapter seed)."""
+    data = vtab_data(cfg, dataset) if isinstance(dataset, str) else dataset
+    return SupernetSpec(backbone=cfg.backbone, num_classes=data.num_classes, ranks=cfg.ranks, forms=cfg.forms,
+                        targets=cfg.targets, layer_types=cfg.layer_types, dataset=data.name,
+                        adapter_seed=cfg.train.seed)

@@ -1,22 +1,32 @@
 """Settings of the evolutionary search (docs/method.md §3 defaults), validated when constructed."""
 from __future__ import annotations
 
-from ..errors import GLoRARayError
-
 import enum
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from ..budget import parse_param_count
+from ..errors import GLoRARayError
 from ..identity import EXECUTION_ONLY, EXTENDS, result_identity
 from ..precision import Precision, parse_precision
 from ..settings import from_known_fields
-from .merge import AUTO as AUTO_MERGE, MergeStrategy
 
 
 class SearchConfigError(GLoRARayError):
     """A search setting out of range; the message names the field and what would be valid."""
+
+
+class MergeStrategy(str, enum.Enum):
+    """How an evaluator puts a subnet's merged weights into the plain backbone (search/merge.py,
+    docs/method.md §1.6)."""
+
+    JUST_IN_TIME = "just_in_time"
+    PER_CANDIDATE = "per_candidate"
+    BATCHED = "batched"
+
+
+AUTO_MERGE = "auto"  # resolved per actor device: see merge.resolve_merge_strategy
 
 
 class EvalMode(str, enum.Enum):
@@ -78,11 +88,11 @@ class SearchConfig:
     eval_mode: EvalMode = EvalMode.MERGED
     # Forward passes of the evaluation: "fp32", "tf32" (CUDA actors only) or "bf16" autocast.
     precision: Precision = Precision.FP32
-    # How merged mode merges: "auto" (just_in_time on CPUs, batched on CUDA), "just_in_time",
-    # "per_candidate" or "batched" (search/merge.py).  just_in_time and per_candidate give equal
-    # accuracies bit for bit; batched up to float summation order, so it is not execution-only
-    # in principle, but every strategy computes the same function: treated as how the run executes.
-    merge_strategy: str = field(default=AUTO_MERGE, metadata=EXECUTION_ONLY)
+    # How merged mode merges: "auto" (just_in_time on CPU actors, batched on GPU actors),
+    # "just_in_time", "per_candidate" or "batched" (search/merge.py).  just_in_time and
+    # per_candidate give equal accuracies bit for bit, batched only up to float summation order:
+    # so it is part of a run's identity, "auto" as what it resolves to (``resolved_field``).
+    merge_strategy: str = AUTO_MERGE
     # -- resources and fault handling: changing these continues a run (glora_ray.identity) --
     # None: as many as the cluster's CPUs / GPUs hold
     num_actors: int | None = field(default=None, metadata=EXECUTION_ONLY)
@@ -101,6 +111,14 @@ class SearchConfig:
     call_timeout_s: float | None = field(default=None, metadata=EXECUTION_ONLY)
     actor_start_timeout_s: float = field(default=600.0, metadata=EXECUTION_ONLY)
     actor_placement: Placement = field(default=Placement.SPREAD, metadata=EXECUTION_ONLY)
+
+    def resolved_field(self, name: str, value: Any) -> Any:
+        """A field as the run's identity records it (glora_ray.identity): ``merge_strategy="auto"``
+        as the strategy its actors will use (merge.resolve_merge_strategy)."""
+        if name == "merge_strategy" and value == AUTO_MERGE:
+            gpu = self.gpus_per_actor > 0
+            return (MergeStrategy.BATCHED if gpu else MergeStrategy.JUST_IN_TIME).value
+        return value
 
     def __post_init__(self) -> None:
         try:

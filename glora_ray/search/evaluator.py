@@ -16,9 +16,17 @@ which pay a Python walk over every module per candidate (or per batch).
 
 ``precision`` (docs/method.md §3): the forward passes run in fp32, TF32 (CUDA) or bf16 autocast;
 the merge itself always runs in fp32.
+
+Evaluation batch: ``batch_size`` is the smallest batch; the evaluator measures one image's
+activations in its warm-up (the largest input plus output of any leaf module) and evaluates in
+batches as large as fit ``activation_budget`` bytes, up to the whole validation split.  The
+just-in-time merge runs once per batch (merge.py), so at small inputs, where the merge costs as
+much as a batch's forward, fewer batches are what keeps a candidate's cost near the backbone's;
+the activations are transient (freed after each batch), unlike merged weights held across batches.
 """
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,6 +44,12 @@ from ..supernet import Supernet, SubnetLike
 from ..precision import Precision, compute_precision, matmul_precision, resolve_precision
 from .config import EvalMode
 from .merge import AUTO, BatchedMerge, JustInTimeMerge, MergeStrategy, Merger, PerCandidateMerge, resolve_merge_strategy
+
+log = logging.getLogger(__name__)
+
+# Activations one evaluation batch may take (module docstring): at ViT-B/16 224 px the default
+# batch of 64 already exceeds it (about 5 MiB per image), at 64 px ViT-Ti's 200 images fit it.
+ACTIVATION_BUDGET = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -170,10 +184,13 @@ class Evaluator:
         actor_id: str = "local",
         precision: Precision | str = Precision.FP32,
         merge: MergeStrategy | str = AUTO,
+        activation_budget: int = ACTIVATION_BUDGET,
     ):
         check_val_arrays(images, labels, spec.num_classes)
         if batch_size < 1:
             raise GLoRARayError(f"batch_size must be >= 1, got {batch_size}")
+        if activation_budget < 0:
+            raise GLoRARayError(f"activation_budget must be >= 0 bytes, got {activation_budget}")
         if threads is not None:
             torch.set_num_threads(threads)
         self.mode = EvalMode(mode)
@@ -197,13 +214,40 @@ class Evaluator:
         else:
             self.model = self.supernet
         self.calls = 0
-        self._warm_up()
+        self.image_activation_bytes = self._warm_up()
+        fits = activation_budget // max(self.image_activation_bytes, 1)
+        # The batch the forward passes run in: at least batch_size, at most the whole split.
+        self.eval_batch = max(batch_size, min(len(self.labels), fits))
+        if self.eval_batch != batch_size:
+            log.debug("%s: evaluation batch %d instead of %d (%d bytes of activations per image)",
+                      actor_id, self.eval_batch, batch_size, self.image_activation_bytes)
 
-    def _warm_up(self) -> None:
-        """One image through the largest subnet: shape errors surface at start, kernels load."""
+    @property
+    def batches(self) -> int:
+        """Forward batches per candidate (the just-in-time merge runs once per batch)."""
+        return -(-len(self.labels) // self.eval_batch)
+
+    def _warm_up(self) -> int:
+        """One image through the largest subnet: shape errors surface at start, kernels load.
+        Returns that image's activation bytes: the largest input plus output of a leaf module."""
         genes = self.supernet.largest_subnet()
         self._select(genes)
-        self._count_correct(self.images[:1], self.labels[:1], 1)
+        model = self.model.plain if isinstance(self.model, MergedModel) else self.model
+        peak = 0
+
+        def measure(module: nn.Module, args: tuple, output) -> None:
+            nonlocal peak
+            tensors = [t for t in (*args, output) if isinstance(t, torch.Tensor)]
+            peak = max(peak, sum(t.numel() * t.element_size() for t in tensors))
+
+        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+        handles = [m.register_forward_hook(measure) for m in leaves]
+        try:
+            self._count_correct(self.images[:1], self.labels[:1], 1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return peak
 
     def _count_correct(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[int, float]:
         """(correct, summed cross-entropy) of the selected subnet."""
@@ -227,7 +271,7 @@ class Evaluator:
             genes = self.supernet.to_genes(subnet)
             start = time.perf_counter()
             self._select(genes)
-            correct, loss_sum = self._count_correct(self.images, self.labels, self.batch_size)
+            correct, loss_sum = self._count_correct(self.images, self.labels, self.eval_batch)
             seconds = time.perf_counter() - start
             results.append(EvalResult(self.supernet.space.genes_to_string(genes), correct / total, seconds,
                                       self.actor_id, correct, total, val_loss=loss_sum / total))

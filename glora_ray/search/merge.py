@@ -23,7 +23,6 @@ docs/method.md §1), different costs:
 """
 from __future__ import annotations
 
-import enum
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -34,15 +33,7 @@ from ..errors import GLoRARayError
 from ..precision import Precision, matmul_precision
 from ..space import TENSORS, Kind
 from ..supernet import Supernet
-
-
-class MergeStrategy(str, enum.Enum):
-    JUST_IN_TIME = "just_in_time"
-    PER_CANDIDATE = "per_candidate"
-    BATCHED = "batched"
-
-
-AUTO = "auto"
+from .config import AUTO_MERGE as AUTO, MergeStrategy
 
 
 def resolve_merge_strategy(value: MergeStrategy | str, device: torch.device) -> MergeStrategy:

@@ -36,7 +36,7 @@ from .config import SearchConfig
 from .evaluator import EvalResult, check_val_arrays
 from .evolution import Candidate, DrawCounts, EvolutionPlanner, ResumeMismatchError, Scored
 from .pareto import FRONT_COLUMNS, pareto_front
-from .pool import ActorSettings, EvaluatorPool, plan_actor_count
+from .pool import ActorSettings, EvaluatorPool, PoolStats, plan_actor_count
 from .results import (
     FORMAT_VERSION, MANIFEST_FILE, PARETO_FILE, POPULATION_DIR, RESULT_FILE, ResultStore, front_table, generation_table,
     population_schema, stored_scores,
@@ -77,6 +77,11 @@ class SearchResult:
     # first), ranked by ``config.fitness`` (docs/method.md §3): the elite the next generation
     # would draw from.
     top: tuple[BestSubnet, ...] = ()
+    # Timings of this invocation (not stored: result.json holds deterministic content only): the
+    # pool's (actor starts, time inside its evaluate calls, where each actor ran; None when
+    # nothing was evaluated) and each evaluated generation's wall seconds (evaluate, commit, plan).
+    pool: PoolStats | None = None
+    generation_seconds: tuple[float, ...] = ()
 
 
 def array_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
@@ -329,6 +334,7 @@ def run_search(
 
     pool = start_pool(spec, state, val_images, val_labels, config)
     clock = StageClock(config.generations - search.planner.generation)
+    generation_seconds: list[float] = []
     try:
         while candidates:
             started = time.perf_counter()
@@ -337,6 +343,7 @@ def run_search(
             candidates = plan_generation(search)
             result = search.result(pool.num_actors)
             seconds = time.perf_counter() - started
+            generation_seconds.append(seconds)
             say(
                 f"[{run_id}] generation {search.planner.generation}/{config.generations}: best val_acc "
                 f"{result.best.val_acc:.4f}, val_loss {result.best.val_loss:.4f} ({result.best.params:,} params) | "
@@ -345,6 +352,7 @@ def run_search(
             )
     finally:
         pool.shutdown()
+    result.pool, result.generation_seconds = pool.stats, tuple(generation_seconds)
     if search.exhausted:
         say(f"[{run_id}] stopped after generation {search.planner.generation}: no unevaluated subnet fits the budget")
     return result

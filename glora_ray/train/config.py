@@ -1,16 +1,15 @@
 """Stage-1 training settings (docs/method.md §2 defaults) and how the job is spread over Ray Train workers."""
 from __future__ import annotations
 
-from ..errors import GLoRARayError, GLoRARayTypeError
-
 import enum
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from ..data.vtab import SPLITS
+from ..errors import GLoRARayError, GLoRARayTypeError
 from ..identity import EXECUTION_ONLY
-from ..precision import parse_precision
+from ..precision import AUTO as AUTO_PRECISION, Precision, parse_precision
 from ..settings import from_known_fields
+from ..splits import SPLITS
 
 
 class SubnetSampling(str, enum.Enum):
@@ -31,8 +30,9 @@ class TrainConfigTypeError(TrainConfigError, GLoRARayTypeError):
 @dataclass
 class TrainConfig:
     """Supernet training.  ``batch_size`` is the GLOBAL batch: each of the ``num_workers`` workers
-    takes ``batch_size // num_workers`` images per step, so the optimisation does not change with
-    the number of workers.  ``num_workers=0`` runs Ray Train's local mode (in this process).
+    takes ``batch_size // num_workers`` images per step, so the learning rate and schedule hold for
+    any number of workers (the results do not: see the fields below).  ``num_workers=0`` runs Ray
+    Train's local mode (in this process).
     """
 
     epochs: int = 500
@@ -61,12 +61,16 @@ class TrainConfig:
     # A finished training (a supernet checkpoint folder) whose adapters and head start this one,
     # e.g. the stage-3 retraining of the winner (docs/method.md §3.2).
     init_from: str | None = None
+    # -- where it runs: these change results, so changing them is another run ----------------
+    # The global batch keeps the optimisation's scale, but not its numbers: each worker draws its
+    # own stochastic-depth masks, normalises by its own batch statistics and the gradients are
+    # summed in another order, and a GPU computes with other kernels (and ``precision="auto"``
+    # resolves to bf16 there).
+    num_workers: int = 1
+    use_gpu: bool = False
     # -- how the job runs: changing these continues a run (glora_ray.identity) ---------------
-    # The global batch and the per-epoch reseeding make results independent of the worker count.
     checkpoint_every: int = field(default=10, metadata=EXECUTION_ONLY)  # epochs; the last is always checkpointed
     keep_checkpoints: int = field(default=2, metadata=EXECUTION_ONLY)
-    num_workers: int = field(default=1, metadata=EXECUTION_ONLY)
-    use_gpu: bool = field(default=False, metadata=EXECUTION_ONLY)
     cpus_per_worker: int = field(default=1, metadata=EXECUTION_ONLY)
     # None: 1 when use_gpu; a fraction shares a GPU
     gpus_per_worker: float | None = field(default=None, metadata=EXECUTION_ONLY)
@@ -121,6 +125,13 @@ class TrainConfig:
             raise TrainConfigError(
                 f"gpus_per_worker={self.gpus_per_worker} needs use_gpu=True and a value > 0"
             )
+
+    def resolved_field(self, name: str, value: Any) -> Any:
+        """A field as the run's identity records it (glora_ray.identity): ``precision="auto"`` as
+        the precision it means where this training runs."""
+        if name == "precision" and value == AUTO_PRECISION:
+            return (Precision.BF16 if self.use_gpu else Precision.FP32).value
+        return value
 
     def _validate_sampling(self) -> None:
         valid = [s.value for s in SubnetSampling]

@@ -7,6 +7,10 @@ Rerunning with the same ``run_name`` and ``storage_path`` resumes from the lates
 (Ray Train hands it to ``ray.train.get_checkpoint``); a worker failure restarts the worker group
 from it, up to ``max_failures`` times.  Afterwards the driver copies the finished supernet to
 ``<storage_path>/<run_name>/supernet`` (or ``output_dir``), which ``load_supernet`` reads.
+
+A training whose loss or adapter weights stop being finite stops at that step (``loop``), is not
+retried, and leaves nothing behind: the driver removes the run's folder and raises
+``TrainingDiverged``, so a rerun (with a lower lr, or again) starts afresh.
 """
 from __future__ import annotations
 
@@ -22,7 +26,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import faults, storage
-from ..checkpoint import CheckpointMismatchError, SupernetSpec, read_spec, save_supernet
+from ..checkpoint import (CheckpointMismatchError, SupernetSpec, describe_names, nonfinite_tensors, read_spec,
+                          save_supernet)
+from ..errors import TrainingDiverged
+from ..data.verify import check_decodable
 from ..data.vtab import DataConfig
 from ..identity import result_identity
 from ..progress import StageClock
@@ -134,50 +141,72 @@ def train_supernet(
     train.validate()
     spec = prepare_spec(spec, data, train)
     data = absolute_data(data)
-    counts = data.validate((train.split,), open_images=True)
+    _check_before_ray(spec, data, train)
+    storage_path, run_dir = _run_location(storage_path, run_name, train, output_dir)
+    final_dir = Path(output_dir) if output_dir is not None else Path(run_dir) / SUPERNET_DIR
+    finished = _finished(final_dir, spec, train, run_dir)
+    if finished is not None:
+        return finished  # a rerun of a completed run: no worker group to start
+    if train.num_workers > 0:
+        init_ray()
+        check_cluster_fits(train)
+    if not _is_uri(run_dir):
+        _check_rerun(Path(run_dir), spec)
+    trainer = _trainer(spec, data, train, storage_path, run_name, run_dir, progress)
+    result = trainer.fit()
+    outcome = result.return_value or {}
+    if outcome.get("diverged"):
+        _forget_diverged_run(run_dir)
+        raise TrainingDiverged(diverged_message(outcome["diverged"], data.name, run_name, train),
+                               **{k: outcome["diverged"].get(k) for k in ("epoch", "step")},
+                               what=outcome["diverged"].get("what", ""))
+    return _install_result(result, spec, train, run_dir, final_dir, outcome)
+
+
+def _check_before_ray(spec: SupernetSpec, data: DataConfig, train: TrainConfig) -> None:
+    """The training list (every line, path, label; every image decodes), a full batch per worker,
+    the backbone (real weights loaded once here, so an unreadable file or an offline hub fails
+    now, not in every worker after Ray starts), a fixed subnet's key, a sandwich's budget, and an
+    ``init_from`` supernet of the same spec."""
+    counts = data.validate((train.split,))
+    check_decodable(data.samples(train.split), data.list_path(train.split))
     if steps_per_epoch(counts[train.split], train, train.world_size) < 1:
         raise TrainConfigError(
             f"{counts[train.split]} images in {train.split!r} give no full batch of {train.batch_size} "
             f"(global) over {train.world_size} worker(s)"
         )
     spec.backbone.validate()
-    if spec.backbone.loads_weights:
-        # Real weights are loaded once here, so an unreadable file or an offline hub fails now,
-        # not in every worker after Ray starts (and again on every retry).
-        structure = spec.build()
-    else:
-        structure = spec.build_empty()  # the architecture builds and the targets match its layers
+    # Otherwise the empty structure: the architecture builds and the targets match its layers.
+    structure = spec.build() if spec.backbone.loads_weights else spec.build_empty()
     if train.fixed_subnet is not None:
         structure.to_genes(train.fixed_subnet)  # a key of this space and these layers, before Ray starts
-    if train.fixed_subnet is None:
+    else:
         StepSubnets.from_config(structure.counter, train)  # a sandwich needs the budget: refused now
     if train.init_from is not None:
         read_spec(train.init_from).check_matches(spec, f"init_from {train.init_from}")
 
-    local_mode = train.num_workers == 0
-    if _is_uri(storage_path):
-        if local_mode:
-            raise TrainConfigError("local mode (num_workers=0) needs a local storage_path")
-        if output_dir is None:
-            raise TrainConfigError(f"storage_path {storage_path!r} is remote: pass a local output_dir")
-        run_dir = f"{storage_path.rstrip('/')}/{run_name}"
-    else:
-        storage_path = os.path.abspath(storage_path)
-        run_dir = os.path.join(storage_path, run_name)
-    final_dir = Path(output_dir) if output_dir is not None else Path(run_dir) / SUPERNET_DIR
-    finished = _finished(final_dir, spec, train, run_dir)
-    if finished is not None:
-        return finished  # a rerun of a completed run: no worker group to start
-    if not local_mode:
-        init_ray()
-        check_cluster_fits(train)
-    if not _is_uri(run_dir):
-        _check_rerun(Path(run_dir), spec)
 
+def _run_location(storage_path: str, run_name: str, train: TrainConfig, output_dir: str | None) -> tuple[str, str]:
+    """(storage path, run folder): a local path made absolute; a URI needs a local ``output_dir``
+    and Ray Train workers (local mode keeps its checkpoints in a local folder)."""
+    if not _is_uri(storage_path):
+        storage_path = os.path.abspath(storage_path)
+        return storage_path, os.path.join(storage_path, run_name)
+    if train.num_workers == 0:
+        raise TrainConfigError("local mode (num_workers=0) needs a local storage_path")
+    if output_dir is None:
+        raise TrainConfigError(f"storage_path {storage_path!r} is remote: pass a local output_dir")
+    return storage_path, f"{storage_path.rstrip('/')}/{run_name}"
+
+
+def _trainer(spec: SupernetSpec, data: DataConfig, train: TrainConfig, storage_path: str, run_name: str,
+             run_dir: str, progress: Callable[[str], None] | None) -> Any:
+    """The Ray Train V2 ``TorchTrainer`` of this run (resumed by name and storage path)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(
+    local_mode = train.num_workers == 0
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.to_dict(),
@@ -200,7 +229,11 @@ def train_supernet(
             logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
         ),
     )
-    result = trainer.fit()
+
+
+def _install_result(result: Any, spec: SupernetSpec, train: TrainConfig, run_dir: str, final_dir: Path,
+                    outcome: Mapping[str, Any]) -> TrainResult:
+    """The last checkpoint's supernet installed in ``final_dir`` with its history and settings."""
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
@@ -209,7 +242,6 @@ def train_supernet(
     read_spec(final_dir).check_matches(spec, str(final_dir))
     storage.write_json(str(final_dir / HISTORY_FILE), history)
     storage.write_json(str(final_dir / TRAIN_CONFIG_FILE), result_identity(train))
-    outcome = result.return_value or {}
     return TrainResult(
         checkpoint_dir=str(final_dir),
         history=history,
@@ -219,6 +251,23 @@ def train_supernet(
         spec=spec,
         ray_checkpoint_path=result.checkpoint.path,
     )
+
+
+def diverged_message(diverged: Mapping[str, Any], dataset: str, run_name: str, train: TrainConfig) -> str:
+    """The one-line error for a diverged training: where, and what to try (docs/method.md §7)."""
+    return (f"dataset {dataset!r}, training run {run_name!r}: {diverged['message']} (lr {train.lr:g}); nothing "
+            f"from this training is kept, and a rerun starts it afresh; try a lower --lr, or narrower forms "
+            f"(docs/method.md §7, e.g. --forms-B lora none)")
+
+
+def _forget_diverged_run(run_dir: str) -> None:
+    """Remove a diverged run's checkpoints and records, so no rerun resumes its state or its lr."""
+    fs, path = storage.resolve(run_dir)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    log.debug("removed the diverged training run %s", run_dir)
 
 
 def _finished(final_dir: Path, spec: SupernetSpec, train: TrainConfig, run_dir: str) -> TrainResult | None:
@@ -255,6 +304,10 @@ def _resume_payload(checkpoint, local_dir: Path | None, spec: SupernetSpec) -> d
             return None
         payload, where = load_training_state(latest), str(latest)
     SupernetSpec.from_dict(payload["meta"]["spec"]).check_matches(spec, f"checkpoint {where}")
+    bad = nonfinite_tensors(payload["adapters"])
+    if bad:  # written before divergence was caught: resuming it would train NaN on
+        raise TrainingDiverged(f"checkpoint {where} holds non-finite weights ({describe_names(bad)})",
+                               epoch=int(payload["epoch"]), what="non-finite weights in its checkpoint")
     return payload
 
 
@@ -332,6 +385,10 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> dict[str, Any]:
     try:
         with torch.random.fork_rng(devices=rng_devices):
             return _train_worker(spec, data, train, device, rank, world_size, local_dir, config.get("progress"))
+    except TrainingDiverged as err:
+        # Returned, not raised: Ray Train would retry a worker's error max_failures times, each
+        # resuming the last checkpoint of this lr only to diverge again.  The driver raises it.
+        return {"diverged": {"message": str(err), "epoch": err.epoch, "step": err.step, "what": err.what}}
     finally:
         torch.set_num_threads(threads)
 

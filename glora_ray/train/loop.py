@@ -36,7 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import storage
-from ..checkpoint import MissingCheckpointError, SupernetSpec, load_adapters_into
+from ..checkpoint import MissingCheckpointError, SupernetSpec, describe_names, load_adapters_into, nonfinite_tensors
+from ..errors import TrainingDiverged
 from ..precision import Precision, autocast, matmul_precision, memory_format, resolve_precision
 from ..supernet import Supernet
 from .config import TrainConfig, TrainConfigError
@@ -235,6 +236,7 @@ def train_epoch(
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             teacher = None
+            finite = torch.ones((), dtype=torch.bool, device=device)
             for genes in step_subnets:  # gradients accumulate over a sandwich's subnets
                 supernet.set_subnet(genes)
                 with autocast(precision, device):  # the backward pass runs outside, as autocast wants
@@ -248,6 +250,9 @@ def train_epoch(
                 loss_sum += loss.detach().double() * labels.numel()
                 correct += (logits.detach().argmax(dim=1) == labels).sum()
                 pass_images += labels.numel()
+                finite &= torch.isfinite(loss.detach())
+            # Before the update, so a non-finite gradient never reaches the weights.
+            check_finite_loss(finite, loss, epoch, step, world_size)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -262,6 +267,7 @@ def train_epoch(
         if len(set(digests)) != 1:
             # Different subnets on different workers make the averaged gradient meaningless.
             raise RuntimeError(f"epoch {epoch}: workers drew different subnets (digests {digests})")
+    check_finite_adapters(supernet, epoch, step)
     loss_total, correct_total, pass_images_total, images_total = totals.tolist()
     seconds = time.perf_counter() - start
     return EpochStats(
@@ -278,6 +284,33 @@ def train_epoch(
         subnet_digests=digests,
         passes=round(pass_images_total / max(images_total, 1.0)),
     )
+
+
+def check_finite_loss(finite: torch.Tensor, loss: torch.Tensor, epoch: int, step: int, world_size: int) -> None:
+    """Stop at a step whose loss is not finite on any worker (``finite``: this worker's verdict).
+
+    One host sync per step (and, over several workers, one tiny all-reduce, so every worker stops
+    at the same step instead of waiting for the others in the next gradient all-reduce)."""
+    bad = (~finite).to(torch.int32)
+    if _distributed(world_size):
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        value = loss.detach().float().item()
+        what = f"loss {value}" if not math.isfinite(value) else "a non-finite loss (another subnet or worker)"
+        raise TrainingDiverged(f"training diverged at epoch {epoch + 1}, step {step + 1} of the run: {what}",
+                               epoch=epoch + 1, step=step + 1, what=what)
+
+
+def check_finite_adapters(supernet: Supernet, epoch: int, step: int) -> None:
+    """At an epoch's end, before any checkpoint: every trainable tensor (adapters and head) finite.
+    The tensors are the same on every worker (data-parallel), so every worker decides alike."""
+    params = supernet.trainable_parameters()
+    if not params or bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+        return
+    names = nonfinite_tensors({name: p.detach() for name, p in supernet.named_parameters() if p.requires_grad})
+    what = f"non-finite adapter weights ({describe_names(names)})"
+    raise TrainingDiverged(f"training diverged in epoch {epoch + 1} (at step {step} of the run): {what}",
+                           epoch=epoch + 1, step=step, what=what)
 
 
 def training_compute(history: Iterable[Mapping[str, Any]]) -> dict[str, float]:
