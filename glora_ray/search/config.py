@@ -29,6 +29,13 @@ class MergeStrategy(str, enum.Enum):
 AUTO_MERGE = "auto"  # resolved per actor device: see merge.resolve_merge_strategy
 
 
+def auto_merge_strategy(on_gpu: bool) -> MergeStrategy:
+    """What ``auto`` means: ``batched`` on CUDA (device memory is per actor anyway; launches are
+    what cost), ``just_in_time`` elsewhere (host weights are shared between actors; private memory
+    is what costs)."""
+    return MergeStrategy.BATCHED if on_gpu else MergeStrategy.JUST_IN_TIME
+
+
 class EvalMode(str, enum.Enum):
     """How an evaluator runs a candidate.
 
@@ -116,8 +123,7 @@ class SearchConfig:
         """A field as the run's identity records it (glora_ray.identity): ``merge_strategy="auto"``
         as the strategy its actors will use (merge.resolve_merge_strategy)."""
         if name == "merge_strategy" and value == AUTO_MERGE:
-            gpu = self.gpus_per_actor > 0
-            return (MergeStrategy.BATCHED if gpu else MergeStrategy.JUST_IN_TIME).value
+            return auto_merge_strategy(self.gpus_per_actor > 0).value
         return value
 
     def __post_init__(self) -> None:

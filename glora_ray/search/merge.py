@@ -33,14 +33,13 @@ from ..errors import GLoRARayError
 from ..precision import Precision, matmul_precision
 from ..space import TENSORS, Kind
 from ..supernet import Supernet
-from .config import AUTO_MERGE as AUTO, MergeStrategy
+from .config import AUTO_MERGE as AUTO, MergeStrategy, auto_merge_strategy
 
 
 def resolve_merge_strategy(value: MergeStrategy | str, device: torch.device) -> MergeStrategy:
-    """``auto``: ``batched`` on CUDA (device memory is per actor anyway; launches are what cost),
-    ``just_in_time`` elsewhere (host weights are shared between actors; private memory is what costs)."""
+    """The strategy named, or for ``auto`` the one for ``device`` (``config.auto_merge_strategy``)."""
     if value == AUTO:
-        return MergeStrategy.BATCHED if device.type == "cuda" else MergeStrategy.JUST_IN_TIME
+        return auto_merge_strategy(device.type == "cuda")
     try:
         return MergeStrategy(value)
     except ValueError:

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from ..errors import GLoRARayError, GLoRARayTypeError
 from ..identity import EXECUTION_ONLY
-from ..precision import AUTO as AUTO_PRECISION, Precision, parse_precision
+from ..precision import AUTO as AUTO_PRECISION, parse_precision, resolve_precision
 from ..settings import from_known_fields
 from ..splits import SPLITS
 
@@ -130,7 +130,7 @@ class TrainConfig:
         """A field as the run's identity records it (glora_ray.identity): ``precision="auto"`` as
         the precision it means where this training runs."""
         if name == "precision" and value == AUTO_PRECISION:
-            return (Precision.BF16 if self.use_gpu else Precision.FP32).value
+            return resolve_precision(value, "cuda" if self.use_gpu else "cpu").value
         return value
 
     def _validate_sampling(self) -> None:
