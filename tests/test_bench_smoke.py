@@ -51,6 +51,7 @@ def ray_runs(request, tmp_path_factory):
                 if getattr(item, "module", None) is request.module}
     folder = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)  # each bench starts its own Ray, never joins this process's
     runs = {}
     try:
         for name, argv in RAY_BENCHES.items():

@@ -65,6 +65,7 @@ def test_a_simulated_cluster_spreads_the_actors_and_gives_one_nodes_results(ray_
     multi, single = tmp_path / "multi", tmp_path / "single"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"),
                                                                      os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)  # the cluster is the child's own
     child = subprocess.run([sys.executable, "-c", f"from test_multinode import cluster_search; "
                                                   f"cluster_search({str(multi)!r})"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
