@@ -28,7 +28,7 @@ def ray_local():
         ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20,
                  include_dashboard=False, logging_level=logging.WARNING)
         # As the pipelines' init_ray does: this process's Ray Train controllers and Tune trials find
-        # this instance, never another test process's (pytest-xdist workers each start one).
+        # this instance, never another local one (a driver subprocess's, a bench's).
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     ray.shutdown()
