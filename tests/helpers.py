@@ -79,11 +79,16 @@ def logged(logger_name: str = "glora_ray", level: int = logging.WARNING):
     progress handler stops propagation to the root, and pytest >= 9.2 attaches caplog to such
     loggers too, so caplog sees a record once, twice or not at all depending on what ran before."""
     handler, logger = _Records(level), logging.getLogger(logger_name)
+    # The logger's own level too: left unset it defers to the root's WARNING (or to whatever an
+    # earlier test set), and INFO records would be dropped before any handler saw them.
+    previous = logger.level
+    logger.setLevel(min(level, logger.getEffectiveLevel()))
     logger.addHandler(handler)
     try:
         yield handler.records
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 # -- shared setups (test modules import them from here, never from each other) ------------------

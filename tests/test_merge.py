@@ -54,6 +54,20 @@ def test_merge_strategies_agree_and_just_in_time_equals_per_candidate_bit_for_bi
     assert all(m.weight is None and not list(m.parameters(recurse=False)) for m in adapted)
     assert jit.supernet.model.blocks[0].attn.qkv.base.weight.data_ptr() == \
         shared["model.blocks.0.attn.qkv.base.weight"].ctypes.data
+    # While a layer runs, its merged weight lives in the one buffer every layer reuses (no
+    # weight-sized allocation per layer and batch), or is W0 itself where A and B are none.
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(m.weight.data_ptr()), prepend=False)
+             for m in adapted]
+    try:
+        logits(jit, subnets[-1], x)  # every other layer with A and B none
+    finally:
+        for hook in hooks:
+            hook.remove()
+    w0 = {shared[f"model.{n}.base.weight"].ctypes.data for n in jit.supernet.layer_names}
+    assert len(seen) == len(adapted) and set(seen) - w0 == {jit.model.merger.weight_buffer.data_ptr()}
+    none_ab = (skipping[:, :2] == [space.choices(t).index("none") for t in ("A", "B")]).all(axis=1)
+    assert seen.count(jit.model.merger.weight_buffer.data_ptr()) == (~none_ab).sum() > 0
 
 
 @pytest.mark.parametrize("base", [nn.Linear(48, 40), nn.Conv2d(8, 12, 3, groups=2)], ids=["linear", "conv"])
@@ -65,14 +79,26 @@ def test_fused_merge_keeps_the_bits_of_the_stepwise_merge(base):
     for a_name, b_name in itertools.product(layer.space.choices("A"), layer.space.choices("B")):
         layer.set_choice({"A": a_name, "B": b_name, "C": "none", "D": "none", "E": "none"})
         a, b = layer.terms()[:2]
-        with torch.no_grad():  # the merge as it was: a fresh copy or W0 + B, then + W0 * A in place
-            stepwise = torch.addmm(w0, b.down, b.up) if isinstance(b, LowRank) else \
-                w0.clone() if b is None else w0 + b.matrix()
-            if a is not None:
+        with torch.no_grad():  # the merge step by step, in the fused merge's order of terms
+            if isinstance(a, LowRank):  # a LoRA A first (its product is built in the result), then B
+                stepwise = w0.clone()
                 stepwise.addcmul_(w0, a.matrix())
+                if isinstance(b, LowRank):
+                    stepwise.addmm_(b.down, b.up)
+                elif b is not None:
+                    stepwise += b.matrix()
+            else:  # a fresh copy or W0 + B, then + W0 * A in place
+                stepwise = torch.addmm(w0, b.down, b.up) if isinstance(b, LowRank) else \
+                    w0.clone() if b is None else w0 + b.matrix()
+                if a is not None:
+                    stepwise.addcmul_(w0, a.matrix())
         fused = layer.merged_weight_2d()
         assert torch.equal(fused, stepwise), (a_name, b_name)
         assert fused.data_ptr() != w0.data_ptr()
+        # Into a caller's buffer (the just-in-time merge reuses one): the same bits, written there.
+        buffer = torch.full_like(w0, float("nan"))
+        assert layer.merged_weight_2d(out=buffer).data_ptr() == buffer.data_ptr()
+        assert torch.equal(buffer, fused), (a_name, b_name)
         # Both follow docs/method.md §1 (W0 + W0 * A + B), read from the raw support tensors.
         a_spec, b_spec = (spec_support(layer.glora, t, n) for t, n in (("A", a_name), ("B", b_name)))
         want = w0 + (0 if a_spec is None else w0 * a_spec) + (0 if b_spec is None else b_spec)

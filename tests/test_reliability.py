@@ -149,7 +149,7 @@ def test_lock_of_another_host_is_refused_with_how_to_remove_it(tmp_path):
     assert (out / LOCK_FILE).exists()
 
 
-def test_uri_outputs_are_not_locked(caplog):
+def test_uri_outputs_are_not_locked():
     with logged(level=logging.INFO) as records, OutputLock("memory://bucket/run") as lock:
         assert lock.path is None
     assert any("not locked" in r.getMessage() for r in records)

@@ -165,26 +165,37 @@ class GLoRALayer(nn.Module):
 
     # -- merging -----------------------------------------------------------------------
     @torch.no_grad()
-    def merged_weight_2d(self, terms: Sequence[Term | None] | None = None) -> torch.Tensor:
-        """W0 + W0 * A + B as a new (d_out, d_in) tensor, never W0 itself (docs/method.md §1.6).
+    def merged_weight_2d(self, terms: Sequence[Term | None] | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """W0 + W0 * A + B as a (d_out, d_in) tensor, never W0 itself (docs/method.md §1.6).
 
-        The first op makes the fresh tensor and fuses what it can, later terms accumulate into
-        it: a candidate merges all its layers, just in time once per batch, so every pass over
-        the weight counts.
+        The first op makes the fresh tensor (or writes ``out``, a (d_out, d_in) buffer that a
+        caller merging layer after layer reuses) and fuses what it can, later terms accumulate
+        into it: a candidate merges all its layers, just in time once per batch, so every pass
+        over the weight counts.  A LoRA A's dense product is built in that same tensor, so no
+        second weight-sized temporary is needed.
         """
         a, b = (self.terms() if terms is None else terms)[:2]
         w0 = self.weight_2d()
-        a_matrix = None if a is None else a.matrix()
+        if isinstance(a, LowRank):
+            weight = torch.mm(a.down, a.up, out=out)
+            torch.addcmul(w0, w0, weight, out=weight)  # W0 + W0 * A, over A's product
+            if isinstance(b, LowRank):
+                weight.addmm_(b.down, b.up)
+            elif b is not None:
+                weight.add_(b.matrix())
+            return weight
+        a_vector = None if a is None else a.matrix()  # broadcast along d_in
         if isinstance(b, LowRank):
-            weight = torch.addmm(w0, b.down, b.up)
+            weight = torch.addmm(w0, b.down, b.up, out=out)
         elif b is not None:
-            weight = w0 + b.matrix()
-        elif a_matrix is not None:
-            return torch.addcmul(w0, w0, a_matrix)  # the same bits as a copy of W0, then addcmul_
+            weight = torch.add(w0, b.matrix(), out=out)
+        elif a_vector is not None:
+            return torch.addcmul(w0, w0, a_vector, out=out)  # the same bits as a copy of W0, then addcmul_
         else:
-            return w0.clone()
-        if a_matrix is not None:
-            weight.addcmul_(w0, a_matrix)
+            return w0.clone() if out is None else out.copy_(w0)
+        if a_vector is not None:
+            weight.addcmul_(w0, a_vector)
         return weight
 
     @torch.no_grad()

@@ -5,9 +5,10 @@ docs/method.md §1), different costs:
 
 ``just_in_time`` (the default on the CPU)
     Each adapted layer's weight is merged just before it runs (a forward pre-hook on the plain
-    layer), by the layer's own ``merged_weight_2d``, and dropped right after: an actor holds one
-    layer's merged weight at a time and a bias vector per layer instead of a private merged
-    copy of every adapted layer, so actors that share the weights zero-copy stay small.  The
+    layer), by the layer's own ``merged_weight_2d`` into a buffer that every layer reuses in
+    turn: an actor holds one layer's merged weight at a time and a bias vector per layer
+    instead of a private merged copy of every adapted layer, so actors that share the weights
+    zero-copy stay small, and no weight-sized memory is allocated per batch.  The
     weight is merged once per batch instead of once per candidate (a layer whose A and B are
     both ``none`` runs on the shared W0 itself).  Bit for bit the same logits as
     ``per_candidate`` (same function, same plain layer ``forward``).
@@ -97,6 +98,12 @@ class JustInTimeMerge:
         weight = layers[0].base.weight
         store = torch.zeros(sum(sizes), dtype=weight.dtype, device=weight.device)
         self.biases = list(torch.split(store, sizes))
+        # The merged weight is written into one buffer of the largest layer's size, reused by
+        # every layer in turn (one runs at a time): a weight's worth allocated and freed per
+        # layer and batch made the allocator hand pages back to the system and fault them in
+        # again, costing the forward more than the merge did.
+        largest = max(layer.base.weight.numel() for layer in layers)
+        self.weight_buffer = torch.empty(largest, dtype=weight.dtype, device=weight.device)
         for i, target in enumerate(self.targets):
             # weight and bias become plain attributes, set only while the layer runs.
             for name in ("weight", "bias"):
@@ -118,7 +125,8 @@ class JustInTimeMerge:
         terms = layer.terms()
         if terms[0] is None and terms[1] is None:
             return layer.base.weight.detach()
-        return layer.merged_weight_2d(terms).view_as(layer.base.weight)
+        out = self.weight_buffer[:layer.d_out * layer.d_in].view(layer.d_out, layer.d_in)
+        return layer.merged_weight_2d(terms, out).view_as(layer.base.weight)
 
     def _hook_merge(self, i: int):
         def merge(module: nn.Module, args: tuple) -> None:
