@@ -13,7 +13,7 @@ from ray.exceptions import RayTaskError
 
 from glora_ray import storage
 from glora_ray.backbone import BackboneConfig
-from glora_ray.search import SearchConfig
+from glora_ray.search import Fitness, SearchConfig
 from glora_ray.train import TrainConfig
 from glora_ray.checkpoint import read_spec
 from glora_ray.data import VTAB_DATASETS, write_digits_dataset
@@ -35,8 +35,12 @@ def test_options_override_the_preset():
     assert default.datasets == ("digits",) and default.backbone.name == "tf_efficientnet_lite0"
     assert default.backbone.weights == "efficientnet-lite0-package" and default.layer_types == ("conv2d",)
     assert default.preprocessing_values() == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+    # The levers measured to beat a fixed LoRA of the same size (bench/README.md, "Issue 19").
+    assert default.search.fitness is Fitness.LOSS and default.retrain_epochs == 20
+    assert default.seed_population == ("lora", "ssf", "bitfit")
     tiny = parse_config(["--preset", "tiny"])
     assert tiny.backbone.name == "vit_tiny_patch16_224" and not tiny.backbone.loads_weights
+    assert tiny.search.fitness is Fitness.ACCURACY and tiny.retrain_epochs == 0 and tiny.seed_population == ()
     assert tiny.layer_types == ("linear",) and tiny.preprocessing == "vtab"
     both = parse_config(["--preset", "tiny", "--layer-types", "linear", "conv2d", "--preprocessing", "backbone"])
     assert both.layer_types == ("linear", "conv2d") and both.preprocessing == "backbone"
@@ -60,6 +64,16 @@ def test_options_override_the_preset():
     assert sweep.lr is None and sweep.lr_sweep == (1e-4, 5e-4)
     gpu = parse_config(["--train-gpus", "1", "--actor-gpus", "0.25", "--actors", "4"])
     assert gpu.train.use_gpu and gpu.search.gpus_per_actor == 0.25 and gpu.search.num_actors == 4
+
+
+def test_the_default_budget_is_its_fixed_lora_s_size():
+    from glora_ray.pipeline.baselines import baseline
+    from glora_ray.pipeline.config import DEFAULT_LORA_PARAMS
+
+    default = parse_config([])
+    structure = spec_for(default, default.datasets[0]).build_empty()
+    lora = structure.counter.count(baseline("lora").genes(structure))
+    assert default.search.max_params == DEFAULT_LORA_PARAMS == lora  # searched never larger than the LoRA
 
 
 def test_every_option_sets_a_field_of_its_section_and_an_unrouted_one_is_refused():
