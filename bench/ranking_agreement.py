@@ -4,9 +4,9 @@ N subnets drawn within the search's budget (seeded) are each trained alone with 
 schedule, scored on val200 and tested once; supernets trained the ways the pipeline offers
 (``TRAININGS``) score the same subnets on val200, as the search would.  Reported per training:
 Kendall's tau-b of the supernet's val200 accuracy (and of its negated val loss) against the
-standalone test accuracy; and, for reference, the standalone subnets' own val200 accuracy against
-their test accuracy (how well 200 images rank these subnets once each is trained).  Ray-free (it runs on a
-GPU machine without Ray); the library code is the pipeline's own.
+standalone test accuracy; and, for reference, the standalone subnets' own val200 accuracy
+against their test accuracy (how well 200 images rank these subnets once each is trained).
+Ray-free (it runs on a GPU machine without Ray); the library code is the pipeline's own.
 
     python -m bench.ranking_agreement --dataset digits_orientation --max-params 128364
     python -m bench.ranking_agreement --smoke                          # tiny preset: proves it runs
@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file: make ``bench`` importable
 
 from bench.common import EXIT_CANNOT_MEASURE, REPO_ROOT, machine_info, prepare_environment, say  # noqa: E402
 
-# TrainConfig changes of each supernet training; "budget" is filled in with the search's window.
+# TrainConfig changes of each supernet training; those that draw within a budget get the search's window.
 TRAININGS: dict[str, dict[str, Any]] = {
     "uniform": {},
     "budget": {"subnet_sampling": "budget"},
@@ -90,6 +90,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from glora_ray.budget import Budget, sample_within_budget
+    from glora_ray.search.evaluator import evaluate_subnet
     from glora_ray.pipeline.config import PipelineConfig, preset
     from glora_ray.pipeline.preflight import preflight
     from glora_ray.pipeline.unit import spec_for, vtab_data
@@ -111,17 +112,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     val, test = data.arrays("val200"), data.arrays("test")
     standalone = []
     for number, genes in enumerate(picks, 1):
-        net, seconds = _train(spec, data, train.for_fixed_subnet(structure.subnet_key(genes)), device)
-        (val_acc, _), = _scores(spec, net, [genes], *val, batch, device)
-        (test_acc, _), = _scores(spec, net, [genes], *test, batch, device)
-        standalone.append({"key": structure.subnet_key(genes), "params": structure.counter.count(genes),
+        key = structure.subnet_key(genes)
+        net, seconds = _train(spec, data, train.for_fixed_subnet(key), device)
+        val_acc, test_acc = (evaluate_subnet(net, genes, *split, batch_size=batch) for split in (val, test))
+        standalone.append({"key": key, "params": structure.counter.count(genes),
                            "val_acc": val_acc, "test_acc": test_acc, "train_seconds": seconds})
         say(f"subnet {number}/{len(picks)}: {standalone[-1]['params']:,} params, val {val_acc:.3f} test {test_acc:.3f}")
     test_accs = [s["test_acc"] for s in standalone]
     trainings = {}
     for name in args.trainings:
-        changes = dict(TRAININGS[name], **({"budget": tuple(window)} if TRAININGS[name] else {}))
-        supernet, seconds = _train(spec, data, replace(train, **changes), device)
+        trained = replace(train, **TRAININGS[name])
+        if trained.needs_budget:  # draws within the search's window
+            trained = replace(trained, budget=tuple(window))
+        supernet, seconds = _train(spec, data, trained, device)
         scores = _scores(spec, supernet, picks, *val, batch, device)
         trainings[name] = {"train_seconds": seconds, "supernet_val_acc": [a for a, _ in scores],
                            "supernet_val_loss": [loss for _, loss in scores],
