@@ -11,7 +11,7 @@ import pytest
 from glora_ray import storage
 from glora_ray.data import write_digits_dataset
 from glora_ray.pipeline import layout
-from glora_ray.pipeline.baselines import baseline
+from glora_ray.pipeline.baselines import baseline, run_name as baseline_run_name
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.run import comparison_table, retrain_run_name, run_pipeline, spec_for
 from helpers import tiny_args
@@ -85,3 +85,21 @@ def test_a_rerun_resumes_the_retraining_and_never_retrains_or_retests(lever_run)
     assert (retrained / "history.json").read_text() == history  # resumed at its last checkpoint: no new epoch
     assert {p: (digest(p), p.stat().st_mtime_ns) for p in before} == before
     assert list(again["test_acc"]) == list(frame["test_acc"]) and list(again["key"]) == list(frame["key"])
+
+
+def test_other_baseline_epochs_train_a_schedule_of_their_own(lever_run):
+    # Last: it adds a baseline record.  LoRA at more epochs (e.g. at GLoRA's compute) on a finished
+    # output is a fresh run of that length, never the finished one resumed and stretched.
+    cfg, _ = lever_run
+    train_uri = Path(layout.train_uri(cfg.out, "digits"))
+    first = train_uri / baseline_run_name("lora", cfg.train.epochs) / "supernet"
+    before, first_history = digest(first / "adapters.safetensors"), json.loads((first / "history.json").read_text())
+    longer = cfg.train.epochs + 1
+    run_pipeline(parse_config(tiny_args(cfg.data_root, cfg.out, *LEVERS, "--baseline-epochs", str(longer))))
+    history = json.loads((train_uri / baseline_run_name("lora", longer) / "supernet" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(longer))
+    # Its own cosine from the first epoch after warm-up: a resumed run would carry the old epochs.
+    assert history[1]["lr"] != pytest.approx(first_history[1]["lr"])
+    assert digest(first / "adapters.safetensors") == before
+    record = json.loads((Path(layout.dataset_uri(cfg.out, "digits")) / "baselines" / "lora.json").read_text())
+    assert record["epochs"] == longer

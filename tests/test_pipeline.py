@@ -21,7 +21,7 @@ from glora_ray.pipeline import layout
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.config import PipelineConfigError
 from glora_ray.pipeline.lr_sweep import run_name_for
-from glora_ray.pipeline.baselines import baseline
+from glora_ray.pipeline.baselines import baseline, run_name as baseline_run_name
 from glora_ray.pipeline.comparison import format_comparison
 from glora_ray.pipeline.run import _outcome, comparison_table, preflight, run_pipeline, spec_for
 from glora_ray.pipeline.summary import format_summary, group_means
@@ -60,10 +60,13 @@ def test_options_override_the_preset():
     assert paper.preprocessing_values() == {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
                                             "interpolation": "bicubic"}
     assert parse_config(["--datasets", "all"]).datasets == tuple(VTAB_DATASETS)
+    # The default trains in the job's process; what only a worker has (a Tune trial, a GPU) starts one.
+    assert default.train.num_workers == 0 and parse_config(["--train-workers", "2"]).train.num_workers == 2
     sweep = parse_config(["--lr-sweep", "1e-4", "5e-4"])
-    assert sweep.lr is None and sweep.lr_sweep == (1e-4, 5e-4)
+    assert sweep.lr is None and sweep.lr_sweep == (1e-4, 5e-4) and sweep.train.num_workers == 1
     gpu = parse_config(["--train-gpus", "1", "--actor-gpus", "0.25", "--actors", "4"])
     assert gpu.train.use_gpu and gpu.search.gpus_per_actor == 0.25 and gpu.search.num_actors == 4
+    assert gpu.train.num_workers == 1 and parse_config(["--train-gpus", "0"]).train.num_workers == 0
 
 
 def test_the_default_budget_is_its_fixed_lora_s_size():
@@ -348,7 +351,8 @@ def test_rerun_with_execution_changes_and_more_generations_continues_the_run(fin
     before = {d: read_population(layout.search_uri(cfg.out, d)) for d in DATASETS}
     # The supernets, and the baseline's training and single test (its record).
     done_once = [Path(cfg.out) / d / "train" / "supernet" / "supernet" / "adapters.safetensors" for d in DATASETS]
-    done_once += [Path(cfg.out) / d / "train" / "baseline-lora" / "supernet" / "adapters.safetensors" for d in DATASETS]
+    done_once += [Path(cfg.out) / d / "train" / baseline_run_name("lora", cfg.train.epochs) / "supernet" /
+                  "adapters.safetensors" for d in DATASETS]
     done_once += [Path(cfg.out) / d / "baselines" / "lora.json" for d in DATASETS]
     stamps = [path.stat().st_mtime_ns for path in done_once]
     rerun = run_pipeline(parse_config(run_args(

@@ -7,7 +7,9 @@ the search (docs/method.md §3) and is tested once, like the searched winner.
 
 Per dataset, ``<out>/<dataset>/baselines/<name>.json`` records a finished baseline (its subnet,
 count, val200 and test accuracy): present means trained and tested, never again.  Training runs
-are ``<out>/<dataset>/train/baseline-<name>`` (resumable Ray Train runs).
+are ``<out>/<dataset>/train/baseline-<name>-<epochs>ep`` (resumable Ray Train runs; one per length,
+so ``--baseline-epochs`` on a finished output trains a schedule of its own instead of extending
+the other one).
 """
 from __future__ import annotations
 
@@ -132,8 +134,10 @@ def record_uri(dataset_uri: str, name: str) -> str:
     return storage.join(dataset_uri, BASELINES_DIR, f"{name}.json")
 
 
-def run_name(name: str) -> str:
-    return f"{RUN_NAME_PREFIX}{name}"
+def run_name(name: str, epochs: int) -> str:
+    """The baseline's Ray Train run.  The length is part of it: resuming a run of another length
+    would splice two cosine schedules and record the result as the new length."""
+    return f"{RUN_NAME_PREFIX}{name}-{epochs}ep"
 
 
 def _stored(uri: str, key: str, train: TrainConfig) -> BaselineOutcome | None:
@@ -170,7 +174,7 @@ def run_baselines(
             outcomes.append(stored)
             continue
         progress(f"baseline {name}: training {params:,} adapter params, lr {train.lr:g}, {train.epochs} epochs")
-        trained = train_supernet(spec, data, train.for_fixed_subnet(key), train_uri, run_name(name),
+        trained = train_supernet(spec, data, train.for_fixed_subnet(key), train_uri, run_name(name, train.epochs),
                                  progress=progress)
         val_acc = evaluate(trained.checkpoint_dir, [genes], VAL_SPLIT)[0]
         test_acc = evaluate(trained.checkpoint_dir, [genes], TEST_SPLIT)[0]

@@ -317,6 +317,11 @@ def shared_fields(given: dict[str, Any], values: Mapping[str, Any]) -> dict[str,
     if "train_gpus" in given:
         train_changes["use_gpu"] = given["train_gpus"] > 0
         train_changes["gpus_per_worker"] = given["train_gpus"] if given["train_gpus"] > 0 else None
+    # A preset that trains in the job's process (Ray Train's local mode) starts one worker when asked
+    # for what only a worker has: a GPU of its own, or a Tune trial per lr.
+    needs_worker = given.get("train_gpus", 0) > 0 or "lr_sweep" in given
+    if needs_worker and "train_workers" not in given and values["train"].num_workers == 0:
+        train_changes["num_workers"] = 1
 
     run = {name: values[name] for name in _TOP_FIELDS if name in values}  # the preset's, then the options'
     run.update(routed[None])
