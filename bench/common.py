@@ -298,6 +298,19 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
+def publish(results_dir: str | Path, stem: str, result: Mapping[str, Any], text: str) -> None:
+    """Write ``<stem>.json`` and the Markdown ``text`` as ``<stem>.md`` under ``results_dir``
+    (each under a temporary name, then renamed), show the Markdown and print the JSON line that
+    the tests read."""
+    from glora_ray import storage
+
+    results = Path(results_dir)
+    storage.write_json(str(results / f"{stem}.json"), result)
+    storage.write_bytes(str(results / f"{stem}.md"), text.encode())
+    say(text)
+    print(json.dumps(result, default=str), flush=True)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}

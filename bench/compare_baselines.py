@@ -27,7 +27,7 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a file: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import EXIT_CANNOT_MEASURE, REPO_ROOT, machine_info, prepare_environment, say  # noqa: E402
+from bench.common import EXIT_CANNOT_MEASURE, REPO_ROOT, machine_info, prepare_environment, publish  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_BASELINES = ("lora", "ssf", "bitfit", "head")
@@ -67,10 +67,24 @@ def paired_differences(table, baselines: Sequence[str]) -> list[dict[str, Any]]:
             std = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else float("nan")
             out.append({"dataset": dataset, "baseline": name, "glora_params": float(params["glora"]),
                         "baseline_params": float(params[name]), "test_diff_mean": mean, "test_diff_std": std,
+                        "test_diff_ci95": mean_interval(mean, std, len(diffs)),
                         # at least as good: the issue-19 bar counts a tie (as many test images right)
                         "glora_wins": sum(d > 0 for d in diffs), "glora_at_least": sum(d >= 0 for d in diffs),
                         "seeds": len(diffs), "per_seed": diffs})
     return out
+
+
+def mean_interval(mean: float, std: float, n: int, level: float = 0.95) -> list[float] | None:
+    """Student-t confidence interval of a mean over ``n`` paired seeds (None below two seeds).
+
+    It says whether a margin is resolved: with three seeds the t quantile is 4.3, so a mean
+    margin must exceed about 2.5 standard deviations of the per-seed differences to exclude 0."""
+    if n < 2 or std != std:
+        return None
+    from scipy.stats import t  # scipy comes with scikit-learn, a dependency
+
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * std / n ** 0.5
+    return [mean - half, mean + half]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -98,11 +112,13 @@ def markdown(result: dict[str, Any]) -> str:
               "GLoRA's supernet and its retraining together); train s: their wall time."]
     lines += ["", "GLoRA minus baseline, test accuracy, paired by seed:", "",
               "| dataset | baseline | GLoRA params | baseline params | difference (points) | GLoRA better in "
-              "| GLoRA at least as good in |", "|---|---|---:|---:|---:|---:|---:|"]
+              "| GLoRA at least as good in | 95 % interval of the difference |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for d in result["paired"]:
         lines.append(f"| {d['dataset']} | {d['baseline']} | {d['glora_params']:,.0f} | {d['baseline_params']:,.0f} "
                      f"| {_pm(d['test_diff_mean'], d['test_diff_std'], sign=True)} | {d['glora_wins']}/{d['seeds']} seeds "
-                     f"| {d['glora_at_least']}/{d['seeds']} seeds |")
+                     f"| {d['glora_at_least']}/{d['seeds']} seeds | {_interval(d['test_diff_ci95'])} |")
+    lines += ["", "The interval: Student's t over the seeds' paired differences; one that holds 0 leaves the "
+              "comparison unresolved at this number of seeds."]
     lines += ["", "Per seed (every row of the comparison tables):", "",
               "| dataset | seed | configuration | adapter params | val acc % | test acc % |", "|---|---:|---|---:|---:|---:|"]
     for row in result["rows"]:
@@ -118,6 +134,10 @@ def _levers_line(setting: dict[str, Any]) -> list[str]:
     return [f"- levers: subnet sampling {setting['subnet_sampling']}, sandwich {setting['sandwich']}, distill "
             f"{setting['distill']}, fitness {setting['fitness']}, generation 0 seeded with "
             f"{setting['seed_population'] or 'nothing'}, retrain {setting['retrain_epochs']} epochs"]
+
+
+def _interval(bounds: list[float] | None) -> str:
+    return "-" if bounds is None else f"{bounds[0] * 100:+.2f} to {bounds[1] * 100:+.2f}"  # None: one seed
 
 
 def _count(value: float | None) -> str:
@@ -183,11 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "paired": paired_differences(table, cfg.baselines),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
-    results = Path(args.results_dir)
-    storage.write_json(str(results / f"compare_baselines_{tag}.json"), result)
-    storage.write_bytes(str(results / f"compare_baselines_{tag}.md"), markdown(result).encode())
-    say(markdown(result))
-    print(json.dumps(result, default=str), flush=True)
+    publish(args.results_dir, f"compare_baselines_{tag}", result, markdown(result))
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 import time
 from dataclasses import replace
@@ -27,7 +26,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import EXIT_CANNOT_MEASURE, REPO_ROOT, machine_info, prepare_environment, say  # noqa: E402
+from bench.common import EXIT_CANNOT_MEASURE, REPO_ROOT, machine_info, prepare_environment, publish, say  # noqa: E402
 
 # TrainConfig changes of each supernet training; those that draw within a budget get the search's window.
 TRAININGS: dict[str, dict[str, Any]] = {
@@ -159,7 +158,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     prepare_environment()
-    from glora_ray import storage
     from glora_ray.errors import GLoRARayError
 
     parser = build_parser()
@@ -176,11 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cannot measure: {err}", file=sys.stderr)
         return EXIT_CANNOT_MEASURE
     tag = args.tag or f"{args.preset}_{args.dataset}" + ("_smoke" if args.smoke else "")
-    results = Path(args.results_dir)
-    storage.write_json(str(results / f"ranking_agreement_{tag}.json"), result)  # temporary name, then renamed
-    storage.write_bytes(str(results / f"ranking_agreement_{tag}.md"), markdown(result).encode())
-    say(markdown(result))
-    print(json.dumps(result), flush=True)
+    publish(args.results_dir, f"ranking_agreement_{tag}", result, markdown(result))
     return 0
 
 

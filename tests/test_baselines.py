@@ -134,7 +134,7 @@ def test_bench_pairs_glora_with_each_baseline_by_seed():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.compare_baselines import markdown, paired_differences
+    from bench.compare_baselines import markdown, mean_interval, paired_differences
 
     glora_test = {0: 0.70, 1: 0.80, 2: 0.72}  # seed 2: a tie, which "at least as good" counts
     table = pd.concat([comparison_rows("digits", seed, {"key": "w", "params": 500, "val_acc": 0.8,
@@ -144,6 +144,9 @@ def test_bench_pairs_glora_with_each_baseline_by_seed():
     assert pair["per_seed"] == pytest.approx([-0.02, 0.08, 0.0]) and pair["seeds"] == 3
     assert pair["glora_wins"] == 1 and pair["glora_at_least"] == 2
     assert pair["test_diff_mean"] == pytest.approx(0.02) and pair["baseline_params"] == 1000
+    # t(0.975, 2 degrees of freedom) = 4.303: the mean +- 4.303 * std / sqrt(3), which holds 0
+    assert pair["test_diff_ci95"] == pytest.approx([0.02 - 0.13144, 0.02 + 0.13144], abs=1e-4)
+    assert mean_interval(0.02, float("nan"), 1) is None  # one seed: no interval
     setting = {"backbone": "vit", "weights": "random init", "ranks": [4, 2], "adapted_layers": 8, "datasets": ["digits"],
                "seeds": [0, 1, 2], "epochs": 1, "lr": 1e-3, "budget": {}, "population": 8, "generations": 2}
     result = {"tag": "t", "setting": setting, "argv": [], "wall_seconds_this_invocation": 1.0, "paired": [pair],
@@ -151,7 +154,7 @@ def test_bench_pairs_glora_with_each_baseline_by_seed():
               "mean": json.loads(aggregate(table).to_json(orient="records")),
               "rows": json.loads(table.to_json(orient="records"))}
     text = markdown(result)
-    assert "| digits | lora | 500 | 1,000 | +2.00 ± 5.29 | 1/3 seeds | 2/3 seeds |" in text and "random init" in text
+    assert "| digits | lora | 500 | 1,000 | +2.00 ± 5.29 | 1/3 seeds | 2/3 seeds | -11.14 to +15.14 |" in text and "random init" in text
     assert "levers:" not in text  # a result written before issue 19 has none
     assert "| digits | lora | 1,000 | 60.00 ± 0.00 | 72.00 ± 0.00 | 3 | - | - |" in text  # compute not recorded
     setting.update(subnet_sampling="budget", sandwich=2, distill=False, fitness="accuracy",
