@@ -30,9 +30,6 @@ if __package__ in (None, ""):  # run as a file: make ``bench`` importable
 
 from bench.common import EXIT_CANNOT_MEASURE, REPO_ROOT, machine_info, prepare_environment, publish, say  # noqa: E402
 
-RUN_SPEC_FILE = "run_spec.json"  # written by the job into every training run's folder
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench/retrain_curves.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
@@ -45,22 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def recorded_run(folder: str):
-    """The spec, data and training settings the job recorded for the run in ``folder``."""
+def recorded_run(folder: str, epochs: int | None = None, lr_scale: float = 1.0):
+    """The spec, data and training settings the job recorded for the run in ``folder``, with the
+    schedule's length (None: the run's own) and learning rate to rerun it with, checked."""
     from glora_ray.checkpoint import SupernetSpec, read_spec
     from glora_ray.data import DataConfig
     from glora_ray.errors import GLoRARayError
     from glora_ray.train import TrainConfig
+    from glora_ray.train.job import RUN_SPEC_FILE, SUPERNET_DIR, TRAIN_CONFIG_FILE
 
     run_spec = Path(folder) / RUN_SPEC_FILE
     if not run_spec.is_file():
         raise GLoRARayError(f"{folder}: no {RUN_SPEC_FILE}; name a training run folder of a finished job "
                             f"(<out>/seed=S/<dataset>/train/retrain-<hash> or baseline-<name>-<N>ep)")
     spec = SupernetSpec.from_dict(json.loads(run_spec.read_text()))
-    train = TrainConfig.from_dict(json.loads((Path(folder) / "supernet" / "train_config.json").read_text()))
+    train = TrainConfig.from_dict(json.loads((Path(folder) / SUPERNET_DIR / TRAIN_CONFIG_FILE).read_text()))
     if train.fixed_subnet is None:
         raise GLoRARayError(f"{folder}: a supernet training (no fixed_subnet); name a retraining or a baseline run")
-    read_spec(Path(folder) / "supernet")  # the run finished: its supernet was written
+    read_spec(Path(folder) / SUPERNET_DIR)  # the run finished: its supernet was written
+    train = replace(train, epochs=epochs or train.epochs, lr=train.lr * lr_scale)
+    train.validate()  # e.g. a length at or below the warm-up
     return spec, DataConfig.from_dict(spec.extra["data"]), train
 
 
@@ -70,30 +71,33 @@ def chosen_epoch(curve: list[dict[str, float]], score: str) -> dict[str, float]:
     return max(curve, key=lambda row: (sign * row[score], row["epoch"]))
 
 
-def curve_of(folder: str, epochs: int | None, lr_scale: float, device: str) -> dict[str, Any]:
-    """Retrain the run in ``folder`` and score it after every epoch."""
+def curve_of(folder: str, spec, data, train, device: str) -> dict[str, Any]:
+    """Retrain the run in ``folder`` (``recorded_run``'s settings) and score it after every epoch."""
     import torch
     import torch.nn.functional as F
 
     from glora_ray.train.loop import SupernetTraining
 
-    spec, data, train = recorded_run(folder)
-    train = replace(train, epochs=epochs or train.epochs, lr=train.lr * lr_scale)
-    train.validate()  # e.g. a length at or below the warm-up, refused before any training
     training = SupernetTraining(spec.build(), data.build(train.split), train, device, init_spec=spec).setup()
-    splits = {name: data.arrays(split) for name, split in (("val", "val200"), ("test", "test"))}
+    splits = {name: tuple(torch.from_numpy(a) for a in data.arrays(split))
+              for name, split in (("val", "val200"), ("test", "test"))}
 
     @torch.inference_mode()
-    def scores(split: str) -> tuple[float, float]:
-        images, labels = (torch.from_numpy(a) for a in splits[split])
+    def scores() -> dict[str, tuple[float, float]]:
+        """(cross-entropy, accuracy) of each split, the subnet merged once."""
         model = training.supernet.merged(training.fixed_genes).eval()
-        logits = torch.cat([model(images[i:i + 100].to(device)) for i in range(0, len(images), 100)]).float().cpu()
-        return float(F.cross_entropy(logits, labels)), float((logits.argmax(dim=1) == labels).double().mean())
+        out = {}
+        for name, (images, labels) in splits.items():
+            logits = torch.cat([model(images[i:i + 100].to(device))
+                                for i in range(0, len(images), 100)]).float().cpu()
+            out[name] = float(F.cross_entropy(logits, labels)), float((logits.argmax(dim=1) == labels).double().mean())
+        return out
 
     curve = []
 
     def after_epoch(_, stats) -> None:
-        (val_loss, val_acc), (_, test_acc) = scores("val"), scores("test")
+        scored = scores()
+        (val_loss, val_acc), (_, test_acc) = scored["val"], scored["test"]
         curve.append({"epoch": stats.epoch + 1, "train_loss": stats.loss, "train_acc": stats.train_acc,
                       "val_loss": val_loss, "val_acc": val_acc, "test_acc": test_acc})
         say(f"{Path(folder).name} epoch {stats.epoch + 1}: val loss {val_loss:.3f} acc {val_acc:.3f}, test {test_acc:.4f}")
@@ -141,9 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.lr_scale > 0:
         parser.error(f"--lr-scale must be > 0, got {args.lr_scale}")
     try:
-        for folder in args.runs:  # every folder checked before the first training
-            recorded_run(folder)
-        runs = [curve_of(folder, args.epochs, args.lr_scale, args.device) for folder in args.runs]
+        # Every folder read and checked before the first training.
+        recorded = [(folder, recorded_run(folder, args.epochs, args.lr_scale)) for folder in args.runs]
+        runs = [curve_of(folder, *settings, args.device) for folder, settings in recorded]
     except GLoRARayError as err:
         print(f"cannot measure: {err}", file=sys.stderr)
         return EXIT_CANNOT_MEASURE
