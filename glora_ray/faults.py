@@ -10,13 +10,15 @@ Plan keys::
 
     {"evaluate": {"on_call": 2, "actors": [0], "action": "exit" | "hang"},
      "start": {"actors": [1]},
-     "train_step": 15}
+     "train_step": 15 | {"step": 63, "action": "raise" | "hang"}}
 
 ``evaluate``: the listed evaluator actors (by start index; absent: every actor, replacements
 included) end their process (``exit``) or never return (``hang``) at the start of their
 ``on_call``-th evaluate call.  ``start``: the listed evaluator actors (absent: every one) raise
-``InjectedFailure`` in their constructor, i.e. fail to start.  ``train_step``: raise ``InjectedFailure`` at that global step in
-a training attempt that did not start from a checkpoint.
+``InjectedFailure`` in their constructor, i.e. fail to start.  ``train_step``: at that global step,
+raise ``InjectedFailure`` in a training attempt that did not start from a checkpoint, or (``hang``)
+stop there for good the first time any worker reaches it, after creating the file
+``hang_marker()`` names; a test waits for it, then takes a node away (later attempts pass).
 """
 from __future__ import annotations
 
@@ -59,7 +61,23 @@ def at_actor_start(actor_index: int) -> None:
         raise InjectedFailure(f"injected start failure of actor-{actor_index} ({ENV_VAR})")
 
 
+def hang_marker() -> str:
+    """The file a training step's ``hang`` fault creates when it is reached."""
+    return f"{os.environ[ENV_VAR]}.hung"
+
+
 def at_train_step(step: int, resumed: bool) -> None:
     """The training loop's fault point, before every step."""
-    if not resumed and plan("train_step") == step:
+    fault = plan("train_step")
+    if isinstance(fault, int):
+        fault = {"step": fault}
+    if not fault or fault["step"] != step:
+        return
+    if fault.get("action", "raise") == "hang":
+        if os.path.exists(hang_marker()):
+            return  # a later attempt, restarted after the hang was ended from outside
+        open(hang_marker(), "a").close()
+        while True:
+            time.sleep(60)
+    if not resumed:
         raise InjectedFailure(f"injected failure at step {step} ({ENV_VAR})")

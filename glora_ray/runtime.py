@@ -89,3 +89,17 @@ def child_runtime_env() -> dict:
     import ray
 
     return {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, VERBOSE_ENV: "1" if is_verbose() else "0"}}
+
+
+def on_this_node() -> Any:
+    """A scheduling strategy that keeps a task or actor on this process's Ray node.
+
+    The driver's helpers (each unit's orchestrating task, the progress queue; through the unit
+    task, Ray Train's controller, which Ray attaches to the node that calls ``fit``) live and
+    die with the driver: a lost worker node (a preempted spot instance) takes only training
+    workers and evaluator actors with it, which Ray Train and the pool replace.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -104,10 +104,46 @@ def staged_dir(destination: str | os.PathLike, *, replace: bool = True) -> Itera
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def install_dir(source: str | os.PathLike, destination: str | os.PathLike) -> None:
-    """Copy the local folder ``source`` to ``destination``, replacing it whole."""
-    with staged_dir(destination) as staging:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
+def install_dir(source: str | os.PathLike, destination: str) -> None:
+    """Copy the local folder ``source`` to ``destination`` (a path or URI), replacing it whole.
+
+    A local destination is swapped in by one rename (``staged_dir``).  An object store has no
+    rename of a folder: the old folder is deleted, then the files are uploaded; callers write the
+    file that marks the folder complete after this returns (the training job's history and
+    settings), so a half-uploaded folder is never taken for a finished one.
+    """
+    local = local_path(destination)
+    if local is not None:
+        with staged_dir(local) as staging:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+        return
+    delete_dir(destination)
+    fs, path = resolve(destination)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(os.fspath(source), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(uri: str, destination: str | os.PathLike) -> None:
+    """Copy the folder ``uri`` (a path or URI) into the local folder ``destination``."""
+    fs, path = resolve(uri)
+    os.makedirs(destination, exist_ok=True)
+    pafs.copy_files(path, os.fspath(destination), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def delete_dir(uri: str) -> None:
+    """Remove the folder ``uri`` and everything under it; nothing when it is not there."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def list_dir(uri: str) -> list[tuple[str, bool]]:
+    """(name, is a folder) of every entry directly under ``uri``, sorted; [] when it is not there."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted((info.base_name, info.type == pafs.FileType.Directory)
+                  for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
 
 
 def join(base: str, *parts: str) -> str:

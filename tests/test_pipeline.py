@@ -171,8 +171,9 @@ def vtab_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, vtab_data, ray_local):
     # Both datasets at once, each a Ray task training in its own process; one fixed-adapter
-    # baseline (LoRA) trained like the supernet and tested once beside the search.
-    out = tmp_path_factory.mktemp("pipeline") / "out"
+    # baseline (LoRA) trained like the supernet and tested once beside the search.  --out as a
+    # file:// URI: every file goes through the storage layer, as to s3:// (test_cluster).
+    out = (tmp_path_factory.mktemp("pipeline") / "out").as_uri()
     cfg = parse_config(tiny_args(vtab_data, out, "--datasets", *DATASETS, "--baselines", "lora"))
     frame = run_pipeline(cfg)
     return cfg, frame
@@ -232,12 +233,12 @@ def test_baselines_are_trained_counted_and_compared(finished_run):
         record = storage.read_json(storage.join(dataset_uri, "baselines", "lora.json"))
         assert record["key"] == supernet.subnet_key(genes) and record["params"] == supernet.num_params(genes) > 0
         assert record["lr"] == lr and record["epochs"] == cfg.train.epochs and record["seed"] == 0
-        history = json.loads((Path(record["checkpoint_dir"]) / "history.json").read_text())
+        history = storage.read_json(storage.join(record["checkpoint_dir"], "history.json"))
         assert len(history) == cfg.train.epochs
         row = table[(table["dataset"] == dataset) & (table["name"] == "lora")].iloc[0]
         assert (row["params"], row["test_acc"]) == (record["params"], record["test_acc"])
-        plot = Path(dataset_uri) / "comparison.png"
-        assert plot.read_bytes().startswith(b"\x89PNG") and plot.stat().st_size > 5_000
+        plot = storage.read_bytes(storage.join(dataset_uri, "comparison.png"))
+        assert plot.startswith(b"\x89PNG") and len(plot) > 5_000
     assert "lora" in format_comparison(table)
 
 
@@ -350,10 +351,11 @@ def test_rerun_with_execution_changes_and_more_generations_continues_the_run(fin
     cfg, frame = finished_run
     before = {d: read_population(layout.search_uri(cfg.out, d)) for d in DATASETS}
     # The supernets, and the baseline's training and single test (its record).
-    done_once = [Path(cfg.out) / d / "train" / "supernet" / "supernet" / "adapters.safetensors" for d in DATASETS]
-    done_once += [Path(cfg.out) / d / "train" / baseline_run_name("lora", cfg.train.epochs) / "supernet" /
+    out = Path(storage.local_path(cfg.out))
+    done_once = [out / d / "train" / "supernet" / "supernet" / "adapters.safetensors" for d in DATASETS]
+    done_once += [out / d / "train" / baseline_run_name("lora", cfg.train.epochs) / "supernet" /
                   "adapters.safetensors" for d in DATASETS]
-    done_once += [Path(cfg.out) / d / "baselines" / "lora.json" for d in DATASETS]
+    done_once += [out / d / "baselines" / "lora.json" for d in DATASETS]
     stamps = [path.stat().st_mtime_ns for path in done_once]
     rerun = run_pipeline(parse_config(run_args(
         cfg, "--checkpoint-every", "1", "--actors", "2", "--actor-cpus", "0.5",

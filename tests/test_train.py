@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from glora_ray import storage as stored
 from glora_ray.backbone import BackboneConfig, BackboneError
 from glora_ray.checkpoint import CheckpointMismatchError, SupernetSpec, load_supernet, save_supernet
 from glora_ray.data import DataConfig, DataError, write_digits_dataset
@@ -178,14 +179,18 @@ def test_saved_supernet_reproduces_outputs_and_refuses_a_mismatch(data, train800
 
 
 # -- train_supernet without workers: local mode --------------------------------------------------
-def test_local_mode_job_saves_and_resumes_on_rerun(data, tmp_path):
-    storage = str(tmp_path / "runs")
+@pytest.mark.parametrize("where", ["path", "uri"])
+def test_local_mode_job_saves_and_resumes_on_rerun(data, tmp_path, where):
+    # A URI (an in-memory fsspec filesystem here; s3:// in test_cluster) holds the checkpoints too.
+    storage = str(tmp_path / "runs") if where == "path" else f"memory://{tmp_path.name}/runs"
     threads = torch.get_num_threads()
     first = train_supernet(make_spec(), data, quick(epochs=2), storage, "local")
     assert torch.get_num_threads() == threads
     assert first.resumed_from_step is None and [h["epoch"] for h in first.history] == [0, 1]
-    assert first.checkpoint_dir == str(Path(storage) / "local" / "supernet")
-    assert json.loads((Path(first.checkpoint_dir) / "history.json").read_text()) == first.history
+    assert first.checkpoint_dir == f"{storage}/local/supernet"
+    assert stored.read_json(stored.join(first.checkpoint_dir, "history.json")) == first.history
+    assert [name for name, _ in stored.list_dir(f"{storage}/local/local_checkpoints")] == [
+        "checkpoint_epoch_000001", "checkpoint_epoch_000002"]
     supernet, spec = load_supernet(first.checkpoint_dir, expected=first.spec)
     assert spec.dataset == "digits"
 
@@ -217,8 +222,6 @@ def test_bad_input_fails_before_training(data, digits_root, tmp_path):
     refused(TrainConfigError, "no full batch of 1024", cfg=quick(batch_size=1024))
     refused(DataError, "data root", data_cfg=DataConfig(str(tmp_path / "none"), "digits", 16))
     refused(GLoRARayError, "keys start with", cfg=quick(fixed_subnet="00"))  # a fixed subnet of another space
-    with pytest.raises(TrainConfigError, match="is remote: pass a local output_dir"):
-        train_supernet(make_spec(), data, quick(num_workers=1), "s3://bucket/runs", "remote")
     # A broken list line in the training split names its file and line.
     root = tmp_path / "copy"
     write_digits_dataset(root)

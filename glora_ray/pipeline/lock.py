@@ -67,8 +67,8 @@ class OutputLock:
     def acquire(self) -> None:
         local = storage.local_path(self.out)
         if local is None:
-            log.info("--out %s is a URI: not locked (object stores have no atomic create-if-absent); make sure "
-                     "only one driver writes it", self.out)
+            log.warning("--out %s is not locked (object stores have no atomic create-if-absent): run one driver "
+                        "per URI at a time", self.out)
             return
         folder = Path(local)
         if not folder.exists():

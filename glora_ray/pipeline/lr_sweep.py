@@ -116,7 +116,9 @@ def sweep_learning_rate(spec: SupernetSpec, data: DataConfig, train: TrainConfig
         trainable,
         param_space={"lr": tune.grid_search([float(x) for x in lrs])},
         tune_config=tune.TuneConfig(metric=SCORE, mode="max", max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="lr_sweep", storage_path=storage_path, verbose=0),
+        # A trial lost with its node is run again; its train_supernet resumes from the last checkpoint.
+        run_config=tune.RunConfig(name="lr_sweep", storage_path=storage_path, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=train.max_failures)),
     )
     grid = tuner.fit()
     failed = [r for r in grid if r.error is not None]

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def start(cfg: PipelineConfig, units: Sequence[TrainingUnit]) -> None:
     """Check the units, join or start Ray and check its resources, then record the run: a recorded
     run passed every check."""
-    start_run(cfg, check_units(cfg, units))
+    start_run(cfg, check_units(cfg, units), units)
 
 
 def fit_batches(cfg: PipelineConfig, units: list[TrainingUnit]) -> list[TrainingUnit]:

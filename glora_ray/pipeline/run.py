@@ -9,19 +9,20 @@ import hashlib
 import io
 import json
 import logging
-import os
+import posixpath
 import time
 from dataclasses import asdict, replace
 from typing import Any, Sequence
 
 import pandas as pd
+import pyarrow.fs as pafs
 
 from .. import storage
 from ..budget import Budget
 from ..checkpoint import load_supernet, numpy_state
 from ..data import DataConfig
 from ..errors import GLoRARayError, TrainingDiverged
-from ..runtime import child_runtime_env, init_ray, quiet_ray_logs
+from ..runtime import child_runtime_env, init_ray, on_this_node, quiet_ray_logs
 from ..search import run_search
 from ..train import train_supernet
 from ..train.job import HISTORY_FILE
@@ -36,6 +37,7 @@ from .lr_sweep import sweep_learning_rate
 from .preflight import check_cluster, preflight
 from .summary import summary_frame
 from .lock import LOCK_FILE
+from .nodes import PLACEMENT_FILE, check_nodes_see, nodes_used, write_placement
 from .unit import TrainingUnit, spec_for, vtab_data, vtab_unit
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,11 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
                               dataset_uri, accuracies, progress=say)
     winner = {"key": best.key, "params": best.params, "val_acc": val_acc, "test_acc": test_acc, **compute}
     write_comparison(dataset_uri, comparison_rows(unit.name, cfg.train.seed, winner, front, baselines))
+    trainings = {"supernet": checkpoint_dir, **({"retrain": winner_dir} if cfg.retrain_epochs else {}),
+                 **{f"baseline {b.name}": b.checkpoint_dir for b in baselines}}
+    placement = write_placement(dataset_uri, trainings, search.nodes)
+    say(f"placement: supernet on {len(nodes_used(placement, 'supernet'))} node(s), search on "
+        f"{len(nodes_used(placement, 'search'))} node(s) ({PLACEMENT_FILE})")
     outcome = DatasetOutcome(
         dataset=unit.data.name, group=unit.group, seed=cfg.train.seed, lr=lr, params=best.params,
         head_params=supernet.head_num_params, val_acc=val_acc, test_acc=test_acc,
@@ -276,8 +283,11 @@ def run_units(cfg: PipelineConfig, units: Sequence[TrainingUnit],
 
     # The unit driver only orchestrates: its Train workers and actors hold the resources.
     # Its children (Train's controller and cleaner, Tune) must find this Ray instance and no other.
-    remote_unit = ray.remote(num_cpus=0)(run_unit).options(runtime_env=child_runtime_env())
-    progress = Queue(actor_options={"num_cpus": 0})
+    # It and the queue stay on this driver's node: a lost worker node must not take them along.
+    driver_node = on_this_node()
+    remote_unit = ray.remote(num_cpus=0)(run_unit).options(runtime_env=child_runtime_env(),
+                                                           scheduling_strategy=driver_node)
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node})
     limit, pending = _concurrency(cfg), list(range(len(units)))
     rows: dict[int, dict[str, Any]] = {}
     running: dict[Any, int] = {}
@@ -301,31 +311,33 @@ def run_units(cfg: PipelineConfig, units: Sequence[TrainingUnit],
 
 
 def withdraw_empty_run(out: str) -> None:
-    """After a training diverged: when no unit of the run in ``out`` (a local folder) kept anything
+    """After a training diverged: when no unit of the run in ``out`` (a path or URI) kept anything
     (the diverged training removes its own folder), remove the run's records too, so that ``out``
     is as before and a rerun with other settings (a lower lr) may use it.  Only the run's
     top-level records and empty folders are removed, never a file of a unit."""
-    root = storage.local_path(out)
-    if root is None or not os.path.isdir(root):
+    fs, root = storage.resolve(out)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
         return
-    for folder, _, files in os.walk(root):
-        if files and folder != root:
-            return  # a unit kept something: the record stays, and with it the run's settings
-    for folder, _, files in os.walk(root, topdown=False):
-        for name in files:
-            if not (folder == root and name == LOCK_FILE):
-                os.remove(os.path.join(folder, name))
-        if folder != root:
-            os.rmdir(folder)
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = [e.path for e in entries if e.type == pafs.FileType.File]
+    if any(posixpath.dirname(path) != root for path in files):
+        return  # a unit kept something: the record stays, and with it the run's settings
+    for path in files:
+        if posixpath.basename(path) != LOCK_FILE:
+            fs.delete_file(path)
+    for folder in sorted((e.path for e in entries if e.type == pafs.FileType.Directory), key=len, reverse=True):
+        fs.delete_dir(folder)  # deepest first: each is empty by then
     log.info("--out %s: the run diverged before any unit kept anything; its record is removed", out)
 
 
-def start_run(cfg: PipelineConfig, budgets: dict[str, tuple[int, int]]) -> None:
-    """After the checks that need no Ray: join or start Ray, check its resources, then record the run
-    (``config.json``), so that a recorded run is one that passed every check."""
+def start_run(cfg: PipelineConfig, budgets: dict[str, tuple[int, int]], units: Sequence[TrainingUnit]) -> None:
+    """After the checks that need no Ray: join or start Ray, check its resources and that every node
+    sees the units' data (and a local ``--out``), then record the run (``config.json``), so that a
+    recorded run is one that passed every check."""
     quiet_ray_logs(cfg.verbose)
     init_ray()
     check_cluster(cfg)
+    check_nodes_see(cfg.out, units, cfg.backbone.checkpoint_path)
     storage.write_json(storage.join(cfg.out, layout.CONFIG_FILE),
                        {**run_record(cfg), "run_id": run_id_for(cfg),
                         "budgets": {name: list(b) for name, b in budgets.items()}})
@@ -337,11 +349,12 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     Progress (stages, epochs, generations with elapsed time and ETA) is logged on this module's
     logger; bad input raises a ``GLoRARayError`` before compute, also from inside a dataset's task.
     """
-    start_run(cfg, preflight(cfg))
+    budgets = preflight(cfg)
     # Every (dataset, seed) is one independent unit; with --seeds each seed has its own output folder.
     runs = [(dataset, seed, run) for dataset in cfg.datasets for seed, run in cfg.seed_runs()]
     units = [replace(vtab_unit(run, dataset), label=f"{dataset} seed={seed}" if cfg.seeds else None)
              for dataset, seed, run in runs]
+    start_run(cfg, budgets, units)
     frame = summary_frame(run_units(cfg, units, [run for _, _, run in runs]))
     storage.write_parquet(storage.join(cfg.out, layout.SUMMARY_FILE), frame)
     if cfg.seeds:  # the mean ± std table and the plot over every seed, in <out>/<dataset>/

@@ -300,6 +300,10 @@ class EvaluatorPool:
     def num_actors(self) -> int:
         return len(self.live)
 
+    def actor_nodes(self) -> dict[str, str]:
+        """The Ray node id of every actor that started (live or since retired), by actor name."""
+        return {name: info["node_id"] for name, info in self.stats.actors.items()}
+
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, keys: Sequence[str], batch_size: int) -> dict[str, EvalResult]:
         """Results for every key, whatever the actors' finishing order or faults."""

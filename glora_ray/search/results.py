@@ -29,9 +29,9 @@ in gene order, then params (int64), val_acc (float64), val_loss (float64, the me
 cross-entropy), eval_seconds (float64), actor, seed (int64).
 
 Each generation file's metadata (key ``glora_ray``) is its commit record: the run's fingerprint,
-the generator state after the generation, and where its candidates came from ("origins": count
+the generator state after the generation, where its candidates came from ("origins": count
 per origin; "wanted": the mutants and crossovers asked for; "repaired": offspring moved into the
-budget).
+budget) and where they were evaluated ("nodes": actor name -> Ray node id).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -82,6 +82,9 @@ class SearchResult:
     # nothing was evaluated) and each evaluated generation's wall seconds (evaluate, commit, plan).
     pool: PoolStats | None = None
     generation_seconds: tuple[float, ...] = ()
+    # Where each generation was evaluated: actor name -> Ray node id, one dict per generation, as
+    # each generation file's commit record stores it (empty for generations stored before).
+    nodes: tuple[dict[str, str], ...] = ()
 
 
 def array_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
@@ -144,6 +147,7 @@ class _Search:
     dataset: str
     resumed: int  # complete generations found in the store
     exhausted: bool = False
+    nodes: list[dict[str, str]] = field(default_factory=list)  # per generation: actor -> Ray node id
 
     def subnet(self, scored: Scored) -> BestSubnet:
         c = scored.candidate
@@ -160,7 +164,7 @@ class _Search:
             pareto=_front_frame(scored), population_path=self.store.population_uri, evaluations=len(scored),
             generations_done=self.planner.generation, out_uri=self.store.uri, run_id=self.run_id,
             dataset=self.dataset, budget=self.budget, resumed_generations=self.resumed,
-            exhausted=self.exhausted, actors=actors,
+            exhausted=self.exhausted, actors=actors, nodes=tuple(self.nodes),
         )
         finished = self.exhausted or self.planner.generation >= self.config.generations
         record = _result_record(result, self.config, finished)
@@ -240,6 +244,7 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
 
     planner = EvolutionPlanner(config, space, structure.counter, lo, hi, initial=seeds)
     schema = population_schema(layer_names)
+    nodes = []
     for number in stored_numbers:
         stored = store.read_generation(number, schema)
         if stored.commit.get("run_fingerprint") != fingerprint:
@@ -247,8 +252,9 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
         planner.replay(stored_scores([stored.table]))
         if json.loads(json.dumps(planner.rng_state())) != stored.commit.get("rng_state"):
             raise ResumeMismatchError(f"generation {number}: the generator state differs from the stored one")
+        nodes.append(stored.commit.get("nodes", {}))
     return _Search(config, store, planner, space, layer_names, (lo, hi), fingerprint, run_id, dataset,
-                   resumed=len(stored_numbers))
+                   resumed=len(stored_numbers), nodes=nodes)
 
 
 def plan_generation(search: _Search) -> list[Candidate]:
@@ -266,15 +272,20 @@ def evaluate_generation(pool: EvaluatorPool, candidates: list[Candidate], config
     return pool.evaluate(keys, config.batch_size_for(len(keys), pool.num_actors))
 
 
-def commit_generation(search: _Search, results: Mapping[str, EvalResult]) -> list[Scored]:
-    """Rank the evaluated generation and store it: its Parquet file is its commit."""
+def commit_generation(search: _Search, results: Mapping[str, EvalResult],
+                      actor_nodes: Mapping[str, str] | None = None) -> list[Scored]:
+    """Rank the evaluated generation and store it: its Parquet file is its commit.  ``actor_nodes``
+    (actor name -> Ray node id) records where its candidates were evaluated."""
     g = search.planner.generation
     scored = search.planner.tell({key: r.val_acc for key, r in results.items()},
                                  {key: r.val_loss for key, r in results.items()})
+    nodes = {r.actor: actor_nodes[r.actor] for r in results.values() if r.actor in (actor_nodes or {})}
+    search.nodes.append(nodes)
     commit = {
         "format": FORMAT_VERSION, "run_fingerprint": search.fingerprint, "generation": g,
         "rng_state": search.planner.rng_state(), "evaluations": len(search.planner.evaluated),
         **search.planner.draws[-1].to_dict(),  # "origins", "wanted", "repaired"
+        "nodes": dict(sorted(nodes.items())),
     }
     search.store.write_generation(g, generation_table(
         scored, results, run_id=search.run_id, dataset=search.dataset, seed=search.config.seed,
@@ -338,7 +349,8 @@ def run_search(
     try:
         while candidates:
             started = time.perf_counter()
-            scored = commit_generation(search, evaluate_generation(pool, candidates, config))
+            results = evaluate_generation(pool, candidates, config)
+            scored = commit_generation(search, results, pool.actor_nodes())
             drawn: DrawCounts = search.planner.draws[-1]
             candidates = plan_generation(search)
             result = search.result(pool.num_actors)

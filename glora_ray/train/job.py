@@ -4,9 +4,13 @@ Checkpoints: every ``checkpoint_every`` epochs (and at the last), rank 0 writes 
 state (adapters, head, optimizer, scheduler, step, epoch, history) and all ranks call
 ``ray.train.report``; the last one also holds the finished supernet (``save_supernet``).
 Rerunning with the same ``run_name`` and ``storage_path`` resumes from the latest checkpoint
-(Ray Train hands it to ``ray.train.get_checkpoint``); a worker failure restarts the worker group
-from it, up to ``max_failures`` times.  Afterwards the driver copies the finished supernet to
-``<storage_path>/<run_name>/supernet`` (or ``output_dir``), which ``load_supernet`` reads.
+(Ray Train hands it to ``ray.train.get_checkpoint``); a worker failure (a lost node among them)
+restarts the worker group from it on the nodes that remain or arrive, up to ``max_failures``
+times.  Afterwards the driver copies the finished supernet to ``<storage_path>/<run_name>/supernet``,
+which ``load_supernet`` reads.  ``storage_path`` is a local path or a URI (``s3://``, ``gs://``,
+``file://``, any pyarrow or fsspec filesystem): Ray Train's checkpoints, local mode's own and the
+finished supernet all go through it, so workers on any node reach them.  Each epoch's history
+entry names the Ray node of every rank (``nodes``): where the training ran, attempt by attempt.
 
 A training whose loss or adapter weights stop being finite stops at that step (``loop``), is not
 retried, and leaves nothing behind: the driver removes the run's folder and raises
@@ -14,10 +18,8 @@ retried, and leaves nothing behind: the driver removes the run's folder and rais
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,10 +61,6 @@ class TrainResult:
     ray_checkpoint_path: str | None  # the last Ray Train checkpoint
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def prepare_spec(spec: SupernetSpec, data: DataConfig, train: TrainConfig) -> SupernetSpec:
     """A copy of ``spec`` that records the data and agrees with it; absolute paths for workers."""
     data.check()
@@ -77,15 +75,20 @@ def prepare_spec(spec: SupernetSpec, data: DataConfig, train: TrainConfig) -> Su
     if spec.dataset and not data.same_dataset(spec.dataset):
         raise CheckpointMismatchError(f"spec.dataset={spec.dataset!r} but training data is {data.name!r}")
     backbone = spec.backbone
-    if backbone.checkpoint_path is not None and not _is_uri(backbone.checkpoint_path):
-        backbone = replace(backbone, checkpoint_path=os.path.abspath(backbone.checkpoint_path))
+    if backbone.checkpoint_path is not None:
+        backbone = replace(backbone, checkpoint_path=_absolute(backbone.checkpoint_path))
     extra = {**spec.extra, "data": absolute_data(data).to_dict(), "train_split": train.split}
     return replace(spec, backbone=backbone, dataset=data.name, extra=extra)
 
 
+def _absolute(location: str) -> str:
+    """A local path made absolute (workers do not share the driver's working directory); a URI as it is."""
+    local = storage.local_path(location)
+    return location if local is None else local
+
+
 def absolute_data(data: DataConfig) -> DataConfig:
-    # Ray Train workers do not share the driver's working directory.
-    return data if _is_uri(data.root) else replace(data, root=os.path.abspath(data.root))
+    return replace(data, root=_absolute(data.root))
 
 
 def check_cluster_fits(train: TrainConfig) -> None:
@@ -110,14 +113,13 @@ def check_cluster_fits(train: TrainConfig) -> None:
             )
 
 
-def _check_rerun(run_dir: Path, spec: SupernetSpec) -> None:
-    """Refuse, before starting Ray, to resume a run that was started for another model/space/data."""
-    path = run_dir / RUN_SPEC_FILE
-    if path.is_file():
-        SupernetSpec.from_dict(json.loads(path.read_text())).check_matches(spec, f"run {run_dir}")
+def _check_rerun(run_dir: str, spec: SupernetSpec) -> None:
+    """Refuse to resume a run that was started for another model/space/data; record a new one's spec."""
+    uri = storage.join(run_dir, RUN_SPEC_FILE)
+    if storage.exists(uri):
+        SupernetSpec.from_dict(storage.read_json(uri)).check_matches(spec, f"run {run_dir}")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        storage.write_json(str(path), spec.to_dict())
+        storage.write_json(uri, spec.to_dict())
 
 
 def train_supernet(
@@ -127,7 +129,6 @@ def train_supernet(
     storage_path: str,
     run_name: str,
     *,
-    output_dir: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a supernet with Ray Train; resume a run of the same name; return where it is saved.
@@ -142,16 +143,16 @@ def train_supernet(
     spec = prepare_spec(spec, data, train)
     data = absolute_data(data)
     _check_before_ray(spec, data, train)
-    storage_path, run_dir = _run_location(storage_path, run_name, train, output_dir)
-    final_dir = Path(output_dir) if output_dir is not None else Path(run_dir) / SUPERNET_DIR
+    storage_path = _absolute(storage_path)
+    run_dir = storage.join(storage_path, run_name)
+    final_dir = storage.join(run_dir, SUPERNET_DIR)
     finished = _finished(final_dir, spec, train, run_dir)
     if finished is not None:
         return finished  # a rerun of a completed run: no worker group to start
     if train.num_workers > 0:
         init_ray()
         check_cluster_fits(train)
-    if not _is_uri(run_dir):
-        _check_rerun(Path(run_dir), spec)
+    _check_rerun(run_dir, spec)
     trainer = _trainer(spec, data, train, storage_path, run_name, run_dir, progress)
     result = trainer.fit()
     outcome = result.return_value or {}
@@ -186,19 +187,6 @@ def _check_before_ray(spec: SupernetSpec, data: DataConfig, train: TrainConfig) 
         read_spec(train.init_from).check_matches(spec, f"init_from {train.init_from}")
 
 
-def _run_location(storage_path: str, run_name: str, train: TrainConfig, output_dir: str | None) -> tuple[str, str]:
-    """(storage path, run folder): a local path made absolute; a URI needs a local ``output_dir``
-    and Ray Train workers (local mode keeps its checkpoints in a local folder)."""
-    if not _is_uri(storage_path):
-        storage_path = os.path.abspath(storage_path)
-        return storage_path, os.path.join(storage_path, run_name)
-    if train.num_workers == 0:
-        raise TrainConfigError("local mode (num_workers=0) needs a local storage_path")
-    if output_dir is None:
-        raise TrainConfigError(f"storage_path {storage_path!r} is remote: pass a local output_dir")
-    return storage_path, f"{storage_path.rstrip('/')}/{run_name}"
-
-
 def _trainer(spec: SupernetSpec, data: DataConfig, train: TrainConfig, storage_path: str, run_name: str,
              run_dir: str, progress: Callable[[str], None] | None) -> Any:
     """The Ray Train V2 ``TorchTrainer`` of this run (resumed by name and storage path)."""
@@ -206,13 +194,14 @@ def _trainer(spec: SupernetSpec, data: DataConfig, train: TrainConfig, storage_p
     from ray.train.torch import TorchTrainer
 
     local_mode = train.num_workers == 0
+    filesystem, path = storage.resolve(storage_path)  # the filesystem the driver resolved, for every worker
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.to_dict(),
             "data": data.to_dict(),
             "train": train.to_dict(),
-            "local_checkpoints": os.path.join(run_dir, LOCAL_CHECKPOINTS_DIR) if local_mode else None,
+            "local_checkpoints": storage.join(run_dir, LOCAL_CHECKPOINTS_DIR) if local_mode else None,
             "progress": progress,
         },
         scaling_config=ScalingConfig(
@@ -222,7 +211,8 @@ def _trainer(spec: SupernetSpec, data: DataConfig, train: TrainConfig, storage_p
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            storage_path=path,
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=train.max_failures),
             # Ray Train's per-report lines only when asked for (--verbose).
@@ -231,19 +221,20 @@ def _trainer(spec: SupernetSpec, data: DataConfig, train: TrainConfig, storage_p
     )
 
 
-def _install_result(result: Any, spec: SupernetSpec, train: TrainConfig, run_dir: str, final_dir: Path,
+def _install_result(result: Any, spec: SupernetSpec, train: TrainConfig, run_dir: str, final_dir: str,
                     outcome: Mapping[str, Any]) -> TrainResult:
-    """The last checkpoint's supernet installed in ``final_dir`` with its history and settings."""
+    """The last checkpoint's supernet installed in ``final_dir`` with its history and settings (the
+    settings last: ``_finished`` takes a folder with them for complete)."""
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_dir} finished without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
+    with result.checkpoint.as_directory() as directory:  # a download when the checkpoint is remote
         storage.install_dir(Path(directory) / SUPERNET_DIR, final_dir)
         history = load_training_state(directory)["history"]
-    read_spec(final_dir).check_matches(spec, str(final_dir))
-    storage.write_json(str(final_dir / HISTORY_FILE), history)
-    storage.write_json(str(final_dir / TRAIN_CONFIG_FILE), result_identity(train))
+    read_spec(final_dir).check_matches(spec, final_dir)
+    storage.write_json(storage.join(final_dir, HISTORY_FILE), history)
+    storage.write_json(storage.join(final_dir, TRAIN_CONFIG_FILE), result_identity(train))
     return TrainResult(
-        checkpoint_dir=str(final_dir),
+        checkpoint_dir=final_dir,
         history=history,
         resumed_from_step=outcome.get("resumed_from_step"),
         final_step=history[-1]["step"] if history else 0,
@@ -270,30 +261,36 @@ def _forget_diverged_run(run_dir: str) -> None:
     log.debug("removed the diverged training run %s", run_dir)
 
 
-def _finished(final_dir: Path, spec: SupernetSpec, train: TrainConfig, run_dir: str) -> TrainResult | None:
+def _finished(final_dir: str, spec: SupernetSpec, train: TrainConfig, run_dir: str) -> TrainResult | None:
     """The stored result of this exact run when it already completed every epoch, else None."""
-    history_path, settings_path = final_dir / HISTORY_FILE, final_dir / TRAIN_CONFIG_FILE
-    if not (history_path.is_file() and settings_path.is_file()):
+    history_uri, settings_uri = storage.join(final_dir, HISTORY_FILE), storage.join(final_dir, TRAIN_CONFIG_FILE)
+    if not (storage.exists(history_uri) and storage.exists(settings_uri)):
         return None
-    if json.loads(settings_path.read_text()) != result_identity(train):
+    if storage.read_json(settings_uri) != result_identity(train):
         return None  # other settings (e.g. more epochs): let Ray Train resume from its checkpoint
-    history = json.loads(history_path.read_text())
+    history = storage.read_json(history_uri)
     if not history or history[-1]["epoch"] != train.epochs - 1:
         return None
-    read_spec(final_dir).check_matches(spec, str(final_dir))
-    return TrainResult(checkpoint_dir=str(final_dir), history=history, resumed_from_step=history[-1]["step"],
+    read_spec(final_dir).check_matches(spec, final_dir)
+    return TrainResult(checkpoint_dir=final_dir, history=history, resumed_from_step=history[-1]["step"],
                        final_step=history[-1]["step"], run_dir=run_dir, spec=spec, ray_checkpoint_path=None)
 
 
 # -- inside the workers -----------------------------------------------------------------------
-def _latest_local_checkpoint(directory: Path | None) -> Path | None:
-    if directory is None or not directory.is_dir():
-        return None
-    found = sorted(p for p in directory.glob(f"{_LOCAL_CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
+def _local_checkpoints(directory: str | None) -> list[str]:
+    """Local mode's checkpoint folders under ``directory`` (a path or URI), oldest first."""
+    if directory is None:
+        return []
+    return [storage.join(directory, name) for name, is_dir in storage.list_dir(directory)
+            if is_dir and name.startswith(_LOCAL_CHECKPOINT_PREFIX)]
+
+
+def _latest_local_checkpoint(directory: str | None) -> str | None:
+    found = [c for c in _local_checkpoints(directory) if storage.exists(storage.join(c, STATE_FILE))]
     return found[-1] if found else None
 
 
-def _resume_payload(checkpoint, local_dir: Path | None, spec: SupernetSpec) -> dict[str, Any] | None:
+def _resume_payload(checkpoint, local_dir: str | None, spec: SupernetSpec) -> dict[str, Any] | None:
     """The training state to resume from: Ray Train's checkpoint, else local mode's own."""
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -302,7 +299,7 @@ def _resume_payload(checkpoint, local_dir: Path | None, spec: SupernetSpec) -> d
         latest = _latest_local_checkpoint(local_dir)
         if latest is None:
             return None
-        payload, where = load_training_state(latest), str(latest)
+        payload, where = load_training_state(latest), latest
     SupernetSpec.from_dict(payload["meta"]["spec"]).check_matches(spec, f"checkpoint {where}")
     bad = nonfinite_tensors(payload["adapters"])
     if bad:  # written before divergence was caught: resuming it would train NaN on
@@ -317,7 +314,7 @@ class _Reporter:
     and each report is a barrier through the controller (about 2 s on 2 CPU cores, which made
     a one-step few-shot epoch ten times slower)."""
 
-    def __init__(self, training: SupernetTraining, spec: SupernetSpec, rank: int, local_dir: Path | None,
+    def __init__(self, training: SupernetTraining, spec: SupernetSpec, rank: int, local_dir: str | None,
                  progress: Callable[[str], None] | None):
         self.training, self.spec, self.rank, self.local_dir = training, spec, rank, local_dir
         self.progress = progress or log.info
@@ -337,14 +334,15 @@ class _Reporter:
         if self.rank != 0:
             ray.train.report(metrics)  # a barrier: every rank reports each checkpoint
             return
-        if self.local_dir is not None:
-            directory = self.local_dir / f"{_LOCAL_CHECKPOINT_PREFIX}{self.training.state.epoch:06d}"
+        if self.local_dir is not None:  # local mode: the job's own checkpoint folders, on a path or URI
+            directory = storage.join(self.local_dir, f"{_LOCAL_CHECKPOINT_PREFIX}{self.training.state.epoch:06d}")
             self._write(directory)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+            filesystem, path = storage.resolve(directory)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path, filesystem=filesystem))
             self._prune_local()
             return
         with tempfile.TemporaryDirectory(prefix="glora-ckpt-") as directory:
-            self._write(Path(directory))
+            self._write(directory)
             # Synchronous upload: the directory may go once report returns.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
@@ -354,15 +352,14 @@ class _Reporter:
             return {"epoch": state.epoch - 1, "step": state.step}
         return {k: v for k, v in stats.to_dict().items() if k != "subnet_digests"}
 
-    def _write(self, directory: Path) -> None:
+    def _write(self, directory: str) -> None:
         self.training.save(directory)
         if self.training.finished:
-            save_supernet(directory / SUPERNET_DIR, self.training.supernet, self.spec)
+            save_supernet(storage.join(directory, SUPERNET_DIR), self.training.supernet, self.spec)
 
     def _prune_local(self) -> None:
-        found = sorted(self.local_dir.glob(f"{_LOCAL_CHECKPOINT_PREFIX}*"))
-        for old in found[: -self.training.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in _local_checkpoints(self.local_dir)[: -self.training.cfg.keep_checkpoints]:
+            storage.delete_dir(old)
 
 
 def train_loop_per_worker(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -373,7 +370,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> dict[str, Any]:
     spec = SupernetSpec.from_dict(config["spec"])
     data = DataConfig.from_dict(config["data"])
     train = TrainConfig.from_dict(config["train"])
-    local_dir = Path(config["local_checkpoints"]) if config.get("local_checkpoints") else None
+    local_dir = config.get("local_checkpoints") or None
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # whatever Ray assigned: never a hard-coded cuda
@@ -393,6 +390,19 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def _rank_nodes(world_size: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (the host name outside Ray)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+    if world_size == 1 or not dist.is_initialized():
+        return [node]
+    nodes: list[str | None] = [None] * world_size
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
 def _train_worker(
     spec: SupernetSpec,
     data: DataConfig,
@@ -400,7 +410,7 @@ def _train_worker(
     device: torch.device,
     rank: int,
     world_size: int,
-    local_dir: Path | None,
+    local_dir: str | None,
     progress: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     import ray.train
@@ -422,6 +432,7 @@ def _train_worker(
         prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
         meta={"spec": spec.to_dict(), "data": data.to_dict(), "train": train.to_dict()},
         init_spec=spec,
+        nodes=_rank_nodes(world_size),
     ).setup(resume)
     reporter = _Reporter(training, spec, rank, local_dir, progress)
     already_done = training.finished

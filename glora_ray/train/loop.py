@@ -26,7 +26,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -347,7 +347,8 @@ class SupernetTraining:
 
     ``prepare_model`` / ``prepare_loader`` let Ray Train move the model to its device and wrap it
     in DDP; without them the model goes to ``device`` as it is.  ``meta`` is stored in every
-    checkpoint (the job records the spec, data and config there).
+    checkpoint (the job records the spec, data and config there).  ``nodes``: where each rank runs
+    (the job passes Ray node ids), recorded in every epoch's history entry of this attempt.
     """
 
     def __init__(
@@ -364,6 +365,7 @@ class SupernetTraining:
         prepare_loader: Callable[[DataLoader], Iterable] | None = None,
         meta: Mapping[str, Any] | None = None,
         init_spec: SupernetSpec | None = None,
+        nodes: Sequence[str] = (),
     ):
         self.supernet, self.cfg, self.rank, self.world_size = supernet, cfg, rank, world_size
         self.device = torch.device(device)
@@ -371,6 +373,7 @@ class SupernetTraining:
         self.precision = resolve_precision(cfg.precision, self.device, error=TrainConfigError)
         self.layout = memory_format(supernet, cfg.channels_last)
         self.meta = dict(meta or {})
+        self.nodes = list(nodes)
         self.steps_per_epoch = steps_per_epoch(len(dataset), cfg, world_size)
         if self.steps_per_epoch < 1:
             raise TrainConfigError(
@@ -444,7 +447,7 @@ class SupernetTraining:
             fixed_genes=self.fixed_genes, subnets=self.subnets, distill=self.cfg.distill,
         )
         self.state.step, self.state.epoch = stats.step, epoch + 1
-        self.state.history.append(stats.to_dict())
+        self.state.history.append({**stats.to_dict(), **({"nodes": self.nodes} if self.nodes else {})})
         return stats
 
     def run(

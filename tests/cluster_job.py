@@ -1,0 +1,116 @@
+"""The whole job on a simulated cluster, as a user runs it: ``ray job submit`` of pipelines/vtab.py.
+
+Run as a script (``python tests/cluster_job.py REPORT.json ARGV...``) by tests/test_cluster.py: a
+cluster needs a driver of its own.  A 0-CPU head (the job's driver runs there) and two 1-CPU worker
+nodes, so two training workers and two evaluator actors can only run one per worker node.
+
+1. The job is submitted (``ray job submit``).  Its training hangs at a step after its first checkpoint (``faults``); the
+   worker node ``worker-1`` is then removed without warning and a fresh node, ``worker-3``, added:
+   a preempted spot node replaced.  The job must still succeed.
+2. The same job is submitted again: it must resume (nothing retrained or re-searched).
+3. The same supernet trained without interruption on the same cluster (``train_supernet``, to
+   ``<out>-uninterrupted``), so the test can compare the two.
+
+Writes REPORT.json: each job's exit status and output, the node names by id, and where the
+reference run's supernet is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter
+STORE_BYTES = 256 * 2**20
+HANG_TIMEOUT_S = 300
+JOB_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _submit(dashboard: int, argv: list[str], log: Path) -> subprocess.Popen:
+    """``ray job submit`` of the pipeline, as the README has users run it; its output into ``log``."""
+    command = [*RAY_CLI, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+               "--", "python", "pipelines/vtab.py", *argv]
+    with open(log, "w") as handle:
+        return subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def _finish(job: subprocess.Popen, log: Path) -> dict:
+    try:
+        returncode = job.wait(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        returncode = job.wait()
+    return {"returncode": returncode, "logs": log.read_text()}
+
+
+def _uninterrupted_training(argv: list[str], out: str) -> str:
+    """The job's stage-1 supernet, trained in one go on this cluster; returns its folder."""
+    from glora_ray import storage
+    from glora_ray.budget import Budget
+    from glora_ray.pipeline.cli import parse_config
+    from glora_ray.pipeline.unit import spec_for, vtab_unit
+    from glora_ray.train import train_supernet
+
+    cfg = parse_config([*argv, "--out", out])
+    unit = vtab_unit(cfg, cfg.datasets[0])
+    spec = spec_for(cfg, unit.data)
+    window = Budget(cfg.search.min_params, cfg.search.max_params).resolve(spec.build_empty().counter)
+    result = train_supernet(spec, unit.data, unit.train_config(cfg.train, unit.lr, window),
+                            storage.join(out, unit.path, "train"), "supernet")
+    return result.checkpoint_dir
+
+
+def main(report_path: str, out: str, argv: list[str]) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from glora_ray import faults
+    from glora_ray.runtime import init_ray
+
+    dashboard = _free_port()
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=0, object_store_memory=STORE_BYTES, include_dashboard=True, dashboard_host="127.0.0.1",
+        dashboard_port=dashboard))
+    report: dict = {"nodes": {cluster.head_node.node_id: "head"}, "jobs": []}
+    try:
+        workers = [cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES) for _ in range(2)]
+        report["nodes"].update({node.node_id: f"worker-{i + 1}" for i, node in enumerate(workers)})
+        cluster.wait_for_nodes()
+        command = [*argv, "--out", out]
+        logs = [Path(report_path).with_name(f"job-{i}.log") for i in range(2)]
+
+        first = _submit(dashboard, command, logs[0])
+        deadline = time.monotonic() + HANG_TIMEOUT_S
+        while not os.path.exists(faults.hang_marker()) and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.5)
+        report["hang_reached"] = os.path.exists(faults.hang_marker())
+        if report["hang_reached"]:  # a preempted node, and its replacement
+            cluster.remove_node(workers[0], allow_graceful=False)
+            fresh = cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES)
+            report["nodes"][fresh.node_id] = "worker-3"
+        report["jobs"].append(_finish(first, logs[0]))
+        # The hang fault passes once its marker exists: the rerun and the reference run are not stopped.
+        report["jobs"].append(_finish(_submit(dashboard, command, logs[1]), logs[1]))
+
+        os.environ["RAY_ADDRESS"] = cluster.address  # this cluster, for Train's children too
+        init_ray(verbose=False)
+        report["uninterrupted"] = _uninterrupted_training(argv, f"{out}-uninterrupted")
+    finally:
+        Path(report_path).write_text(json.dumps(report))
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
