@@ -118,9 +118,8 @@ def sample_within_budget(
 ) -> np.ndarray:
     """A uniformly drawn subnet, repaired into [lo, hi] when needed; never loops unboundedly."""
     costs = counter.gene_costs()
-    card = (costs >= 0).sum(axis=1)
     for _ in range(max_tries):
-        genes = rng.integers(card).astype(np.int64)
+        genes = counter.draw(rng).astype(np.int64)
         total = int(costs[np.arange(len(genes)), genes].sum())
         if lo <= total <= hi:
             return genes.astype(np.int8)

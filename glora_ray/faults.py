@@ -8,13 +8,13 @@ plan written after Ray started still reaches the actors.
 
 Plan keys::
 
-    {"evaluate": {"on_call": 2, "actors": [0], "action": "exit" | "hang"},
+    {"evaluate": {"on_call": 2, "actors": [0], "action": "exit" | "hang" | "sleep", "seconds": 3},
      "start": {"actors": [1]},
      "train_step": 15 | {"step": 63, "action": "raise" | "hang"}}
 
 ``evaluate``: the listed evaluator actors (by start index; absent: every actor, replacements
-included) end their process (``exit``) or never return (``hang``) at the start of their
-``on_call``-th evaluate call.  ``start``: the listed evaluator actors (absent: every one) raise
+included) end their process (``exit``), never return (``hang``) or return ``seconds`` late
+(``sleep``) at the start of their ``on_call``-th evaluate call.  ``start``: the listed evaluator actors (absent: every one) raise
 ``InjectedFailure`` in their constructor, i.e. fail to start.  ``train_step``: at that global step,
 raise ``InjectedFailure`` in a training attempt that did not start from a checkpoint, or (``hang``)
 stop there for good the first time any worker reaches it, after creating the file
@@ -48,7 +48,11 @@ def at_evaluate_call(actor_index: int, call: int) -> None:
     fault = plan("evaluate")
     if not fault or fault["on_call"] != call or actor_index not in fault.get("actors", [actor_index]):
         return
-    if fault.get("action", "exit") == "hang":
+    action = fault.get("action", "exit")
+    if action == "sleep":
+        time.sleep(fault["seconds"])
+        return
+    if action == "hang":
         while True:  # until the pool's call_timeout_s ends this actor
             time.sleep(60)
     os._exit(1)

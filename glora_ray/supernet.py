@@ -140,7 +140,8 @@ class Supernet(nn.Module):
         self.layer_names: tuple[str, ...] = tuple(n for n, _ in chosen)
         if self.head_name is not None:
             self.head.requires_grad_(True)
-        self.counter = ParamCounter(space, [(l.d_in, l.d_out) for l in self.layers()])
+        self.counter = ParamCounter(space, [(l.d_in, l.d_out) for l in self.layers()],
+                                    [l.inert_tensors for l in self.layers()])
         head_prefix = None if self.head_name is None else self.head_name + "."
         # Frozen normalisation: anything tracking running statistics, outside the head.
         self._frozen_norms = [
@@ -178,12 +179,15 @@ class Supernet(nn.Module):
 
     # -- subnets -----------------------------------------------------------------------
     def to_genes(self, subnet: SubnetLike) -> np.ndarray:
-        """Any accepted subnet form (mapping, gene array, string key) as validated genes."""
+        """Any accepted subnet form (mapping, gene array, string key) as validated genes: in the
+        space, and no form a layer does not offer (an inert tensor, ``ParamCounter.check``)."""
         if isinstance(subnet, str):
-            return self.space.genes_from_string(subnet, self.num_layers)
-        if isinstance(subnet, Mapping):
-            return self.space.encode(subnet, self.layer_names)
-        return self.space.validate_genes(np.asarray(subnet), self.num_layers)
+            genes = self.space.genes_from_string(subnet, self.num_layers)
+        elif isinstance(subnet, Mapping):
+            genes = self.space.encode(subnet, self.layer_names)
+        else:
+            genes = self.space.validate_genes(np.asarray(subnet), self.num_layers)
+        return self.counter.check(genes, self.layer_names)
 
     def decode(self, subnet: SubnetLike) -> dict[str, dict[str, str]]:
         return self.space.decode(self.to_genes(subnet), self.layer_names)
@@ -204,13 +208,13 @@ class Supernet(nn.Module):
         return {n: l.choice for n, l in zip(self.layer_names, self.layers())}
 
     def largest_subnet(self) -> np.ndarray:
-        return np.zeros(self.space.num_genes(self.num_layers), dtype=np.int8)
+        return self.counter.largest()
 
     def sample_subnet(self, rng: np.random.Generator) -> dict[str, dict[str, str]]:
         return self.space.decode(self.sample_genes(rng), self.layer_names)
 
     def sample_genes(self, rng: np.random.Generator) -> np.ndarray:
-        return self.space.sample_genes(rng, self.num_layers)
+        return self.counter.draw(rng)
 
     def num_params(self, subnet: SubnetLike | None = None) -> int:
         """Adapter parameters of ``subnet`` (default: the current one); the head is not counted."""

@@ -31,6 +31,11 @@ def randomize_adapters(supernet_or_layer, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
+def offered_choices(layer) -> list[dict[str, str]]:
+    """Every choice the layer offers: the space's, less the forms of its inert tensors (D without a bias)."""
+    return [c for c in layer.space.iter_layer_choices() if all(c[t] == "none" for t in layer.inert_tensors)]
+
+
 def tiny_supernet(ranks=(4, 2), seed: int = 0, **vit_kw) -> Supernet:
     return Supernet(tiny_vit(seed=seed, **vit_kw), SearchSpace(ranks))
 

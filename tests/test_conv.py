@@ -9,7 +9,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from glora_ray import TENSORS, GLoRARayError, GLoRAConv2d, GLoRALinear, SearchSpace, Supernet, load_merged_state_dict
-from helpers import randomize_adapters, spec_support
+from helpers import offered_choices, randomize_adapters, spec_support, tiny_vit
 
 # (name, constructor): every geometry the layer must reproduce.
 CONVS = {
@@ -58,16 +58,14 @@ def test_every_choice_matches_formula_merges_and_counts_its_gradients(name):
     x = torch.randn(1, layer.in_channels, 7, 6)
     kh, kw = layer.base.kernel_size
     assert (layer.d_in, layer.d_out) == (layer.in_channels // layer.groups * kh * kw, layer.out_channels)
-    for choice in space.iter_layer_choices():
+    for choice in offered_choices(layer):  # without a bias, D is offered only as none (method §1.5)
         layer.set_choice(choice)
         layer.zero_grad(set_to_none=True)
         got = layer(x)
         if got.requires_grad:  # the all-none choice has nothing to train
             got.square().sum().backward()
         touched = sum(int((p.grad != 0).sum()) for p in layer.glora.parameters() if p.grad is not None)
-        # Counted as in docs/method.md §1 even where D has no bias to scale (no gradient then).
-        idle_d = layer.num_params({**{t: "none" for t in TENSORS}, "D": choice["D"]}) if layer.base.bias is None else 0
-        assert touched + idle_d == layer.num_params() == layer.num_params(choice), choice
+        assert touched == layer.num_params() == layer.num_params(choice), choice  # every counted element learns
         with torch.no_grad():
             want = spec_conv(layer, choice, x)
             merged = layer.merged()
@@ -228,3 +226,32 @@ def test_evaluator_merge_path_handles_convs():
         with torch.no_grad():
             want, got = net(x), merged(x)
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_no_searched_subnet_of_efficientnet_lite0_holds_a_parameter_that_changes_nothing():
+    # docs/method.md §1.5: every counted tensor of a subnet acts.  Lite0's 49 convolutions have no
+    # bias, so D is offered there only as none; in a ViT's biased linears D acts like the others.
+    for net, x in ((Supernet(tiny_cnn(seed=5), SearchSpace((4, 2)), layer_types=("conv2d",)), torch.randn(2, 3, 32, 32)),
+                   (Supernet(tiny_vit(), SearchSpace((4, 2))), torch.randn(2, 3, 16, 16))):
+        randomize_adapters(net, seed=7)
+        net.eval()
+        inputs = {}  # a random input of each adapted layer's shape (real activations may be 0 at random init)
+        hooks = [layer.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, torch.randn_like(args[0])))
+                 for name, layer in zip(net.layer_names, net.layers())]
+        rng = np.random.default_rng(2)
+        subnets = [net.decode(g) for g in [net.largest_subnet(), *(net.sample_genes(rng) for _ in range(3))]]
+        for subnet in subnets:
+            net.set_subnet(subnet)
+            with torch.no_grad():
+                net(x)
+                for name, choice in subnet.items():
+                    layer, out = net.layer(name), net.layer(name)(inputs[name])
+                    for tensor in (t for t in TENSORS if choice[t] != "none"):  # each counted tensor, off
+                        layer.set_choice({**choice, tensor: "none"})
+                        assert not torch.equal(layer(inputs[name]), out), (name, tensor, choice[tensor])
+                        layer.set_choice(choice)
+        for hook in hooks:
+            hook.remove()
+        d_forms = {choice["D"] for subnet in subnets for choice in subnet.values()}
+        biased = all(layer.base.bias is not None for layer in net.layers())
+        assert d_forms == ({"vector", "scalar", "none"} if biased else {"none"}), d_forms

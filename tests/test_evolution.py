@@ -8,8 +8,9 @@ import pytest
 from glora_ray import Budget, InfeasibleBudgetError, ParamCounter, SearchSpace
 from glora_ray.search import (
     EvolutionPlanner, Origin, ResumeMismatchError, SearchConfig, SearchConfigError, SpaceExhaustedWarning,
-    best_under, pareto_front, pareto_mask,
+    Fitness, best_under, pareto_front, pareto_mask,
 )
+from glora_ray.search.ranking import ranked
 from helpers import COUNTER, SPACE, fitness, run
 
 SMALL = dict(population=20, parents=5, mutants=8, crossovers=8, generations=5)
@@ -38,7 +39,7 @@ def test_generation_composition_and_lineage():
             assert origins.count(Origin.MUTATION) == 8 and origins.count(Origin.CROSSOVER) == 8
             assert origins.count(Origin.RANDOM) == 4
             # Parents are the top-k of everything evaluated before this generation.
-            ranked = sorted(evaluated_before.values(), key=lambda s: s.rank_key)[:5]
+            ranked = sorted(evaluated_before.values(), key=lambda s: (-s.val_acc, s.candidate.params, s.candidate.key))[:5]
             elite = {s.candidate.candidate_id for s in ranked}
             by_id = {s.candidate.candidate_id: s.candidate for s in evaluated_before.values()}
             for cid, key, origin, parents in population:
@@ -93,8 +94,8 @@ def test_ranking_is_total_and_the_last_generation_is_ranked():
     # This landscape improves every generation, so the best is found in the last one: an
     # implementation that evaluated the last generation without ranking it would miss it.
     assert planner.best.candidate.generation == len(populations) - 1
-    ranked = planner.ranked()
-    assert [s.rank_key for s in ranked] == sorted(s.rank_key for s in ranked)
+    # Accuracy down, then fewer parameters, then the key: every tie broken, whatever the order told.
+    assert planner.ranked() == sorted(everything, key=lambda s: (-s.val_acc, s.candidate.params, s.candidate.key))
 
 
 def test_ask_and_tell_protocol_errors():
@@ -202,6 +203,7 @@ def test_config_defaults_follow_the_paper_and_round_trip():
 
 
 def brute_force_front(params, acc, keys):
+    """The classic front of (accuracy up, params down): dominated points and tie losers out."""
     keep = []
     for i in range(len(params)):
         dominated = any(
@@ -214,25 +216,31 @@ def brute_force_front(params, acc, keys):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_pareto_mask_matches_brute_force(seed):
+def test_the_accuracy_front_is_the_classic_pareto_front(seed):
     rng = np.random.default_rng(seed)
     n = 60
     params = rng.integers(0, 15, n)  # few distinct values: many ties
     acc = rng.integers(0, 10, n) / 10
     keys = [f"k{i:03d}" for i in rng.permutation(n)]
-    assert np.array_equal(pareto_mask(params, acc, keys), brute_force_front(params, acc, keys))
+    ranks = [(-a, p, k) for a, p, k in zip(acc, params, keys)]  # the accuracy fitness's order
+    assert np.array_equal(pareto_mask(params, ranks), brute_force_front(params, acc, keys))
 
 
-def test_front_answers_every_smaller_budget():
+@pytest.mark.parametrize("fitness", list(Fitness))
+def test_the_front_follows_the_fitness_and_holds_the_winner(fitness):
+    # Loss and accuracy disagree: "b" has the lowest loss, "c" the best accuracy at 20 params.
     frame = pd.DataFrame({"key": list("abcdef"), "params": [10, 20, 20, 30, 40, 50],
-                          "val_acc": [0.5, 0.6, 0.7, 0.65, 0.8, 0.8]})
-    front = pareto_front(frame)
-    assert list(front["key"]) == ["a", "c", "e"]
-    assert front["val_acc"].is_monotonic_increasing and front["params"].is_monotonic_increasing
-    for budget in range(0, 60, 5):
+                          "val_acc": [0.5, 0.6, 0.7, 0.65, 0.8, 0.8], "val_loss": [0.9, 0.3, 0.8, 0.5, 0.4, 0.2]})
+    front = pareto_front(frame, fitness)
+    winner = ranked(frame, fitness).iloc[0]["key"]
+    assert winner in set(front["key"]) and front["params"].is_monotonic_increasing
+    if fitness is Fitness.LOSS:
+        assert (winner, list(front["key"])) == ("f", ["a", "b", "f"])
+        assert front["val_loss"].is_monotonic_decreasing
+    else:
+        assert (winner, list(front["key"])) == ("e", ["a", "c", "e"])
+        assert front["val_acc"].is_monotonic_increasing
+    for budget in range(0, 60, 5):  # the front answers every smaller budget: its best that fits
         fits = frame[frame["params"] <= budget]
         answer = best_under(front, budget)
-        if fits.empty:
-            assert answer is None
-        else:
-            assert answer["val_acc"] == fits["val_acc"].max()
+        assert (answer is None) if fits.empty else answer["key"] == ranked(fits, fitness).iloc[0]["key"]

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from glora_ray import TENSORS, GLoRALinear, GLoRARayError, GLoRARayTypeError, SearchSpace
 from glora_ray.params import tensor_param_count
-from helpers import randomize_adapters, spec_support
+from helpers import offered_choices, randomize_adapters, spec_support
 
 D_IN, D_OUT = 6, 5
 
@@ -41,7 +41,7 @@ def test_every_choice_matches_spec_formula_and_merges(bias):
     layer = make_layer(space, bias=bias)
     w0_before = layer.base.weight.detach().clone()
     x = torch.randn(3, 4, D_IN)
-    for choice in all_choices(space):
+    for choice in offered_choices(layer):
         layer.set_choice(choice)
         with torch.no_grad():
             got = layer(x)
@@ -69,8 +69,12 @@ def test_merge_uses_original_w0_for_prompt_c():
 def test_bias_less_base_gets_bias_from_e_and_c_only():
     space = SearchSpace((2,))
     layer = make_layer(space, bias=False)
-    layer.set_choice({"A": "vector", "B": "none", "C": "none", "D": "vector", "E": "none"})
-    assert layer.merged().bias is None  # D alone scales a bias that does not exist
+    assert layer.inert_tensors == {"D"} and make_layer(space).inert_tensors == set()
+    with pytest.raises(GLoRARayError, match="'D': 'vector' cannot act on this layer .*no bias"):
+        layer.set_choice({"A": "vector", "B": "none", "C": "none", "D": "vector", "E": "none"})
+    assert layer.choice["D"] == "none"  # the largest choice it offers
+    layer.set_choice({"A": "vector", "B": "none", "C": "none", "D": "none", "E": "none"})
+    assert layer.merged().bias is None
     layer.set_choice({"A": "none", "B": "none", "C": "vector", "D": "none", "E": "scalar"})
     merged = layer.merged()
     assert merged.bias is not None

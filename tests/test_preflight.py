@@ -198,3 +198,34 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_without_torch_advice(digits
     err = refuses(entry, tiny_args(digits_root, tmp_path / "out", "--checkpoint", str(broken)), capsys,
                   "cannot read checkpoint", str(broken))
     assert "weights_only" not in err
+
+
+# -- training, search and test lists share no image ---------------------------------------------
+def test_lists_that_share_an_image_are_refused_naming_both_lists_and_the_image(tmp_path, entry, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    write_digits_dataset(root / "staging")
+    folder = root / "overlap"
+    shutil.copytree(root / "staging" / "digits", folder)
+    shutil.rmtree(root / "staging")
+    train, val, test = (folder / f"{name}.txt" for name in ("train800", "val200", "test"))
+    clean = {path: path.read_text() for path in (train, val, test)}
+    argv = tiny_args(root, tmp_path / "out", "--datasets", "overlap")
+
+    # A training list that contains the search list (train800val200 as the training list, say).
+    train.write_text(clean[train] + clean[val])
+    first = clean[val].splitlines()[0].rpartition(" ")[0]
+    refuses(entry, argv, capsys, f"the training list {train} and the search list {val} share 200 image(s), "
+                                 f"first {folder / first} (line 801 of the training list)")
+    # A copy of a test image under another name in the search list: the same bytes.
+    train.write_text(clean[train])
+    lines = clean[val].splitlines()
+    image, label = clean[test].splitlines()[5].rsplit(" ", 1)
+    shutil.copy(folder / image, folder / "images" / "copy.png")
+    lines[3] = f"images/copy.png {label}"
+    val.write_text("\n".join(lines) + "\n")
+    refuses(entry, argv, capsys, f"the search list {val} and the test list {test} hold the same image under two "
+                                 f"names: {folder / 'images' / 'copy.png'} (line 4) has the bytes of {folder / image}")
+    val.write_text(clean[val])
+    preflight(parse_config(argv))  # disjoint again: accepted

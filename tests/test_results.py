@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from glora_ray import TENSORS, ParamCounter, SearchSpace
-from glora_ray.search import EvalResult, EvolutionPlanner, ResultStore, SearchConfig, population_schema, read_population
+from glora_ray.search import (EvalResult, EvolutionPlanner, Fitness, ResultStore, SearchConfig, population_schema,
+                              read_population)
 from glora_ray.search.results import (
     PARETO_FILE, POPULATION_DIR, front_table, generation_table, read_pareto, stored_scores,
 )
@@ -129,11 +130,12 @@ def test_pareto_and_json_round_trip(tmp_path):
         "key": [s.candidate.key for s in planner.evaluated.values()],
         "params": [s.candidate.params for s in planner.evaluated.values()],
         "val_acc": [s.val_acc for s in planner.evaluated.values()],
+        "val_loss": [s.val_loss for s in planner.evaluated.values()],
         "candidate_id": [s.candidate.candidate_id for s in planner.evaluated.values()],
         "generation": [s.candidate.generation for s in planner.evaluated.values()],
         "origin": [s.candidate.origin.value for s in planner.evaluated.values()],
     })
-    front = pareto_front(frame)
+    front = pareto_front(frame, Fitness.ACCURACY)
     store = ResultStore(tmp_path)
     store.write_table(front_table(front), PARETO_FILE)
     back = read_pareto(tmp_path)

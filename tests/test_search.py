@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from glora_ray import InfeasibleBudgetError, sample_within_budget
 from glora_ray.search import (
-    ActorStartError, AllActorsDiedError, EvalMode, Evaluator, ResumeMismatchError, SearchConfig,
+    ActorStartError, AllActorsDiedError, EvalMode, Evaluator, Fitness, ResumeMismatchError, SearchConfig,
     evaluate_subnet, pareto_front, plan_actor_count, read_pareto, read_population, read_result, run_search,
     without_timing,
 )
@@ -156,7 +156,7 @@ def test_search_writes_generations_front_and_result(baseline, problem):
         (top["key"], top["params"], top["val_acc"], top["val_loss"])
     assert [t.key for t in result.top] == list(ranked["key"][:3]) and result.top[0] == result.best
     assert problem.net.subnet_key(result.best.genes) == result.best.key
-    expected_front = pareto_front(frame)
+    expected_front = pareto_front(frame, Fitness.ACCURACY)
     assert list(result.pareto["key"]) == list(expected_front["key"]) == list(read_pareto(baseline.out)["key"])
     stored = read_result(baseline.out)
     assert stored["finished"] and stored["best"]["key"] == result.best.key and stored["evaluations"] == 24
@@ -282,6 +282,37 @@ def test_a_hung_actor_is_ended_and_its_batch_resubmitted(ray_local, problem):
             pool.shutdown()
     assert pool.deaths == ["actor-0: killed after call_timeout_s=5.0"]
     assert sorted(results) == sorted(keys) and {r.actor for r in results.values()} == {"actor-1"}
+    want = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=32, threads=1)
+    assert [results[key].val_acc for key in keys] == [r.val_acc for r in want.evaluate(keys)]
+
+
+def test_an_overdue_call_that_answers_anyway_keeps_its_results_and_its_actor_is_not_reused(ray_local, problem,
+                                                                                         monkeypatch):
+    # The race: the pool kills an actor whose call ran past call_timeout_s, but the call answers
+    # before the kill takes effect.  Made deterministic by a kill that never lands (recorded, not
+    # sent) and a first call that sleeps past the timeout: its results count, and the next batch
+    # goes to the replacement, not to the actor being killed.
+    import glora_ray.search.pool as pool_module
+
+    ray = ray_local
+    killed, kill = [], ray.kill
+    monkeypatch.setattr(pool_module.ray, "kill", lambda handle, no_restart=True: killed.append(handle))
+    refs = [ray.put(problem.state), ray.put(problem.images), ray.put(problem.labels)]
+    rng = np.random.default_rng(4)
+    keys = list(dict.fromkeys(problem.net.subnet_key(problem.net.sample_genes(rng)) for _ in range(4)))[:4]
+    with injected_faults(evaluate={"on_call": 1, "actors": [0], "action": "sleep", "seconds": 4}):
+        pool = EvaluatorPool(problem.spec, *refs, 1, ActorSettings(32, EvalMode.MERGED, 1, 1.0, 0.0),
+                             max_replacements=1, max_candidate_retries=0, call_timeout_s=1.0)
+        first = pool.live[0].handle
+        try:
+            results = pool.evaluate(keys, batch_size=2)  # two batches, one actor at the start
+        finally:
+            pool.shutdown()
+            for handle in killed:  # the kills the test held back
+                kill(handle, no_restart=True)
+    assert pool.deaths == ["actor-0: killed after call_timeout_s=1.0 (its last call still answered)"]
+    assert killed[0] == first and sorted(results) == sorted(keys)
+    assert [results[key].actor for key in keys] == ["actor-0", "actor-0", "actor-1", "actor-1"]
     want = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=32, threads=1)
     assert [results[key].val_acc for key in keys] == [r.val_acc for r in want.evaluate(keys)]
 

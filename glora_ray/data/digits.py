@@ -10,7 +10,10 @@ split by a seeded numpy Generator and stratified by class.  ``write_digits_datas
 name="digits_orientation")`` writes a harder, structured task from the same scans (like VTAB's
 dSprites orientation): every digit turned by 0, 90, 180 or 270 degrees (drawn per image, balanced,
 seeded), the label being the turn; digits such as 0, 1 and 8 look alike under a half turn, so
-its ceiling is below 100 %.  Run it as a command too:
+its ceiling is below 100 %.  ``name="digits_count"`` is a counting task (like VTAB's CLEVR count):
+one to four scans placed at random, without overlap, on a 24x24 canvas, the label being how
+many (minus one); the canvases of the test list are made of other scans than those of
+train800 and val200.  Run it as a command too:
 
     python -m glora_ray.data.digits <root> [--name digits_orientation]
 """
@@ -29,8 +32,10 @@ from .vtab import LIST_SUFFIX, DataError, validate_dataset
 
 DIGITS = "digits"
 DIGITS_ORIENTATION = "digits_orientation"
-EMBEDDED_NAMES = (DIGITS, DIGITS_ORIENTATION)
+DIGITS_COUNT = "digits_count"
+EMBEDDED_NAMES = (DIGITS, DIGITS_ORIENTATION, DIGITS_COUNT)
 QUARTER_TURNS = 4
+MAX_COUNT, CANVAS = 4, 24  # digits_count: 1..MAX_COUNT scans of 8x8 on a CANVAS x CANVAS image
 TRAIN_SIZE, VAL_SIZE = 800, 200
 IMAGES_DIR = "images"
 _PIXEL_MAX = 16  # sklearn's digits count 0..16 ink pixels per 4x4 cell
@@ -84,7 +89,35 @@ def embedded_images(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         turns = rng.permutation(np.arange(len(labels)) % QUARTER_TURNS)  # balanced
         turned = np.stack([np.rot90(image, int(k)) for image, k in zip(images, turns)])
         return turned, turns.astype(np.int64)
+    if name == DIGITS_COUNT:
+        return _count_canvases(images, labels, seed)
     raise DataError(f"no embedded dataset {name!r}; embedded datasets: {list(EMBEDDED_NAMES)}")
+
+
+def _count_canvases(glyphs: np.ndarray, glyph_labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """digits_count: as many canvases as scans, each with 1..MAX_COUNT scans (balanced) placed at
+    random without overlap.  A canvas takes its scans from the scans of its own side of the split
+    (train800 and val200, or test), so the test list's canvases hold no scan the training saw."""
+    rng = np.random.default_rng([seed, MAX_COUNT, CANVAS])
+    counts = rng.permutation(np.arange(len(glyph_labels)) % MAX_COUNT) + 1
+    labels = (counts - 1).astype(np.int64)
+    canvas_splits, glyph_splits = digits_splits(labels, seed), digits_splits(glyph_labels, seed)
+    side = glyph_splits["train800val200"]
+    pool_of = np.full(len(labels), 0)
+    pool_of[canvas_splits["test"]] = 1
+    pools = (side, glyph_splits["test"])
+    size = glyphs.shape[1]
+    canvases = np.zeros((len(labels), CANVAS, CANVAS), dtype=glyphs.dtype)
+    for index, count in enumerate(counts):
+        chosen = rng.choice(pools[pool_of[index]], size=count, replace=False)
+        placed: list[tuple[int, int]] = []
+        while len(placed) < count:  # rejection sampling: at most 4 boxes of 8 in 24x24 always fit
+            y, x = (int(v) for v in rng.integers(0, CANVAS - size + 1, size=2))
+            if all(abs(y - py) >= size or abs(x - px) >= size for py, px in placed):
+                placed.append((y, x))
+        for glyph, (y, x) in zip(chosen, placed):
+            canvases[index, y:y + size, x:x + size] = glyphs[glyph]
+    return canvases, labels
 
 
 def _image_path(index: int, label: int) -> str:

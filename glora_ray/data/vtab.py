@@ -82,7 +82,8 @@ VTAB_DATASETS: Mapping[str, DatasetInfo] = _registry(
 )
 # Datasets in the same layout that ship with the package (see glora_ray.data.digits).
 EMBEDDED_DATASETS: Mapping[str, DatasetInfo] = _registry(DatasetInfo("digits", 10, None),
-                                                          DatasetInfo("digits_orientation", 4, None))
+                                                          DatasetInfo("digits_orientation", 4, None),
+                                                          DatasetInfo("digits_count", 4, None))
 DATASETS: Mapping[str, DatasetInfo] = MappingProxyType({**VTAB_DATASETS, **EMBEDDED_DATASETS})
 _ALIASES: Mapping[str, str] = MappingProxyType(
     {alias: info.name for info in DATASETS.values() for alias in info.aliases}

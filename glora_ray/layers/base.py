@@ -13,11 +13,18 @@ import torch
 from torch import nn
 
 from ..errors import GLoRARayTypeError
-from ..space import TENSORS, Choice, LayerChoice, SearchSpace
+from ..space import TENSORS, Choice, Kind, LayerChoice, SearchSpace, SearchSpaceError
 from .support import GLoRASupport, LowRank, PerRow, Term
 
 # A layer's choice as the user gives it (names) or as it flows inside (one Choice per tensor).
 LayerChoiceLike = LayerChoice | Sequence[Choice]
+# Why a support tensor can be inert on a layer (docs/method.md §1.5), by tensor.
+INERT_REASON = {"D": "the layer has no bias, and D only scales the bias"}
+
+
+def inert_choice_error(layer_name: str, tensor: str, choice_name: str) -> SearchSpaceError:
+    return SearchSpaceError(f"layer {layer_name!r}, tensor {tensor!r}: {choice_name!r} cannot act on this layer "
+                            f"({INERT_REASON[tensor]}); only 'none' is in the space there")
 
 
 class GLoRALayer(nn.Module):
@@ -51,7 +58,9 @@ class GLoRALayer(nn.Module):
             base.weight[0].numel(), d_out, space.max_rank, init, generator,
             device=base.weight.device, dtype=base.weight.dtype,
         )
-        self._choice: tuple[Choice, ...] = space.largest_layer_choices()
+        # The largest choice this layer offers (an inert tensor is none).
+        self._choice: tuple[Choice, ...] = tuple(
+            Choice(Kind.NONE) if t in self.inert_tensors else c for t, c in zip(TENSORS, space.largest_layer_choices()))
 
     # -- geometry --------------------------------------------------------------------------
     @property
@@ -62,6 +71,12 @@ class GLoRALayer(nn.Module):
     def d_out(self) -> int:
         return self.glora.d_out
 
+    @property
+    def inert_tensors(self) -> frozenset[str]:
+        """Support tensors that cannot change this layer's output, so it offers them only as
+        ``none`` (docs/method.md §1.5): D scales the base bias, and a layer without one has none."""
+        return frozenset() if self.base.bias is not None else frozenset({"D"})
+
     def weight_2d(self) -> torch.Tensor:
         """The base weight as (d_out, d_in): a view, never a copy to write into."""
         return self.base.weight.reshape(self.d_out, self.d_in)
@@ -71,7 +86,7 @@ class GLoRALayer(nn.Module):
         self._choice = self._resolve(choice, layer_name)
 
     def set_choice_genes(self, genes: Sequence[int], layer_name: str = "<layer>") -> None:
-        self._choice = self.space.choices_from_genes(genes, layer_name)
+        self._choice = self._resolve(self.space.choices_from_genes(genes, layer_name), layer_name)
 
     @property
     def choice(self) -> dict[str, str]:
@@ -86,8 +101,13 @@ class GLoRALayer(nn.Module):
         if choice is None:
             return self._choice
         if isinstance(choice, Mapping):
-            return self.space.choices_from_names(choice, layer_name)
-        return self.space.check_choices(choice, layer_name)
+            choices = self.space.choices_from_names(choice, layer_name)
+        else:
+            choices = self.space.check_choices(choice, layer_name)
+        for tensor, c in zip(TENSORS, choices):
+            if tensor in self.inert_tensors and c.kind is not Kind.NONE:
+                raise inert_choice_error(layer_name, tensor, c.name)
+        return choices
 
     def terms(self, choice: LayerChoiceLike | None = None) -> tuple[Term | None, ...]:
         """The support term of each tensor A..E under ``choice`` (default: the current one)."""

@@ -1,10 +1,15 @@
-"""Population analysis for notebooks: what the paper's Figures 3 and 4 show, per run."""
+"""Population analysis for notebooks: what the paper's Figures 3 and 4 show, per run.
+
+"Best" is always the search's own ranking (``search.ranking``, the run's ``--fitness``).
+"""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
 import pandas as pd
 
+from ..search.config import Fitness
+from ..search.ranking import SCORE_COLUMN, ranked
 from ..space import TENSORS
 
 
@@ -19,16 +24,19 @@ def layer_type(layer_name: str) -> str:
     return ".".join(parts[numeric[-1] + 1:]) if numeric and numeric[-1] + 1 < len(parts) else layer_name
 
 
-def best_per_generation(population: pd.DataFrame) -> pd.DataFrame:
-    """Best validation accuracy evaluated in each generation, and the best so far."""
-    per_gen = population.groupby("generation")["val_acc"].max().rename("generation_best").to_frame()
-    per_gen["best_so_far"] = per_gen["generation_best"].cummax()
-    return per_gen.reset_index()
+def best_per_generation(population: pd.DataFrame, fitness: Fitness) -> pd.DataFrame:
+    """The score (``ranking.SCORE_COLUMN``: val_acc or val_loss) of the best evaluation of each
+    generation, and of the best so far, by the search's ranking."""
+    score = SCORE_COLUMN[Fitness(fitness)]
+    best = ranked(population, fitness).groupby("generation", sort=True).head(1).sort_values("generation")
+    so_far = best[score].cummin() if score == "val_loss" else best[score].cummax()
+    return pd.DataFrame({"generation": best["generation"].to_numpy(), "generation_best": best[score].to_numpy(),
+                         "best_so_far": so_far.to_numpy()})
 
 
-def top_candidates(population: pd.DataFrame, count: int) -> pd.DataFrame:
-    """The ``count`` best evaluations: accuracy first, fewer parameters on ties."""
-    return population.sort_values(["val_acc", "params", "key"], ascending=[False, True, True]).head(count)
+def top_candidates(population: pd.DataFrame, count: int, fitness: Fitness) -> pd.DataFrame:
+    """The ``count`` best evaluations by the search's ranking."""
+    return ranked(population, fitness).head(count)
 
 
 def choice_distribution(candidates: pd.DataFrame, layer_names: Sequence[str], gene_column) -> pd.DataFrame:

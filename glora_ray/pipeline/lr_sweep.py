@@ -20,6 +20,7 @@ from ..checkpoint import SupernetSpec, load_supernet
 from ..data import DataConfig
 from ..errors import TrainingDiverged
 from ..search import SearchConfig, evaluate_subnet
+from ..streams import Stream, rng as stream
 from ..train import TrainConfig, train_supernet
 
 SCORE = "val_acc"
@@ -44,7 +45,7 @@ def scoring_subnets(spec: SupernetSpec, search: SearchConfig, count: int, seed: 
     """The in-budget subnets every trial is scored with: drawn once, from ``seed``."""
     counter = spec.build_empty().counter
     lo, hi = Budget(search.min_params, search.max_params).resolve(counter)
-    rng = np.random.default_rng([seed, count])
+    rng = stream(Stream.LR_SWEEP_SCORING, seed, count)
     return [sample_within_budget(rng, counter, lo, hi) for _ in range(count)]
 
 

@@ -24,7 +24,7 @@ def comparison_png(frame: pd.DataFrame, title: str | None = None) -> bytes:
     for i, (seed, rows) in enumerate(frame[frame["kind"] == PARETO].groupby("seed", sort=True)):
         rows = rows.sort_values("params")
         axes.plot(rows["params"], rows["test_acc"] * 100, "o-", color="tab:blue", alpha=0.5, markersize=3,
-                  label="Pareto front (tested)" if i == 0 else None)
+                  label="Pareto front (tested on the supernet's weights)" if i == 0 else None)
     colors = {WINNER: "tab:red", BASELINE: "tab:gray"}
     markers = {WINNER: ("*", 16), BASELINE: ("s", 7)}
     several = frame["seed"].nunique() > 1
@@ -36,7 +36,8 @@ def comparison_png(frame: pd.DataFrame, title: str | None = None) -> bytes:
                          color=colors[kind], zorder=2)
         axes.errorbar(x, y, yerr=rows["test_acc"].std() * 100 if several else None, fmt=marker, markersize=size,
                       color=colors[kind], capsize=3, zorder=3)
-        label = "GLoRA (searched)" if kind == WINNER else name
+        weights = rows["weights"].iloc[0]  # NaN in tables stored before the column existed
+        label = name if kind != WINNER else f"GLoRA (searched, {weights})" if isinstance(weights, str) else "GLoRA (searched)"
         axes.annotate(label, (x, y), textcoords="offset points", xytext=(7, 4), fontsize=9)
     axes.set_xlabel("adapter parameters (classifier head not counted)")
     axes.set_ylabel("test accuracy (%)")

@@ -25,6 +25,7 @@ from ..backbone import BackboneError, create_backbone, empty_backbone
 from ..budget import Budget
 from ..data import EMBEDDED_DATASETS
 from ..data.digits import write_digits_dataset
+from ..data.disjoint import RoleList, check_disjoint
 from ..data.verify import check_images, sample_refs
 from ..data.vtab import DataError
 from ..errors import one_line
@@ -155,7 +156,7 @@ def smallest_choice_costs(counter: ParamCounter, layer_names: tuple[str, ...]) -
         for ti, tensor in enumerate(TENSORS):
             for gi, choice in enumerate(space.choice_objects(tensor)):
                 cost = int(counter.table[li, ti, gi])
-                if choice.kind is Kind.NONE:
+                if choice.kind is Kind.NONE or cost < 0:  # < 0: a form this layer does not offer
                     continue
                 what = f"{choice.name} on {tensor} of {name}"
                 for kind in ("any",) + (() if choice.kind is Kind.SCALAR else ("per_feature",)):
@@ -205,8 +206,9 @@ def check_units(cfg: PipelineConfig, units: Sequence[TrainingUnit] | Callable[[]
     ``units`` may be a function that builds them: it is called after the job's own checks (an own
     dataset's unit reads its labels).  ``run_outs``: the output folders the units are written under
     (VTAB's one per seed; default ``--out``).  Each distinct list file is read once: every line
-    parsed, every label in range, every image present; last, every image they name is opened once.
-    Writes nothing to ``--out``.
+    parsed, every label in range, every image present; a unit's training, search and test lists
+    share no image (``data.disjoint``); last, every image they name is opened once.  Writes nothing
+    to ``--out``.
     """
     _check_output(cfg)
     try:
@@ -223,6 +225,10 @@ def check_units(cfg: PipelineConfig, units: Sequence[TrainingUnit] | Callable[[]
                 counts[path] = unit.data.validate((split,))[split]
         unit.data.check_classes(unit.train_split)
         _check_unit_batch(cfg, unit, counts[unit.data.list_path(unit.train_split)])
+        roles = [("training", unit.train_split), ("search", unit.search_split),
+                 *(("test" if t.name == "test" else f"{t.name} test", t.split) for t in unit.tests)]
+        check_disjoint([RoleList(role, unit.data.list_path(split), unit.data.samples(split, check_exists=False))
+                        for role, split in roles], unit.name)
     check_unit_folders(cfg.out, [(out, unit.path) for out in (run_outs or [cfg.out]) for unit in units])
     budgets: dict[str, tuple[int, int]] = {}
     by_classes: dict[int, tuple[int, int]] = {}

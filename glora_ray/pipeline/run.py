@@ -35,6 +35,7 @@ from .export import export_winner
 from .holdout import split_accuracies
 from .lr_sweep import sweep_learning_rate
 from .preflight import check_cluster, preflight
+from .row_kinds import SUPERNET_WEIGHTS, retrained_weights
 from .summary import summary_frame
 from .lock import LOCK_FILE
 from .nodes import PLACEMENT_FILE, check_nodes_see, nodes_used, write_placement
@@ -144,7 +145,9 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
     baseline_train = unit.train_config(replace(cfg.train, epochs=cfg.baseline_epochs or cfg.train.epochs), lr)
     baselines = run_baselines(cfg.baselines, spec, data, baseline_train, layout.train_uri(cfg.out, unit.path),
                               dataset_uri, accuracies, progress=say)
-    winner = {"key": best.key, "params": best.params, "val_acc": val_acc, "test_acc": test_acc, **compute}
+    weights = retrained_weights(cfg.retrain_epochs) if cfg.retrain_epochs else SUPERNET_WEIGHTS
+    winner = {"key": best.key, "params": best.params, "val_acc": val_acc, "test_acc": test_acc, "weights": weights,
+              **compute}
     write_comparison(dataset_uri, comparison_rows(unit.name, cfg.train.seed, winner, front, baselines))
     trainings = {"supernet": checkpoint_dir, **({"retrain": winner_dir} if cfg.retrain_epochs else {}),
                  **{f"baseline {b.name}": b.checkpoint_dir for b in baselines}}

@@ -35,7 +35,9 @@ import numpy as np
 from ..budget import InfeasibleBudgetError, repair_into_budget, sample_within_budget
 from ..params import ParamCounter
 from ..space import SearchSpace, SearchSpaceError
+from ..streams import Stream, rng as stream
 from .config import Fitness, SearchConfig
+from .ranking import rank_key
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +65,15 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Scored:
-    """A candidate with its validation results; ``rank_key`` orders by ``fitness`` (docs/method.md §3)."""
+    """A candidate with its validation results; the planner ranks them (``ranking``, docs/method.md §3)."""
 
     candidate: Candidate
     val_acc: float
     val_loss: float = math.nan  # mean cross-entropy on the validation images
-    fitness: Fitness = Fitness.ACCURACY
 
-    @property
-    def rank_key(self) -> tuple:
-        """Smaller ranks first; a total order (the key breaks every tie)."""
-        if self.fitness is Fitness.LOSS:
-            loss = self.val_loss if not math.isnan(self.val_loss) else math.inf  # NaN last, still ordered
-            return (loss, -self.val_acc, self.candidate.params, self.candidate.key)
-        return (-self.val_acc, self.candidate.params, self.candidate.key)
+    def rank_key(self, fitness: Fitness) -> tuple:
+        """Its position in the ranking of ``fitness``: smaller first."""
+        return rank_key(fitness, self.val_acc, self.val_loss, self.candidate.params, self.candidate.key)
 
 
 class StoredScore(NamedTuple):
@@ -151,14 +148,13 @@ class EvolutionPlanner:
         self.space = space
         self.counter = counter
         self.lo, self.hi = lo, hi
-        self.rng = np.random.default_rng(config.seed)
+        self.rng = stream(Stream.SEARCH, config.seed)
         self.generation = 0  # the next generation ``ask`` plans
         self.evaluated: dict[str, Scored] = {}  # the cache across generations, by canonical key
         self.history: list[list[Scored]] = []
         self.draws: list[DrawCounts] = []  # per told generation: where its candidates came from
         self._pending: list[Candidate] | None = None
         self._pending_draws: DrawCounts | None = None
-        self._cardinality = space.gene_cardinalities(counter.num_layers)
         self._costs = counter.gene_costs()
         self.initial = self._admit_seeds(initial)
 
@@ -169,6 +165,7 @@ class EvolutionPlanner:
         for i, genes in enumerate(initial):
             try:
                 genes = self.space.validate_genes(np.asarray(genes), self.counter.num_layers).astype(np.int8)
+                self.counter.check(genes)
             except SearchSpaceError as err:
                 raise SearchSpaceError(f"initial[{i}]: {err}") from None
             key = self.space.genes_to_string(genes)
@@ -245,8 +242,7 @@ class EvolutionPlanner:
                     f"generation {self.generation}: {what} missing for {len(missing)} candidates "
                     f"(e.g. {sorted(missing)[:3]}), unexpected for {len(extra)} (e.g. {sorted(extra)[:3]})"
                 )
-        fitness = self.config.fitness
-        scored = [Scored(c, float(accuracies[c.key]), math.nan if losses is None else float(losses[c.key]), fitness)
+        scored = [Scored(c, float(accuracies[c.key]), math.nan if losses is None else float(losses[c.key]))
                   for c in self._pending]
         for s in scored:
             self.evaluated[s.candidate.key] = s
@@ -258,15 +254,19 @@ class EvolutionPlanner:
         return scored
 
     # -- ranking ------------------------------------------------------------------------
+    def _rank(self, scored: Scored) -> tuple:
+        return scored.rank_key(self.config.fitness)
+
     def ranked(self) -> list[Scored]:
-        return sorted(self.evaluated.values(), key=lambda s: s.rank_key)
+        """Everything evaluated, best first by ``config.fitness``."""
+        return sorted(self.evaluated.values(), key=self._rank)
 
     def top(self, k: int) -> list[Scored]:
         return self.ranked()[:k]
 
     @property
     def best(self) -> Scored | None:
-        return min(self.evaluated.values(), key=lambda s: s.rank_key, default=None)
+        return min(self.evaluated.values(), key=self._rank, default=None)
 
     def rng_state(self) -> dict:
         return self.rng.bit_generator.state
@@ -306,7 +306,7 @@ class EvolutionPlanner:
         # Draw the mask and the replacement values for every gene, so each try consumes the
         # same amount of randomness whatever it redraws.
         redraw = self.rng.random(parent.genes.size) < self.config.m_prob
-        values = self.rng.integers(self._cardinality).astype(np.int8)
+        values = self.counter.draw(self.rng)
         return np.where(redraw, values, parent.genes).astype(np.int8), (parent.candidate_id,), Origin.MUTATION
 
     def _crossover(self, parents: list[Scored]):

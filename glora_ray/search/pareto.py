@@ -1,51 +1,53 @@
-"""The Pareto front of (validation accuracy up, parameters down) over everything evaluated.
+"""The Pareto front of (the search's fitness, parameters) over everything evaluated.
 
-One search then answers every budget below its maximum: the best subnet under a budget B is
-the front's member with the most parameters <= B (the front is sorted by params, and accuracy
-rises strictly along it).
+A subnet is on the front when no subnet ranked above it (``ranking``, the search's own order)
+has as few parameters or fewer: the front is the best-ranked subnet at each size, so the winner
+(ranked first) is always on it.  One search then answers every budget below its maximum: the
+best subnet under a budget B is the front's member with the most parameters <= B (the front is
+sorted by params, and the ranking improves strictly along it).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-FRONT_COLUMNS = ("key", "params", "val_acc", "candidate_id", "generation", "origin")
+from .config import Fitness
+from .ranking import rank_key
+
+FRONT_COLUMNS = ("key", "params", "val_acc", "val_loss", "candidate_id", "generation", "origin")
 
 
-def pareto_mask(params, accuracy, keys) -> np.ndarray:
-    """True for the non-dominated points.
+def pareto_mask(params: Sequence[int], rank_keys: Sequence[tuple]) -> np.ndarray:
+    """True for the points no better-ranked point matches or beats in parameters.
 
-    A point is dominated when another has no more params and no less accuracy, and is strictly
-    better in one of them.  Of exact ties (same params and accuracy) the smallest key is kept,
-    so the front is a function of the evaluated set, never of the order it arrived in.
+    ``rank_keys``: each point's ``ranking.rank_key`` (a total order: exact ties cannot occur).
     """
     params = np.asarray(params, dtype=np.int64)
-    accuracy = np.asarray(accuracy, dtype=np.float64)
-    keys = np.asarray(keys, dtype=object)
-    if not (params.shape == accuracy.shape == keys.shape):
-        raise ValueError(f"params, accuracy and keys must have one shape, got {params.shape}, {accuracy.shape}, {keys.shape}")
-    order = sorted(range(len(params)), key=lambda i: (params[i], -accuracy[i], keys[i]))
+    if len(rank_keys) != len(params):
+        raise ValueError(f"params and rank_keys must have one length, got {len(params)} and {len(rank_keys)}")
     mask = np.zeros(len(params), dtype=bool)
-    best = -np.inf
-    for i in order:  # params ascending: a point survives only if it beats every smaller one
-        if accuracy[i] > best:
+    fewest = np.iinfo(np.int64).max
+    for i in sorted(range(len(params)), key=lambda i: rank_keys[i]):  # best first
+        if params[i] < fewest:
             mask[i] = True
-            best = accuracy[i]
+            fewest = params[i]
     return mask
 
 
-def pareto_front(evaluated: pd.DataFrame, key_column: str = "key") -> pd.DataFrame:
-    """The front of a table of evaluations, sorted by params ascending (accuracy ascending too)."""
+def pareto_front(evaluated: pd.DataFrame, fitness: Fitness) -> pd.DataFrame:
+    """The front of a table of evaluations (columns key, params, val_acc, val_loss), ranked by
+    ``fitness``; sorted by params ascending, so its ranking improves along it."""
     if evaluated.empty:
         return evaluated.iloc[0:0].reset_index(drop=True)
-    mask = pareto_mask(evaluated["params"].to_numpy(), evaluated["val_acc"].to_numpy(),
-                       evaluated[key_column].to_numpy(dtype=object))
-    return evaluated[mask].sort_values(["params", key_column], kind="stable").reset_index(drop=True)
+    keys = [rank_key(fitness, row.val_acc, row.val_loss, row.params, row.key)
+            for row in evaluated[["val_acc", "val_loss", "params", "key"]].itertuples(index=False)]
+    mask = pareto_mask(evaluated["params"].to_numpy(), keys)
+    return evaluated[mask].sort_values(["params", "key"], kind="stable").reset_index(drop=True)
 
 
 def best_under(front: pd.DataFrame, max_params: int) -> pd.Series | None:
     """The best front member with at most ``max_params`` parameters; None when none fits."""
     fits = front[front["params"] <= max_params]
-    if fits.empty:
-        return None
-    return fits.sort_values(["val_acc", "params"], ascending=[False, True], kind="stable").iloc[0]
+    return None if fits.empty else fits.sort_values("params", kind="stable").iloc[-1]

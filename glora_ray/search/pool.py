@@ -366,7 +366,14 @@ class EvaluatorPool:
                 raise EvaluationPoolError(
                     f"{call.slot.name} answered for {[r.key for r in out]}, asked for {call.batch}")
             results.update((r.key, r) for r in out)
-            idle.append(call.slot)
+            if call.overdue:
+                # Killed for running past call_timeout_s, it answered before the kill took effect: its
+                # results count, but the actor is going away and must not be handed more work.
+                self._retire(call.slot, f"killed after call_timeout_s={self.call_timeout_s} (its last call "
+                                        f"still answered)")
+                self._replace()
+            else:
+                idle.append(call.slot)
         return results
 
     def _wait_timeout(self, in_flight: dict[ray.ObjectRef, "_Call"]) -> float | None:

@@ -5,7 +5,7 @@ Layout under the output URI::
     run.json                      the run's identity (settings, model, data fingerprints)
     population/gen=0000.parquet   one file per complete generation, fixed schema
     population/gen=0001.parquet   ...
-    pareto.parquet                the front of (val_acc up, params down) over all evaluations
+    pareto.parquet                the front of (the search's fitness, params down) over all evaluations
     result.json                   the best subnet under the budget, counts, settings
 
 Every file is written under a hidden temporary name in its final directory and then moved into
@@ -55,8 +55,10 @@ from .evolution import Scored, StoredScore
 from .pareto import FRONT_COLUMNS
 
 # 2: keys carry their space ("r8r4:..."), population column "key"; 3: population column "val_loss",
-# run.json records the initial subnets and the fitness
-FORMAT_VERSION = 3
+# run.json records the initial subnets and the fitness; 4: below
+FORMAT_VERSION = 4
+FORMAT_CHANGES = ("no inert forms in the space (D on a layer without a bias), one front by the search's fitness "
+                  "with val_loss, streams tagged by purpose")
 MANIFEST_FILE = "run.json"
 POPULATION_DIR = "population"
 PARETO_FILE = "pareto.parquet"
@@ -108,7 +110,7 @@ def population_schema(layer_names: Sequence[str]) -> pa.Schema:
 
 
 PARETO_SCHEMA = pa.schema([
-    ("key", pa.string()), ("params", pa.int64()), ("val_acc", pa.float64()),
+    ("key", pa.string()), ("params", pa.int64()), ("val_acc", pa.float64()), ("val_loss", pa.float64()),
     ("candidate_id", pa.string()), ("generation", pa.int32()), ("origin", pa.string()),
 ])
 assert tuple(PARETO_SCHEMA.names) == FRONT_COLUMNS

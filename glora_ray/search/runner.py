@@ -32,13 +32,13 @@ from ..errors import GLoRARayError, GLoRARayTypeError
 from ..identity import describe, differences
 from ..progress import StageClock
 from ..runtime import init_ray
-from .config import SearchConfig
+from .config import Fitness, SearchConfig
 from .evaluator import EvalResult, check_val_arrays
 from .evolution import Candidate, DrawCounts, EvolutionPlanner, ResumeMismatchError, Scored
 from .pareto import FRONT_COLUMNS, pareto_front
 from .pool import ActorSettings, EvaluatorPool, PoolStats, plan_actor_count
 from .results import (
-    FORMAT_VERSION, MANIFEST_FILE, PARETO_FILE, POPULATION_DIR, RESULT_FILE, ResultStore, front_table, generation_table,
+    FORMAT_CHANGES, FORMAT_VERSION, MANIFEST_FILE, PARETO_FILE, POPULATION_DIR, RESULT_FILE, ResultStore, front_table, generation_table,
     population_schema, stored_scores,
 )
 
@@ -62,7 +62,9 @@ class BestSubnet:
 @dataclass
 class SearchResult:
     best: BestSubnet  # == top[0]
-    pareto: pd.DataFrame  # columns FRONT_COLUMNS: key, params, val_acc, candidate_id, generation, origin
+    # The front of (fitness, params), ``best`` on it; columns FRONT_COLUMNS: key, params, val_acc,
+    # val_loss, candidate_id, generation, origin
+    pareto: pd.DataFrame
     population_path: str
     evaluations: int
     generations_done: int
@@ -120,16 +122,17 @@ def _check_state(structure, state: Mapping[str, np.ndarray]) -> None:
         raise GLoRARayError(f"state tensor {wrong[0]!r} has shape {have[wrong[0]]}, the spec's supernet has {expected[wrong[0]]}")
 
 
-def _front_frame(scored: list[Scored]) -> pd.DataFrame:
+def _front_frame(scored: list[Scored], fitness: Fitness) -> pd.DataFrame:
     frame = pd.DataFrame({
         "key": [s.candidate.key for s in scored],
         "params": np.array([s.candidate.params for s in scored], dtype=np.int64),
         "val_acc": np.array([s.val_acc for s in scored], dtype=np.float64),
+        "val_loss": np.array([s.val_loss for s in scored], dtype=np.float64),
         "candidate_id": [s.candidate.candidate_id for s in scored],
         "generation": np.array([s.candidate.generation for s in scored], dtype=np.int32),
         "origin": [s.candidate.origin.value for s in scored],
     }, columns=list(FRONT_COLUMNS))
-    return pareto_front(frame)
+    return pareto_front(frame, fitness)
 
 
 @dataclass
@@ -161,7 +164,7 @@ class _Search:
         top = tuple(self.subnet(s) for s in self.planner.top(self.config.parents))
         result = SearchResult(
             best=top[0], top=top,
-            pareto=_front_frame(scored), population_path=self.store.population_uri, evaluations=len(scored),
+            pareto=_front_frame(scored, self.config.fitness), population_path=self.store.population_uri, evaluations=len(scored),
             generations_done=self.planner.generation, out_uri=self.store.uri, run_id=self.run_id,
             dataset=self.dataset, budget=self.budget, resumed_generations=self.resumed,
             exhausted=self.exhausted, actors=actors, nodes=tuple(self.nodes),
@@ -227,7 +230,13 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
     fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
     stored_numbers = store.generation_numbers()
     if store.exists(MANIFEST_FILE):
-        check_manifest(store.read_json(MANIFEST_FILE), manifest, store.uri)
+        stored_manifest = store.read_json(MANIFEST_FILE)
+        if stored_manifest.get("format") != FORMAT_VERSION:
+            raise ResumeMismatchError(
+                f"{store.uri} holds a search written in results format {stored_manifest.get('format')}; this "
+                f"version writes format {FORMAT_VERSION} ({FORMAT_CHANGES}), and cannot continue it: write to a new "
+                f"output (the old files stay readable with pandas)")
+        check_manifest(stored_manifest, manifest, store.uri)
     elif stored_numbers:
         raise ResumeMismatchError(f"{store.population_uri} holds generation files but {store.uri} has no "
                                   f"{MANIFEST_FILE}; refusing to mix runs")

@@ -1,7 +1,7 @@
 """The stage-1 training loop, free of Ray (docs/method.md §2).
 
 Every step every adapted layer gets its own random choice, drawn from a numpy Generator seeded
-by ``(seed, step)``: every data-parallel worker draws the same subnet in the same step without
+by ``(seed, step)`` (``streams.Stream.TRAIN_STEP``): every data-parallel worker draws the same subnet in the same step without
 talking to the others, and a resumed run draws exactly what the interrupted one would have.
 With ``TrainConfig.fixed_subnet`` set, every step uses that one subnet instead (a fixed
 adapter trained with the same job, data and schedule, e.g. a LoRA baseline).  Which subnets a
@@ -9,10 +9,10 @@ supernet step trains (one uniform draw, one draw within the budget, or a sandwic
 their gradients accumulated, optionally distilled from the largest) is ``sampling.StepSubnets``.
 
 Randomness, all of it reproducible from ``(seed, epoch, step, rank)``:
-  * subnets: ``np.random.default_rng([seed, step])``;
+  * subnets: ``streams.rng(Stream.TRAIN_STEP, seed, step)``;
   * data order: a ``DistributedSampler(seed=seed)`` with ``set_epoch(epoch)``;
   * stochastic depth (timm draws from torch's global RNG): reseeded at the start of every epoch
-    from ``(seed, epoch, rank)``.  Checkpoints are taken at epoch ends, so a resumed run needs no
+    from ``(seed, epoch, rank)`` (``Stream.STOCHASTIC_DEPTH``).  Checkpoints are taken at epoch ends, so a resumed run needs no
     saved RNG state, whatever the number of workers (rank 0 alone could not save theirs).
 
 ``glora_ray.train.job`` runs ``SupernetTraining`` inside Ray Train workers; called directly it
@@ -39,6 +39,7 @@ from .. import storage
 from ..checkpoint import MissingCheckpointError, SupernetSpec, describe_names, load_adapters_into, nonfinite_tensors
 from ..errors import TrainingDiverged
 from ..precision import Precision, autocast, matmul_precision, memory_format, resolve_precision
+from ..streams import Stream, entropy, rng
 from ..supernet import Supernet
 from .config import TrainConfig, TrainConfigError
 from .sampling import StepSubnets
@@ -60,7 +61,7 @@ def unwrap(model: nn.Module) -> Supernet:
 
 def subnet_for_step(seed: int, step: int, supernet: Supernet) -> np.ndarray:
     """The genes every worker uses at ``step``: one independent choice per layer and tensor."""
-    return supernet.sample_genes(np.random.default_rng([seed, step]))
+    return supernet.sample_genes(rng(Stream.TRAIN_STEP, seed, step))
 
 
 def subnet_digest(keys: Iterable[str]) -> str:
@@ -77,7 +78,7 @@ def expected_epoch_digest(seed: int, first_step: int, steps: int, supernet: Supe
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Reseed torch's global RNG (stochastic depth) for one epoch of one worker."""
-    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0]
+    state = np.random.SeedSequence(entropy(Stream.STOCHASTIC_DEPTH, seed, epoch, rank)).generate_state(1, np.uint64)[0]
     torch.manual_seed(int(state) % (2**63))
 
 

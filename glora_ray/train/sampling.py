@@ -1,6 +1,6 @@
 """Which subnets one supernet training step trains (docs/method.md §2.1).
 
-Every draw comes from ``numpy.random.default_rng([seed, step])``, so every data-parallel worker
+Every draw comes from the step's stream (``streams.rng(Stream.TRAIN_STEP, seed, step)``), so every data-parallel worker
 trains the same subnets at the same step without talking to the others, and a resumed run draws
 exactly what the interrupted one would have.
 
@@ -20,6 +20,7 @@ import numpy as np
 from ..budget import repair_into_budget, sample_within_budget
 from ..errors import GLoRARayError
 from ..params import ParamCounter
+from ..streams import Stream, rng as stream
 from .config import SubnetSampling, TrainConfig, TrainConfigError
 
 # The largest (smallest) subnet of a window is any subnet in its top (bottom) 5 %: repairing the
@@ -33,9 +34,9 @@ def edge_subnets(counter: ParamCounter, lo: int, hi: int, seed: int) -> tuple[np
     costs = counter.gene_costs()
     valid = costs >= 0
     band = max(1, int((hi - lo) * _EDGE_BAND))
-    largest = np.zeros(costs.shape[0], dtype=np.int64)  # gene 0 is each tensor's largest form
+    largest = counter.largest().astype(np.int64)
     smallest = np.where(valid, costs, np.iinfo(costs.dtype).max).argmin(axis=1)
-    rng = np.random.default_rng([seed, 0x5A4D])  # its own stream: never one of a step's
+    rng = stream(Stream.EDGE_SUBNETS, seed)
     picked = []
     for genes, (a, b) in ((largest, (max(lo, hi - band), hi)), (smallest, (lo, min(hi, lo + band)))):
         total = counter.count(genes)
@@ -83,10 +84,10 @@ class StepSubnets:
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         if self.sampling is SubnetSampling.BUDGET:
             return sample_within_budget(rng, self.counter, *self.window)
-        return self.counter.space.sample_genes(rng, self.counter.num_layers)  # the paper's draw
+        return self.counter.draw(rng)  # the paper's draw
 
     def for_step(self, step: int) -> list[np.ndarray]:
-        rng = np.random.default_rng([self.seed, step])
+        rng = stream(Stream.TRAIN_STEP, self.seed, step)
         if self.edges is None:
             return [self._draw(rng)]
         return [self.edges[0], self.edges[1], *(self._draw(rng) for _ in range(self.sandwich))]
