@@ -6,7 +6,7 @@ rebuilt from its recorded source, so a checkpoint stays small.
 """
 from __future__ import annotations
 
-from .errors import GLoRARayError
+from .errors import DamagedFileError, GLoRARayError, one_line
 
 import json
 import os
@@ -167,14 +167,32 @@ def load_adapters_into(supernet: Supernet, directory: str | os.PathLike, expecte
 def _load_adapter_file(supernet: Supernet, directory: str | os.PathLike) -> None:
     uri = storage.join(os.fspath(directory), ADAPTERS_FILE)
     local = storage.local_path(uri)
-    if local is not None:
-        supernet.load_adapters(local)
-        return
-    with tempfile.TemporaryDirectory(prefix="glora-adapters-") as local:  # safetensors reads files
-        path = os.path.join(local, ADAPTERS_FILE)
-        with open(path, "wb") as handle:
-            handle.write(storage.read_bytes(uri))
-        supernet.load_adapters(path)
+    try:
+        if local is not None:
+            supernet.load_adapters(local)
+            return
+        with tempfile.TemporaryDirectory(prefix="glora-adapters-") as local:  # safetensors reads files
+            path = os.path.join(local, ADAPTERS_FILE)
+            with open(path, "wb") as handle:
+                handle.write(storage.read_bytes(uri))
+            supernet.load_adapters(path)
+    except GLoRARayError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors' own errors on a cut or foreign file
+        raise DamagedFileError(f"{uri} is damaged ({one_line(err)}); remove the folder {os.fspath(directory)} and "
+                               f"run the same command again: it is rebuilt from the last training checkpoint") from None
+
+
+def adapters_readable(directory: str) -> bool:
+    """Whether the checkpoint's adapter file parses whole (a cheap look, no model built)."""
+    from safetensors.torch import load as load_bytes
+
+    try:
+        load_bytes(storage.read_bytes(storage.join(directory, ADAPTERS_FILE)))
+        read_spec(directory)
+    except Exception:  # noqa: BLE001 - any failure means: not usable as it is
+        return False
+    return True
 
 
 def numpy_state(supernet: Supernet) -> dict[str, np.ndarray]:

@@ -6,6 +6,8 @@ a failure after compute started) keep its traceback.
 """
 from __future__ import annotations
 
+import errno
+
 
 class GLoRARayError(ValueError):
     """Bad input: the message names the option, file, field or value and what would be valid."""
@@ -13,6 +15,28 @@ class GLoRARayError(ValueError):
 
 class GLoRARayTypeError(GLoRARayError, TypeError):
     """Bad input of the wrong type (a model, a layer, a space where another was expected)."""
+
+
+class DamagedFileError(GLoRARayError):
+    """A file a run wrote earlier that cannot be read back (cut short, edited, replaced)."""
+
+
+class NoSpaceError(GLoRARayError):
+    """A write failed for want of disk space (ENOSPC): nothing half-written is kept."""
+
+    @classmethod
+    def found_in(cls, err: BaseException) -> "NoSpaceError | None":
+        """The one-line error for ``err`` when it (or what caused it) is a full disk, else None."""
+        seen: set[int] = set()
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = f" writing {err.filename}" if err.filename else ""
+                return cls(f"no space left on the device{where} ({err.strerror}); free space (or move --out, "
+                           f"GLORA_RAY_HOME, Ray's temp dir) and run the same command again: it resumes from what "
+                           f"was complete")
+            err = err.__cause__ or err.__context__ or getattr(err, "cause", None)
+        return None
 
 
 def one_line(err: BaseException) -> str:

@@ -10,7 +10,8 @@ Plan keys::
 
     {"evaluate": {"on_call": 2, "actors": [0], "action": "exit" | "hang" | "sleep", "seconds": 3},
      "start": {"actors": [1]},
-     "train_step": 15 | {"step": 63, "action": "raise" | "hang"}}
+     "train_step": 15 | {"step": 63, "action": "raise" | "hang"},
+     "write": {"match": "population/gen=0001"}}
 
 ``evaluate``: the listed evaluator actors (by start index; absent: every actor, replacements
 included) end their process (``exit``), never return (``hang``) or return ``seconds`` late
@@ -19,9 +20,12 @@ included) end their process (``exit``), never return (``hang``) or return ``seco
 raise ``InjectedFailure`` in a training attempt that did not start from a checkpoint, or (``hang``)
 stop there for good the first time any worker reaches it, after creating the file
 ``hang_marker()`` names; a test waits for it, then takes a node away (later attempts pass).
+``write``: every file written through ``storage`` whose path holds ``match`` fails as on a full
+disk (``OSError`` ENOSPC).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -85,3 +89,10 @@ def at_train_step(step: int, resumed: bool) -> None:
             time.sleep(60)
     if not resumed:
         raise InjectedFailure(f"injected failure at step {step} ({ENV_VAR})")
+
+
+def at_write(path: str) -> None:
+    """The storage layer's fault point, before every file it writes."""
+    fault = plan("write")
+    if fault is not None and fault["match"] in path:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

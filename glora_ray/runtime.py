@@ -13,10 +13,39 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
+import urllib.parse
 from typing import Any, Callable
 
+from .errors import GLoRARayError, one_line
+from .limits import address_space_limit, limit_hint
+
 log = logging.getLogger(__name__)
+CONNECT_TIMEOUT_S = 10.0  # to reach a given cluster's address: Ray itself retries for minutes
+
+
+class RayUnreachableError(GLoRARayError):
+    """``RAY_ADDRESS`` names a cluster that does not answer, or Ray cannot start here."""
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse at once an address (``host:port`` or ``ray://host:port``) where nothing answers;
+    an address without a port (``auto``) is left to Ray."""
+    parts = urllib.parse.urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is no number
+        host, port = None, None
+    if not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise RayUnreachableError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers at {host}:{port} ({one_line(err)}, waited at most "
+            f"{timeout_s:g} s); start the cluster (ray start --head), give the address it printed, or unset "
+            f"RAY_ADDRESS to run on a local Ray") from None
 
 # Ray Train V2 prints a deprecation banner per run unless told otherwise.
 _QUIET_ENV = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
@@ -51,8 +80,15 @@ def init_ray(verbose: bool | None = None) -> None:
         os.environ.setdefault(name, value)
     level = logging.INFO if verbose else logging.ERROR
     # Workers' output (ours is logged, not printed) reaches this console only when verbose.
+    if os.environ.get("RAY_ADDRESS"):
+        check_reachable(os.environ["RAY_ADDRESS"])
     address = {} if os.environ.get("RAY_ADDRESS") else {"address": "local"}
-    _keeping_sigterm_handler(lambda: ray.init(logging_level=level, log_to_driver=verbose, **address))
+    try:
+        _keeping_sigterm_handler(lambda: ray.init(logging_level=level, log_to_driver=verbose, **address))
+    except Exception as err:  # noqa: BLE001 - Ray's own errors; under `ulimit -v` they hide the cause
+        if address_space_limit() is None:
+            raise
+        raise RayUnreachableError(f"Ray did not start ({one_line(err)}); {limit_hint()}") from None
     # Children of this driver (Train controller, Tune trials) find this instance and no other.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     log.info("Ray %s at %s", ray.__version__, os.environ["RAY_ADDRESS"])

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .errors import GLoRARayError
+from . import faults
+from .errors import DamagedFileError, GLoRARayError, one_line
 
 if TYPE_CHECKING:  # pandas only where a frame is written
     import pandas as pd
@@ -66,6 +67,7 @@ def atomic_write(fs: pafs.FileSystem, path: str, write: Callable[[BinaryIO], Non
     """
     folder, name = posixpath.split(path)
     fs.create_dir(folder, recursive=True)
+    faults.at_write(path)  # test-only; nothing by default
     tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
         with fs.open_output_stream(tmp) as stream:
@@ -137,6 +139,13 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def delete_file(uri: str) -> None:
+    """Remove the file ``uri``; nothing when it is not there."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def list_dir(uri: str) -> list[tuple[str, bool]]:
     """(name, is a folder) of every entry directly under ``uri``, sorted; [] when it is not there."""
     fs, path = resolve(uri)
@@ -188,5 +197,14 @@ def write_parquet(uri: str, frame: pd.DataFrame) -> None:
     write_bytes(uri, buffer.getvalue())
 
 
-def read_json(uri: str) -> Any:
-    return json.loads(read_bytes(uri))
+def read_json(uri: str, kind: type | None = None, remedy: str = "remove it and rerun") -> Any:
+    """The JSON at ``uri``; with ``kind`` (e.g. ``dict``), one that is not that type, like one that
+    does not parse, is a ``DamagedFileError`` naming the file and ``remedy``."""
+    data = read_bytes(uri)
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedFileError(f"{uri} is damaged ({one_line(err)}); {remedy}") from None
+    if kind is not None and not isinstance(value, kind):
+        raise DamagedFileError(f"{uri} is damaged (a JSON {type(value).__name__}, not a {kind.__name__}); {remedy}")
+    return value

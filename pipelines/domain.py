@@ -13,8 +13,11 @@ import sys
 # Runnable from a checkout (and from `ray job submit --working-dir .`) without installing.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from glora_ray.pipeline.cli import run_main  # noqa: E402
-from glora_ray.pipeline.domain import parse_domain_config, run_domain  # noqa: E402
+from glora_ray.limits import loading_under_limits  # noqa: E402
+
+with loading_under_limits():  # torch and Ray under `ulimit -v`: one line naming the limit
+    from glora_ray.pipeline.cli import run_main
+    from glora_ray.pipeline.domain import parse_domain_config, run_domain
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,18 +14,24 @@ import sys
 # Runnable from a checkout (and from `ray job submit --working-dir .`) without installing.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from glora_ray.pipeline import layout  # noqa: E402
-from glora_ray.pipeline.cli import parse_config, run_main  # noqa: E402
-from glora_ray.pipeline.comparison import format_comparison  # noqa: E402
-from glora_ray.pipeline.config import PipelineConfig  # noqa: E402
-from glora_ray.pipeline.run import comparison_table, run_pipeline  # noqa: E402
-from glora_ray.pipeline.summary import format_summary  # noqa: E402
+from glora_ray.limits import loading_under_limits  # noqa: E402
+
+with loading_under_limits():  # torch and Ray under `ulimit -v`: one line naming the limit
+    from glora_ray.pipeline import layout
+    from glora_ray.pipeline.cli import parse_config, run_main
+    from glora_ray.pipeline.comparison import format_comparison
+    from glora_ray.pipeline.config import PipelineConfig
+    from glora_ray.pipeline.run import comparison_table, run_pipeline
+    from glora_ray.pipeline.summary import format_summary
+    from glora_ray.pipeline.inference import describe as describe_inference, read_inference
 
 
 def run_and_report(config: PipelineConfig) -> None:
     """The whole job, then its summary (and GLoRA against fixed adapters, when asked for)."""
     frame = run_pipeline(config)
     print(format_summary(frame))
+    for dataset, seed, run in ((d, s, r) for d in config.datasets for s, r in config.seed_runs()):
+        print(f"{dataset} seed {seed}: inference, {describe_inference(read_inference(run.out, dataset))}")
     if config.baselines or config.test_pareto or config.seeds:  # GLoRA against fixed adapters
         print(format_comparison(comparison_table(config)))
     print(f"results: {config.out} (summary: {layout.SUMMARY_FILE}; per dataset: "

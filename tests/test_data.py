@@ -70,7 +70,8 @@ def test_registry_is_spec_section_4():
     for group, names in SPEC_GROUPS.items():
         assert {n for n, i in VTAB_DATASETS.items() if i.group == group} == names
     assert DATASETS["digits"].num_classes == 10 and DATASETS["digits"].group is None
-    assert "digits" not in VTAB_DATASETS and set(DATASETS) == set(VTAB_DATASETS) | {"digits", "digits_orientation"}
+    assert "digits" not in VTAB_DATASETS and set(DATASETS) == set(VTAB_DATASETS) | {"digits", "digits_orientation",
+                                                                                      "digits_count"}
     assert DATASETS["digits_orientation"].num_classes == 4 and DATASETS["digits_orientation"].group is None
 
 

@@ -1,15 +1,21 @@
 """Merged biases of bias-less layers folded into the BatchNorm that reads them (docs/method.md §7)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
 from glora_ray import SearchSpace, Supernet, load_merged_state_dict
 from glora_ray.backbone import BackboneConfig
 from glora_ray.checkpoint import SupernetSpec
+from glora_ray.data import DataConfig
+from glora_ray.data.vtab import preprocess_image
 from helpers import logged, randomize_adapters
 
 
@@ -98,11 +104,14 @@ def test_export_of_a_cnn_loads_with_plain_load_state_dict(cnn_supernet, tmp_path
     spec = SupernetSpec(BackboneConfig(name="tf_efficientnet_lite0", img_size=32), num_classes=3, ranks=(4, 2),
                         dataset="digits")
     genes = with_e_and_c(net, net.largest_subnet())
-    paths = export_winner(net, spec, genes, str(tmp_path), val_acc=0.5)
+    data = DataConfig(str(tmp_path), "digits", 32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
+    paths = export_winner(net, spec, genes, str(tmp_path), data, val_acc=0.5)
     import json
 
     record = json.loads((tmp_path / "subnet.json").read_text())
     assert record["loader"] == "load_state_dict" and record["added_bias_keys"] == []
+    assert record["preprocessing"] == {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                                       "crop": None}
     model = timm.create_model(record["model"], **record["create_model_kwargs"]).eval()
     model.load_state_dict(load_file(paths.merged_uri), strict=True)
     net.set_subnet(genes)
@@ -110,6 +119,21 @@ def test_export_of_a_cnn_loads_with_plain_load_state_dict(cnn_supernet, tmp_path
     with torch.no_grad():
         want = net(x)
         assert (model(x) - want).abs().max() <= 1e-5 * want.abs().max()
+
+    # The loader beside the export, in a process that never imports glora_ray: model and transform.
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    script = ("import sys, torch; from PIL import Image; from load_winner import load_winner; "
+              f"model, transform = load_winner({str(tmp_path)!r}); "
+              f"logits = model(transform(Image.open({str(image)!r})).unsqueeze(0)); "
+              "assert 'glora_ray' not in sys.modules; torch.save(logits.detach(), sys.argv[1])")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "logits.pt")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pixels = preprocess_image(Image.open(image), 32, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    with torch.no_grad():
+        want = net(torch.from_numpy(pixels)[None])
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-4, atol=1e-5)
 
 
 class Branches(nn.Module):

@@ -142,7 +142,6 @@ def test_resource_shortfalls_name_what_was_asked_and_what_the_cluster_has(tmp_pa
         return "; ".join(resource_shortfalls(cfg, cluster or {"CPU": 2.0}))
 
     assert short() == ""
-    assert short("--train-workers", "0", "--train-cpus", "100") == ""  # local mode reserves nothing
     assert "stage 1 asks 4 worker(s) x 1 CPU = 4 CPU" in short("--train-workers", "4")
     assert "stage 1 asks 1 worker(s) x 1 GPU" in short("--train-workers", "1", "--train-gpus", "1")
     message = short("--actor-cpus", "100", "--actor-gpus", "0.5")

@@ -230,8 +230,11 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
     argv = tiny_args(data, fewshot_out, "--shots", "1", "--seeds", "0", "--generations", "1", "--epochs", "1",
                      "--warmup-epochs", "0", "--checkpoint-every", "1", "--train-workers", "0", "--baselines", "head")
     assert load_entry("fewshot").main(argv) == 0
-    frame = pd.read_parquet(fewshot_out / RESULTS_FILE)
-    assert list(frame[["dataset", "shots", "seed"]].itertuples(index=False, name=None)) == [("digits", 1, 0)]
+    results = pd.read_parquet(fewshot_out / RESULTS_FILE)
+    # GLoRA's row, then the baseline's (Figure 2 draws a curve for each).
+    assert list(results[["method", "dataset", "shots", "seed"]].itertuples(index=False, name=None)) == [
+        ("glora", "digits", 1, 0), ("head", "digits", 1, 0)]
+    frame = results[results["method"] == "glora"]
     # Scored once on the whole test list (797 digits), not on a batch or on the val list.
     test_images = len((annotations / "test_meta.list").read_text().splitlines())
     assert test_images == 797 and a_count_of(frame["test_acc"].iloc[0], test_images)
@@ -253,16 +256,18 @@ def test_embedded_layouts_and_both_pipelines_end_to_end(tmp_path, ray_local):
     stamps = {p: p.stat().st_mtime_ns for p in done}
     assert load_entry("fewshot").main(argv) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(fewshot_out / RESULTS_FILE).drop(columns="wall_seconds"),
-                                  frame.drop(columns="wall_seconds"))
+                                  results.drop(columns="wall_seconds"))
     assert [p for p, stamp in stamps.items() if not p.exists() or p.stat().st_mtime_ns != stamp] == []
 
     domain_out = tmp_path / "domain out"
     argv = tiny_args(data, domain_out, "--num-classes", "10", "--generations", "1", "--epochs", "1",
-                     "--warmup-epochs", "0", "--checkpoint-every", "1", "--batch-size", "32", "--train-workers", "0")
+                     "--warmup-epochs", "0", "--checkpoint-every", "1", "--batch-size", "32", "--train-workers", "0",
+                     "--baselines", "head")
     assert load_entry("domain").main(argv) == 0
     table = pd.read_parquet(domain_out / TABLE_FILE)
-    assert list(table.columns[:3]) == ["seed", "params", "val_acc"]
-    assert list(table.columns[3:8]) == ["imagenet", *DOMAIN_TARGETS]
+    assert list(table.columns[:4]) == ["method", "seed", "params", "val_acc"]
+    assert list(table.columns[4:9]) == ["imagenet", *DOMAIN_TARGETS]
+    assert list(table["method"]) == ["glora", "head"]  # the baseline tested on every target set too
     # Each column is scored on its own list: the held-out digits, or that target set's images.
     sizes = {"imagenet": test_images, **{t: len((data / "domain-generalization" / t / "annotations" / "val_meta.list")
                                               .read_text().splitlines()) for t in DOMAIN_TARGETS}}

@@ -8,7 +8,10 @@ header-level and cheap, so a whole VTAB-1k collection is checked in seconds:
 - PNG: ``verify`` also reads every chunk through IEND and checks its CRC, so truncation is caught;
 - JPEG: ``verify`` reads only the header, so the end-of-image marker is looked for near the end
   of the file (a truncated JPEG has none: byte stuffing keeps the marker out of image data);
-- any other format: decoded whole (rare in image-classification lists, and small).
+- any other format: decoded whole (rare in image-classification lists, and small);
+- every format: at most ``MAX_IMAGE_PIXELS`` pixels (read from the header): a small file can
+  declare a huge image (a 10000x10000 PNG compresses to 12 KB) that would take hundreds of MB
+  when a worker decodes it.
 
 The input is a plain list of ``ImageRef`` (image path, list file, line), so any dataset layout
 (VTAB-1k, few-shot, domain-generalization lists) can use it.
@@ -34,6 +37,7 @@ _JPEG_END = b"\xff\xd9"
 # Bytes searched for the end-of-image marker: tolerates padding or metadata some writers append.
 _JPEG_TAIL_BYTES = 4096
 MAX_REPORTED = 5  # bad files named in an error message
+MAX_IMAGE_PIXELS = 40_000_000  # above every photo of the paper's datasets (ImageNet's largest: ~32 MP)
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines of a long check
 _CHUNK = 256  # images per task handed to a thread
 
@@ -70,6 +74,10 @@ def image_problem(path: str | os.PathLike) -> str | None:
     path = Path(path)
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                return (f"{width}x{height} = {width * height:,} pixels, above the budget of {MAX_IMAGE_PIXELS:,}; "
+                        f"resize it")
             image_format = image.format
             if image_format in ("PNG", "JPEG"):
                 image.verify()

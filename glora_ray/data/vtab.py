@@ -15,7 +15,7 @@ from ..errors import GLoRARayError
 
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -88,6 +88,16 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType({**VTAB_DATASETS, **EMBED
 _ALIASES: Mapping[str, str] = MappingProxyType(
     {alias: info.name for info in DATASETS.values() for alias in info.aliases}
 )
+
+
+def check_plain_name(name: str, what: str) -> str:
+    """``name`` when it is one plain path component; it names ``<data-root>/<name>`` and, under
+    ``--out``, the run's results, so a separator, ``..`` or an absolute path would escape both."""
+    parts = PurePath(name).parts if isinstance(name, str) and name else ()
+    if len(parts) != 1 or parts[0] in (".", "..") or PurePath(name).is_absolute() or "/" in name or "\\" in name:
+        raise DataError(f"{what} {name!r} is not a plain name: give a dataset's folder name alone (no '/', no '..', "
+                        f"not an absolute path); it names a folder under --data-root and one under --out")
+    return name
 
 
 def canonical_dataset_name(name: str) -> str:
@@ -179,7 +189,12 @@ def parse_list_file(path: str | Path, num_classes: int | None, check_exists: boo
             problems.append(f"{where}: cannot parse {raw!r}; expected '<relative image path> <integer label>'")
             continue
         label = int(match.group("label"))
-        image = base / match.group("path")
+        relative = PurePath(match.group("path"))
+        if relative.is_absolute() or ".." in relative.parts:  # the dataset is the folder the lists describe
+            problems.append(f"{where}: image path {str(relative)!r} leaves {str(base)!r}; list paths are relative to "
+                            f"it, without '..'")
+            continue
+        image = base / relative
         if num_classes is None and label < 0:
             problems.append(f"{where}: label {label} is negative; labels are 0..K-1")
             continue

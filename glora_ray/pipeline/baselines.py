@@ -6,7 +6,8 @@ the supernet's own Ray Train job, data, epochs and learning rate, only with
 the search (docs/method.md §3) and is tested once, like the searched winner.
 
 Per dataset, ``<out>/<dataset>/baselines/<name>.json`` records a finished baseline (its subnet,
-count, val200 and test accuracy): present means trained and tested, never again.  Training runs
+count, val200 accuracy and the accuracy on every test list of the unit: a domain unit's target
+sets too): present means trained and tested, never again (a test list added later is tested once).  Training runs
 are ``<out>/<dataset>/train/baseline-<name>-<epochs>ep`` (resumable Ray Train runs; one per length,
 so ``--baseline-epochs`` on a finished output trains a schedule of its own instead of extending
 the other one).
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
@@ -128,6 +129,8 @@ class BaselineOutcome:
     # Training compute (train.loop.training_compute); NaN in records written before it was kept.
     train_images: float = float("nan")
     train_seconds: float = float("nan")
+    # Every test list of the unit by name (the first is ``test_acc``); records before: {}.
+    tests: dict[str, float] = field(default_factory=dict)
 
 
 def record_uri(dataset_uri: str, name: str) -> str:
@@ -144,7 +147,11 @@ def _stored(uri: str, key: str, train: TrainConfig) -> BaselineOutcome | None:
     """The finished record of this exact baseline (same subnet, lr, epochs, seed), else None."""
     if not storage.exists(uri):
         return None
-    record = BaselineOutcome(**storage.read_json(uri))
+    try:
+        record = BaselineOutcome(**storage.read_json(uri, dict))
+    except (GLoRARayError, TypeError) as err:  # damaged: trained already, so only tested again
+        log.warning("%s cannot be read (%s); the baseline is tested again", uri, err)
+        return None
     if (record.key, record.lr, record.epochs, record.seed) != (key, train.lr, train.epochs, train.seed):
         return None
     return record
@@ -159,10 +166,13 @@ def run_baselines(
     dataset_uri: str,
     evaluate: SplitEvaluator,
     progress: Callable[[str], None] = log.info,
+    tests: Sequence[str] = (TEST_SPLIT,),
 ) -> list[BaselineOutcome]:
     """Train each named baseline like the supernet (``train``: its lr, epochs, seed), then score it
-    once on val200 and test.  A baseline with a record is neither retrained nor retested.
-    ``progress`` (picklable: training's rank-0 worker calls it too) takes the progress lines."""
+    once on val200 and on each of ``tests`` (names ``evaluate`` knows; the first is the record's
+    ``test_acc``).  A baseline with a record is neither retrained nor retested; a test list its
+    record lacks is tested once.  ``progress`` (picklable: training's rank-0 worker calls it too)
+    takes the progress lines."""
     structure = spec.build_empty()  # meta device: layers and counter, no weights
     outcomes = []
     for name in check_baseline_names(names):
@@ -171,19 +181,31 @@ def run_baselines(
         uri = record_uri(dataset_uri, name)
         stored = _stored(uri, key, train)
         if stored is not None:
+            known = stored.tests or {tests[0]: stored.test_acc}  # a record from before ``tests``: its test_acc
+            missing = [t for t in tests if t not in known]
+            if missing:  # test lists this record predates: tested once now
+                scores = {t: evaluate(stored.checkpoint_dir, [genes], t)[0] for t in missing}
+                stored = replace(stored, tests={**known, **scores})
+                storage.write_json(uri, asdict(stored))
             outcomes.append(stored)
             continue
         progress(f"baseline {name}: training {params:,} adapter params, lr {train.lr:g}, {train.epochs} epochs")
         trained = train_supernet(spec, data, train.for_fixed_subnet(key), train_uri, run_name(name, train.epochs),
                                  progress=progress)
         val_acc = evaluate(trained.checkpoint_dir, [genes], VAL_SPLIT)[0]
-        test_acc = evaluate(trained.checkpoint_dir, [genes], TEST_SPLIT)[0]
+        scores = {t: evaluate(trained.checkpoint_dir, [genes], t)[0] for t in tests}
+        test_acc = scores[tests[0]]
         outcome = BaselineOutcome(
             name=name, key=key, params=params, head_params=structure.head_num_params, lr=train.lr,
             epochs=train.epochs, seed=train.seed, val_acc=val_acc, test_acc=test_acc,
-            checkpoint_dir=trained.checkpoint_dir, **training_compute(trained.history),
+            checkpoint_dir=trained.checkpoint_dir, **training_compute(trained.history), tests=scores,
         )
         storage.write_json(uri, asdict(outcome))
         progress(f"baseline {name}: val {val_acc:.4f}, test {test_acc:.4f} (tested once)")
         outcomes.append(outcome)
     return outcomes
+
+
+def stored_outcomes(unit_uri: str, names: Sequence[str]) -> list[BaselineOutcome]:
+    """The finished baselines ``names`` of one unit, as their records hold them (tables, figures)."""
+    return [BaselineOutcome(**storage.read_json(record_uri(unit_uri, name), dict)) for name in names]

@@ -5,13 +5,14 @@ import argparse
 import enum
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import fields, replace
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..backbone import PACKAGED_WEIGHTS, BackboneConfig, packaged_weights
-from ..errors import GLoRARayError
+from ..errors import GLoRARayError, NoSpaceError
 from ..precision import AUTO as PRECISION_AUTO, Precision
 from ..progress import StageWatch
 from ..search.config import AUTO_MERGE as MERGE_AUTO, Fitness, MergeStrategy, SearchConfig
@@ -22,7 +23,8 @@ from .baselines import BASELINES
 from .lock import OutputLock
 from .preflight import check_output_location
 from .stopping import install_stop_handlers, restore_handlers, shutdown_ray, stop_signal
-from .config import ALL_DATASETS, PREPROCESSINGS, PRESETS, PipelineConfig, PipelineConfigError, expand_datasets, preset
+from .config import (ALL_DATASETS, EXPORTS, PREPROCESSINGS, PRESETS, PipelineConfig, PipelineConfigError, expand_datasets,
+                     preset)
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -254,6 +256,10 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
 def _winner_options(parser: argparse.ArgumentParser) -> None:
     """Stage 3: the winner."""
     g = parser.add_argument_group("stage 3: the winner")
+    g.add_argument("--export", nargs="+", choices=EXPORTS, metavar="KIND",
+                   help="exports besides the merged winner: 'peft', a PEFT LoRA adapter with a rank per layer "
+                   "(<dataset>/export/peft; for a winner of LoRA forms only, e.g. a search with --forms-A none "
+                   "--forms-B lora none --forms-C none --forms-D none --forms-E none)")
     g.add_argument("--retrain-epochs", type=int, metavar="N",
                    help="train the winner alone for N epochs from its supernet weights, with the supernet's "
                    "schedule, before its single test (0: test the supernet's weights as they are)")
@@ -322,13 +328,25 @@ def shared_fields(given: dict[str, Any], values: Mapping[str, Any]) -> dict[str,
     needs_worker = given.get("train_gpus", 0) > 0 or "lr_sweep" in given
     if needs_worker and "train_workers" not in given and values["train"].num_workers == 0:
         train_changes["num_workers"] = 1
+    if train_changes.get("num_workers", values["train"].num_workers) == 0:
+        # In-process training (Ray Train's local mode) reserves nothing: there --train-cpus is only
+        # the torch threads, and a GPU would never be assigned.
+        if given.get("train_gpus", 0) > 0:
+            raise PipelineConfigError(f"--train-gpus {given['train_gpus']:g} needs a training worker, but training runs "
+                                      f"in the job's own process (--train-workers 0), which is given no GPU: give "
+                                      f"--train-workers N")
+        if given.get("train_cpus", 0) > (os.cpu_count() or 1):
+            raise PipelineConfigError(f"--train-cpus {given['train_cpus']}: training runs in the job's own process "
+                                      f"(--train-workers 0), where it is the number of threads, but this machine has "
+                                      f"{os.cpu_count()} CPUs; give at most that, or --train-workers N to train on "
+                                      f"workers of that size")
 
     run = {name: values[name] for name in _TOP_FIELDS if name in values}  # the preset's, then the options'
     run.update(routed[None])
     run["lr"] = given.get("lr", None if "lr_sweep" in given else values["lr"])  # a sweep replaces the preset's lr
     run["forms"] = {**values.get("forms", {}), **{t: tuple(given[dest]) for dest, t in _FORM_OPTIONS.items()
                                                  if dest in given}}
-    for name in ("baselines", "seed_population", "lr_sweep"):
+    for name in ("baselines", "seed_population", "lr_sweep", "export"):
         if name in run:
             run[name] = tuple(run[name])
     return dict(backbone=replace(values["backbone"], **backbone_changes), train=replace(values["train"], **train_changes),
@@ -386,6 +404,12 @@ def run_main(parse: Callable[[Sequence[str] | None], Config], run: Callable[[Con
         run(config)
     except GLoRARayError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full disk is one line too; anything else keeps its traceback
+        no_space = NoSpaceError.found_in(err)
+        if no_space is None:
+            raise
+        print(f"error: {no_space}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # RunStopped (SIGTERM, SIGINT) or Python's own Ctrl-C
         signum = stop_signal(stop)

@@ -10,7 +10,7 @@ from ..backbone import BackboneConfig, pretrained_preprocessing
 from ..data import IMAGENET_MEAN, IMAGENET_STD, VTAB_DATASETS, canonical_dataset_name
 from ..data.custom import resolve_dataset_name
 from ..data.verify import check_data_root
-from ..data.vtab import VTAB_INTERPOLATION, is_registered
+from ..data.vtab import VTAB_INTERPOLATION, check_plain_name, is_registered
 from ..errors import GLoRARayError
 from ..precision import Precision
 from ..identity import EXECUTION_ONLY, describe, differences, result_extent, result_identity
@@ -22,6 +22,7 @@ from .baselines import check_baseline_names
 from .paper import DEFAULT_LR, PAPER_LR
 
 ALL_DATASETS = "all"  # the CLI word for the 19 VTAB-1k datasets
+EXPORTS = ("peft",)  # exports besides the merged winner (pipeline/peft_export.py)
 # How images are normalised and resized: the backbone's own pretrained config in timm, or the
 # VTAB protocol of docs/method.md §4 (ImageNet mean/std, bicubic), which the paper preset fixes.
 BACKBONE_PREPROCESSING, VTAB_PREPROCESSING = "backbone", "vtab"
@@ -82,10 +83,12 @@ class PipelineConfig:
     baseline_epochs: int | None = field(default=None, metadata=EXECUTION_ONLY)
     # ... and, non-empty, the whole job once per seed, each its own run under <out>/seed=<s>/.
     seeds: tuple[int, ...] = field(default=(), metadata=EXECUTION_ONLY)
+    # Exports besides the merged one (EXPORTS): "peft", the winner as a PEFT LoRA adapter.
+    export: tuple[str, ...] = field(default=(), metadata=EXECUTION_ONLY)
 
     def __post_init__(self) -> None:
         check_data_root(self.data_root)  # a symlink loop, before anything looks into it
-        self.datasets = tuple(self.resolve_dataset(d) for d in self.datasets)
+        self.datasets = tuple(self.resolve_dataset(check_plain_name(d, "--datasets")) for d in self.datasets)
         if self.num_classes is not None and self.num_classes < 2:
             raise PipelineConfigError(f"num_classes must be >= 2 (a classifier needs two classes), "
                                       f"got {self.num_classes}")
@@ -108,6 +111,9 @@ class PipelineConfig:
             raise PipelineConfigError(f"retrain_epochs={self.retrain_epochs} must exceed warmup_epochs="
                                       f"{self.train.warmup_epochs}: the retraining uses the supernet's schedule")
         self.seeds = tuple(self.seeds)
+        self.export = tuple(self.export)
+        if set(self.export) - set(EXPORTS):
+            raise PipelineConfigError(f"export {list(self.export)}: choose among {list(EXPORTS)}")
         if any(not isinstance(x, int) or x < 0 for x in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise PipelineConfigError(f"seeds must be distinct integers >= 0, got {list(self.seeds)}")
         self.layer_types = tuple(self.layer_types)

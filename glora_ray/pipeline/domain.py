@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .. import storage
-from ..data import DataConfig
+from ..data import DataConfig, DataError
 from ..identity import EXECUTION_ONLY
 from ..data.embedded import DIGITS, write_digits_domain
 from ..data.fewshot import (
@@ -37,9 +37,12 @@ from ..data.fewshot import (
     require_list,
     shot_list_name,
 )
+from . import layout
+from .baselines import BaselineOutcome, stored_outcomes
 from .cli import build_parser, parse_with, shared_fields
 from .config import PipelineConfig, PipelineConfigError, default_home, preset
 from .protocol import fit_batches, start, text_table
+from .row_kinds import WINNER
 from .run import run_units
 from .unit import TestList, TrainingUnit
 
@@ -124,6 +127,10 @@ def domain_units(cfg: DomainConfig) -> tuple[list[TrainingUnit], dict[str, list[
                              f"target set {target!r}")
         lists[test_list_split(target)] = entry
         classes = classes_present(entry, cfg.class_count) if target in SUBSET_TARGETS else None
+        if classes is not None and len(classes) < 2:  # restricted to one class, every prediction is right
+            raise DataError(f"target set {target!r}: {entry} holds images of class {list(classes)} only; its "
+                            f"predictions are restricted to the classes present, so every one would be right: give "
+                            f"a list with at least two classes")
         restricted[target] = None if classes is None else list(classes)
         tests.append(TestList(target, test_list_split(target), classes))
     units = []
@@ -140,17 +147,22 @@ def domain_units(cfg: DomainConfig) -> tuple[list[TrainingUnit], dict[str, list[
     return fit_batches(cfg, units), restricted
 
 
-def table_frame(rows: Sequence[dict[str, Any]], test_sets: Sequence[str]) -> pd.DataFrame:
-    """The paper's Table 2: one row per seed, the source's and each target's test accuracy."""
-    records = [{"seed": row["extra"]["seed"], "params": row["params"], "val_acc": row["val_acc"],
+def table_frame(rows: Sequence[dict[str, Any]], test_sets: Sequence[str],
+                baselines: Sequence[tuple[int, BaselineOutcome]] = ()) -> pd.DataFrame:
+    """The paper's Table 2: per method (GLoRA, then each baseline that ran) and seed, the source's
+    and each target's test accuracy."""
+    records = [{"method": WINNER, "seed": row["extra"]["seed"], "params": row["params"], "val_acc": row["val_acc"],
                 **{name: row["extra"]["tests"][name] for name in test_sets}, "key": row["key"]} for row in rows]
-    return pd.DataFrame(records, columns=["seed", "params", "val_acc", *test_sets, "key"])
+    records += [{"method": outcome.name, "seed": seed, "params": outcome.params, "val_acc": outcome.val_acc,
+                 **{name: outcome.tests.get(name, float("nan")) for name in test_sets}, "key": outcome.key}
+                for seed, outcome in baselines]
+    return pd.DataFrame(records, columns=["method", "seed", "params", "val_acc", *test_sets, "key"])
 
 
 def format_table(frame: pd.DataFrame, test_sets: Sequence[str], restricted: dict[str, list[int] | None]) -> str:
-    mean = frame[["val_acc", *test_sets]].mean().to_frame().T.assign(seed="mean", params=frame["params"].mean())
-    shown = pd.concat([frame.astype({"seed": "object"}), mean], ignore_index=True)
-    table = text_table(shown, ["seed", "val_acc", *test_sets], ["val_acc", *test_sets])
+    means = frame.groupby("method", sort=False)[["params", "val_acc", *test_sets]].mean().reset_index().assign(seed="mean")
+    shown = pd.concat([frame.astype({"seed": "object"}), means], ignore_index=True)
+    table = text_table(shown, ["method", "seed", "val_acc", *test_sets], ["val_acc", *test_sets])
     notes = [f"{name}: predictions restricted to the {len(classes)} classes present"
              for name, classes in restricted.items() if classes is not None]
     return "\n".join([f"source: {IMAGENET} (test once on its validation list); targets: {', '.join(test_sets[1:])}",
@@ -165,7 +177,10 @@ def run_domain(cfg: DomainConfig) -> pd.DataFrame:
     start(cfg, units)
     storage.write_json(storage.join(cfg.out, CLASSES_FILE), {"restricted_to_classes_present": restricted})
     test_sets = [IMAGENET, *cfg.target_sets]
-    frame = table_frame(run_units(cfg, units), test_sets)
+    rows = run_units(cfg, units)
+    baselines = [(unit.extra["seed"], outcome) for unit in units
+                 for outcome in stored_outcomes(layout.dataset_uri(cfg.out, unit.path), cfg.baselines)]
+    frame = table_frame(rows, test_sets, baselines)
     storage.write_parquet(storage.join(cfg.out, TABLE_FILE), frame)
     log.info("\n" + format_table(frame, test_sets, restricted))
     log.info(f"results: {storage.join(cfg.out, TABLE_FILE)}, restricted classes: {storage.join(cfg.out, CLASSES_FILE)}; "

@@ -12,6 +12,7 @@ otherwise it is ``load_state_dict``.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +23,12 @@ from safetensors.torch import save as safetensors_bytes
 from .. import storage
 from ..backbone import plain_model_kwargs
 from ..checkpoint import SupernetSpec
+from ..data import DataConfig
 from ..supernet import Supernet
+from . import winner_loader
 
 MERGED_FILE = "merged.safetensors"
+LOADER_FILE = "load_winner.py"  # winner_loader.py: the export loaded with torch and timm alone
 SUBNET_FILE = "subnet.json"
 ADAPTERS_FILE = "adapters.safetensors"
 
@@ -41,12 +45,15 @@ GLORA_LOADER = "glora_ray.load_merged_state_dict"
 
 
 def subnet_record(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, added_bias_keys: list[str],
-                  **scores: Any) -> dict[str, Any]:
-    """Everything needed to rebuild, load and cite the winner."""
+                  data: DataConfig, **scores: Any) -> dict[str, Any]:
+    """Everything needed to rebuild, load and cite the winner, and to feed it images as it was trained."""
     layers = supernet.decode(genes)
     return {
         "model": spec.backbone.name,
         "create_model_kwargs": plain_model_kwargs(spec.backbone, spec.num_classes),
+        # docs/method.md §4: RGB, resized straight to size x size with this filter, /255, (x - mean) / std.
+        "preprocessing": {"size": data.img_size, "mean": list(data.mean), "std": list(data.std),
+                          "interpolation": data.interpolation, "crop": None},
         "loader": GLORA_LOADER if added_bias_keys else PLAIN_LOADER,
         "added_bias_keys": added_bias_keys,
         "dataset": spec.dataset,
@@ -61,10 +68,11 @@ def subnet_record(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, add
     }
 
 
-def export_winner(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, out_uri: str, **scores: Any) -> ExportedWinner:
-    """Write the three artefacts under ``out_uri``, each atomically."""
+def export_winner(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, out_uri: str, data: DataConfig,
+                  **scores: Any) -> ExportedWinner:
+    """Write the artefacts under ``out_uri``, each atomically, and ``LOADER_FILE`` beside them."""
     state = supernet.merged_state_dict(genes)
-    record = subnet_record(supernet, spec, genes, supernet.added_bias_keys(state), **scores)
+    record = subnet_record(supernet, spec, genes, supernet.added_bias_keys(state), data, **scores)
     # Clone: a merged state dict references the supernet's own tensors, which may be shared.
     merged = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     metadata = {"model": spec.backbone.name, "create_model_kwargs": json.dumps(record["create_model_kwargs"]),
@@ -77,4 +85,5 @@ def export_winner(supernet: Supernet, spec: SupernetSpec, genes: np.ndarray, out
     storage.write_bytes(paths.merged_uri, safetensors_bytes(merged, metadata=metadata))
     storage.write_bytes(paths.adapters_uri, supernet.adapter_bytes({"model": spec.backbone.name, "dataset": spec.dataset}))
     storage.write_json(paths.subnet_uri, record)
+    storage.write_bytes(storage.join(out_uri, LOADER_FILE), inspect.getsource(winner_loader).encode())
     return paths

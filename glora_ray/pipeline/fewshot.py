@@ -32,9 +32,12 @@ from ..data.fewshot import (
     resolve_fewshot_name,
     shot_list_name,
 )
+from . import layout
+from .baselines import BaselineOutcome, stored_outcomes
 from .cli import build_parser, parse_with, shared_fields
 from .config import ALL_DATASETS, PipelineConfig, PipelineConfigError, default_home, preset
 from .protocol import fit_batches, start, text_table
+from .row_kinds import WINNER
 from .run import run_units
 from .summary import SUMMARY_COLUMNS
 from .unit import TestList, TrainingUnit
@@ -45,7 +48,7 @@ RESULTS_FILE = "fewshot.parquet"
 FIGURE_FILE = "figure2.png"
 TRAIN_SPLIT, SEARCH_SPLIT, TEST_SPLIT = "train", "val", "test"
 # The seed is the K-shot list's (the training seed is the run's --seed); no VTAB group.
-COLUMNS = ["dataset", "shots", "seed", *(c for c in SUMMARY_COLUMNS if c not in ("dataset", "group", "seed"))]
+COLUMNS = ["method", "dataset", "shots", "seed", *(c for c in SUMMARY_COLUMNS if c not in ("dataset", "group", "seed"))]
 
 
 def _distinct_positive(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
@@ -119,21 +122,27 @@ def fewshot_units(cfg: FewShotConfig) -> list[TrainingUnit]:
     return fit_batches(cfg, units)
 
 
-def results_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    flat = [{**row, **row.get("extra", {})} for row in rows]
+def results_frame(rows: Sequence[dict[str, Any]], baselines: Sequence[tuple[dict[str, Any], BaselineOutcome]] = ()
+                  ) -> pd.DataFrame:
+    """One row per unit and method: GLoRA's winner (``rows``), then each baseline that ran, given
+    with its unit's row."""
+    flat = [{"method": WINNER, **row, **row.get("extra", {})} for row in rows]
+    flat += [{"method": outcome.name, "dataset": row["dataset"], **row.get("extra", {}), "lr": outcome.lr,
+              "params": outcome.params, "head_params": outcome.head_params, "val_acc": outcome.val_acc,
+              "test_acc": outcome.test_acc, "key": outcome.key} for row, outcome in baselines]
     frame = pd.DataFrame(flat, columns=COLUMNS)
     return frame.astype({"shots": "int64", "seed": "int64", "params": "int64", "head_params": "int64"})
 
 
 def curves(frame: pd.DataFrame) -> pd.DataFrame:
-    """Test accuracy per (panel, shots): mean and standard deviation over seeds; panel "average" first.
-
-    The average panel averages the datasets per (shots, seed) first, then over seeds.
-    """
-    average = frame.groupby(["shots", "seed"], as_index=False)["test_acc"].mean().assign(dataset="average")
-    both = pd.concat([average, frame[["dataset", "shots", "seed", "test_acc"]]], ignore_index=True)
-    stats = both.groupby(["dataset", "shots"], sort=False)["test_acc"].agg(["mean", "std", "count"]).reset_index()
-    return stats.fillna({"std": 0.0})
+    """Test accuracy per (panel, method, shots): mean and standard deviation over seeds; panel
+    "average" first.  The average panel averages the datasets per (method, shots, seed) first,
+    then over seeds.  A frame without a method column is GLoRA's alone."""
+    frame = frame if "method" in frame else frame.assign(method=WINNER)
+    average = frame.groupby(["method", "shots", "seed"], as_index=False)["test_acc"].mean().assign(dataset="average")
+    both = pd.concat([average, frame[["method", "dataset", "shots", "seed", "test_acc"]]], ignore_index=True)
+    stats = both.groupby(["dataset", "method", "shots"], sort=False)["test_acc"].agg(["mean", "std", "count"])
+    return stats.reset_index().fillna({"std": 0.0})
 
 
 def figure_png(frame: pd.DataFrame) -> bytes:
@@ -149,12 +158,16 @@ def figure_png(frame: pd.DataFrame) -> bytes:
     FigureCanvasAgg(figure)
     for index, panel in enumerate(panels):
         axes = figure.add_subplot(rows, columns, index + 1)
-        curve = stats[stats["dataset"] == panel].sort_values("shots")
-        mean, std = 100 * curve["mean"], 100 * curve["std"]
-        axes.plot(curve["shots"], mean, marker="o", label="GLoRA")
-        axes.fill_between(curve["shots"], mean - std, mean + std, alpha=0.25)
+        for method, curve in stats[stats["dataset"] == panel].groupby("method", sort=False):
+            curve = curve.sort_values("shots")
+            mean, std = 100 * curve["mean"], 100 * curve["std"]
+            axes.plot(curve["shots"], mean, marker="o", label="GLoRA (searched)" if method == WINNER else method)
+            axes.fill_between(curve["shots"], mean - std, mean + std, alpha=0.2)
         axes.set_xscale("log", base=2)
-        axes.set_xticks(list(curve["shots"]), [str(k) for k in curve["shots"]])
+        shots = sorted(stats.loc[stats["dataset"] == panel, "shots"].unique())
+        axes.set_xticks(shots, [str(k) for k in shots])
+        if index == 0:
+            axes.legend(fontsize=8)
         axes.set_title(panel)
         axes.set_xlabel("shots per class")
         axes.set_ylabel("top-1 test accuracy (%)")
@@ -170,11 +183,14 @@ def run_fewshot(cfg: FewShotConfig) -> pd.DataFrame:
         write_digits_fewshot(cfg.data_root)
     units = fewshot_units(cfg)
     start(cfg, units)
-    frame = results_frame(run_units(cfg, units))
+    rows = run_units(cfg, units)
+    baselines = [(row, outcome) for unit, row in zip(units, rows)
+                 for outcome in stored_outcomes(layout.dataset_uri(cfg.out, unit.path), cfg.baselines)]
+    frame = results_frame(rows, baselines)
     storage.write_parquet(storage.join(cfg.out, RESULTS_FILE), frame)
     storage.write_bytes(storage.join(cfg.out, FIGURE_FILE), figure_png(frame))
     stats = curves(frame).rename(columns={"mean": "test_acc", "std": "std_over_seeds", "count": "seeds"})
-    log.info("\n" + text_table(stats, ["dataset", "shots", "test_acc", "std_over_seeds", "seeds"],
+    log.info("\n" + text_table(stats, ["dataset", "method", "shots", "test_acc", "std_over_seeds", "seeds"],
                                 ["test_acc", "std_over_seeds"]))
     log.info(f"results: {storage.join(cfg.out, RESULTS_FILE)}, figure: {storage.join(cfg.out, FIGURE_FILE)}; "
              f"per unit: <dataset>/shots-<K>/seed-<S>/export/")

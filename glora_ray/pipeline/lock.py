@@ -48,6 +48,11 @@ def _read(path: Path) -> dict[str, Any] | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise OutputLockedError(f"{path} is a folder where the lock file of --out must be; remove it (or choose "
+                                f"another --out)") from None
+    except (UnicodeDecodeError, OSError):
+        return {}  # unreadable: treated like a half-written lock (stale once old)
     try:
         record = json.loads(text)
     except json.JSONDecodeError:
@@ -122,7 +127,8 @@ class OutputLock:
                 f"this host cannot check whether it still runs: if it does not, remove {path}")
         if pid > 0 and _pid_alive(pid):
             raise OutputLockedError(f"--out {self.out} is in use by the driver pid {pid} on host {host} (since "
-                                    f"{record.get('started')}); wait for it, stop it, or choose another --out")
+                                    f"{record.get('started')}); wait for it, stop it, or choose another --out; if pid "
+                                    f"{pid} is no glora-ray driver (pids are reused), remove {path}")
         aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex}")
         try:
             os.replace(path, aside)

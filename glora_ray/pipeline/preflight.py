@@ -9,6 +9,7 @@ could have been found before).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -28,7 +29,8 @@ from ..data.digits import write_digits_dataset
 from ..data.disjoint import RoleList, check_disjoint
 from ..data.verify import check_images, sample_refs
 from ..data.vtab import DataError
-from ..errors import one_line
+from ..errors import DamagedFileError, one_line
+from ..identity import differences
 from ..params import ParamCounter
 from ..search.results import POPULATION_DIR
 from ..space import TENSORS, Kind
@@ -77,7 +79,7 @@ def _check_output(cfg: PipelineConfig) -> None:
     check_output_location(cfg.out)
     config_uri = storage.join(cfg.out, layout.CONFIG_FILE)
     if storage.exists(config_uri):
-        stored = storage.read_json(config_uri)
+        stored = read_run_record(config_uri, type(cfg))
         if not cfg.resume:
             raise PipelineConfigError(f"--out {cfg.out} already holds a run; drop --no-resume to continue it, "
                                       f"or choose another --out")
@@ -85,6 +87,25 @@ def _check_output(cfg: PipelineConfig) -> None:
     elif not _empty_but_lock(cfg.out):
         raise PipelineConfigError(f"--out {cfg.out} is not empty and holds no glora-ray run ({layout.CONFIG_FILE}); "
                                   f"choose an empty or new folder")
+
+
+def read_run_record(uri: str, config_type: type[PipelineConfig] = PipelineConfig) -> dict:
+    """A run's ``config.json``, refused in one line when it is cut short, not the record the job
+    writes, or edited so that its identity no longer follows from its settings."""
+    remedy = ("restore the file, or choose another --out for a new run (the results beside it were made with "
+              "the settings it recorded)")
+    stored = storage.read_json(uri, dict, remedy)
+    if not all(isinstance(stored.get(part), dict) for part in ("config", "identity", "extent")):
+        raise DamagedFileError(f"{uri} is damaged (it lacks the config, identity or extent of a run); {remedy}")
+    try:
+        recorded = config_type.from_dict(stored["config"])
+    except (GLoRARayError, KeyError, TypeError, ValueError):
+        recorded = None  # e.g. its data has moved since: the identity is compared with this run's below
+    if recorded is not None and differences(stored["identity"], recorded.identity()):
+        name, have, want = differences(stored["identity"], recorded.identity())[0]
+        raise DamagedFileError(f"{uri} was edited: its identity has {name}={have!r}, its settings give {want!r}; "
+                               f"{remedy}")
+    return stored
 
 
 def _empty_but_lock(out: str) -> bool:
@@ -211,6 +232,8 @@ def check_units(cfg: PipelineConfig, units: Sequence[TrainingUnit] | Callable[[]
     to ``--out``.
     """
     _check_output(cfg)
+    if "peft" in cfg.export and importlib.util.find_spec("peft") is None:
+        raise PipelineConfigError("--export peft needs the peft package: pip install -e '.[peft]'")
     try:
         cfg.backbone.validate()  # model name and checkpoint path: before anything builds a model
     except BackboneError as err:

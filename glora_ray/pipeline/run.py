@@ -12,7 +12,7 @@ import logging
 import posixpath
 import time
 from dataclasses import asdict, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -21,18 +21,20 @@ from .. import storage
 from ..budget import Budget
 from ..checkpoint import load_supernet, numpy_state
 from ..data import DataConfig
-from ..errors import GLoRARayError, TrainingDiverged
+from ..errors import GLoRARayError, NoSpaceError, TrainingDiverged
 from ..runtime import child_runtime_env, init_ray, on_this_node, quiet_ray_logs
 from ..search import run_search
 from ..train import train_supernet
 from ..train.job import HISTORY_FILE
 from ..train.loop import training_compute
 from . import layout
-from .baselines import TEST_SPLIT as BASELINE_TEST_SPLIT, VAL_SPLIT as BASELINE_VAL_SPLIT, baseline, run_baselines
+from .baselines import VAL_SPLIT as BASELINE_VAL_SPLIT, baseline, run_baselines
 from .comparison import comparison_rows, read_comparisons, write_comparison
 from .config import DatasetOutcome, PipelineConfig, run_record
 from .export import export_winner
 from .holdout import split_accuracies
+from .inference import INFERENCE_FILE, describe as describe_inference, winner_inference
+from .peft_export import PeftExportError, export_peft
 from .lr_sweep import sweep_learning_rate
 from .preflight import check_cluster, preflight
 from .row_kinds import SUPERNET_WEIGHTS, retrained_weights
@@ -74,6 +76,19 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
     quiet_ray_logs(cfg.verbose)
     say = _progress(unit.label or unit.name, progress)
     started = time.perf_counter()
+    try:
+        return _run_stages(cfg, unit, say, started)
+    except TrainingDiverged:
+        raise  # nothing of a diverged training is kept, its time neither
+    except Exception:
+        try:  # a failed invocation's time counts in the unit's total too
+            add_wall_time(layout.dataset_uri(cfg.out, unit.path), time.perf_counter() - started, say)
+        except (OSError, GLoRARayError):
+            pass  # e.g. the disk that failed the run is still full: the run's own error is the one to see
+        raise
+
+
+def _run_stages(cfg: PipelineConfig, unit: TrainingUnit, say: "_Progress", started: float) -> dict[str, Any]:
     spec, data = spec_for(cfg, unit.data), unit.data
     export_uri = layout.export_uri(cfg.out, unit.path)
     structure = spec.build_empty()  # meta device: the counter and the baselines' genes
@@ -112,9 +127,9 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
     best = search.best
     del val_images, val_labels
 
-    # Baselines score on the baseline module's val and test splits: this unit's search and first test list.
-    unit_split = {BASELINE_VAL_SPLIT: unit.search_split, BASELINE_TEST_SPLIT: unit.tests[0].split}
-    classes = {BASELINE_VAL_SPLIT: None, BASELINE_TEST_SPLIT: unit.tests[0].classes}
+    # Baselines score on this unit's search list (as the baseline module's val split) and every test list, by name.
+    unit_split = {BASELINE_VAL_SPLIT: unit.search_split, **{t.name: t.split for t in unit.tests}}
+    classes = {BASELINE_VAL_SPLIT: None, **{t.name: t.classes for t in unit.tests}}
 
     def accuracies(checkpoint: str, genes, split: str) -> list[float]:
         return _remote_accuracies(cfg, checkpoint, genes, data, unit_split[split], classes[split])
@@ -136,15 +151,21 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
     tests = _test_once(cfg, unit, winner_dir, best, storage.join(export_uri, TEST_FILE), say)
     test_acc = tests[unit.tests[0].name]
     several = {"tests": tests} if len(unit.tests) > 1 else {}
-    export_winner(supernet, spec, best.genes, export_uri, val_acc=val_acc, search_val_acc=best.val_acc,
+    export_winner(supernet, spec, best.genes, export_uri, data, val_acc=val_acc, search_val_acc=best.val_acc,
                   test_acc=test_acc, lr=lr, retrain_epochs=cfg.retrain_epochs, **several)
+    say(f"stage 3: inference, {describe_inference(_inference(cfg, winner_dir, best, export_uri))}")
+    if "peft" in cfg.export:
+        try:
+            say(f"stage 3: PEFT LoRA adapter in {export_peft(supernet, best.genes, export_uri)}")
+        except PeftExportError as err:
+            say(f"stage 3: no PEFT export ({err}); the merged export holds the winner")
     front = (_test_front(cfg, search.pareto, checkpoint_dir, data, export_uri, supernet, unit.tests[0].split)
              if cfg.test_pareto else None)
     say(f"stage 3: exported to {export_uri} (test acc {test_acc:.4f})")
     dataset_uri = layout.dataset_uri(cfg.out, unit.path)
     baseline_train = unit.train_config(replace(cfg.train, epochs=cfg.baseline_epochs or cfg.train.epochs), lr)
     baselines = run_baselines(cfg.baselines, spec, data, baseline_train, layout.train_uri(cfg.out, unit.path),
-                              dataset_uri, accuracies, progress=say)
+                              dataset_uri, accuracies, progress=say, tests=[t.name for t in unit.tests])
     weights = retrained_weights(cfg.retrain_epochs) if cfg.retrain_epochs else SUPERNET_WEIGHTS
     winner = {"key": best.key, "params": best.params, "val_acc": val_acc, "test_acc": test_acc, "weights": weights,
               **compute}
@@ -157,17 +178,24 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
     outcome = DatasetOutcome(
         dataset=unit.data.name, group=unit.group, seed=cfg.train.seed, lr=lr, params=best.params,
         head_params=supernet.head_num_params, val_acc=val_acc, test_acc=test_acc,
-        wall_seconds=add_wall_time(dataset_uri, time.perf_counter() - started), key=best.key,
+        wall_seconds=add_wall_time(dataset_uri, time.perf_counter() - started, say), key=best.key,
         extra={**unit.extra, **several},
     )
     return asdict(outcome)
 
 
-def add_wall_time(dataset_uri: str, seconds: float) -> float:
-    """Record this invocation's ``seconds`` on a unit beside those of the earlier ones (a resumed
-    or extended run) in ``WALL_TIME_FILE``; return the total, the unit's wall time over all of them."""
+def add_wall_time(dataset_uri: str, seconds: float, say: Callable[[str], None] = log.warning) -> float:
+    """Record this invocation's ``seconds`` on a unit beside those of the earlier ones (a resumed,
+    extended or failed run) in ``WALL_TIME_FILE``; return the total, the unit's wall time over
+    all of them.  A damaged record is started afresh, with a warning (its history is lost)."""
     uri = storage.join(dataset_uri, WALL_TIME_FILE)
-    runs = [*(storage.read_json(uri)["runs"] if storage.exists(uri) else []), seconds]
+    runs: list[float] = []
+    if storage.exists(uri):
+        try:
+            runs = [float(s) for s in storage.read_json(uri, dict)["runs"]]
+        except (GLoRARayError, KeyError, TypeError, ValueError) as err:
+            say(f"{uri} is damaged ({err}); the wall-time record starts again with this run")
+    runs.append(seconds)
     storage.write_json(uri, {"runs": runs, "total": sum(runs)})
     return sum(runs)
 
@@ -180,7 +208,12 @@ def retrain_run_name(key: str) -> str:
 def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, best, test_uri: str,
                say: _Progress) -> dict[str, float]:
     """Each test list's accuracy of the winner; a list already tested for this winner is never tested again."""
-    stored = storage.read_json(test_uri) if storage.exists(test_uri) else {}
+    stored = {}
+    if storage.exists(test_uri):
+        try:
+            stored = storage.read_json(test_uri, dict)
+        except GLoRARayError as err:  # the same weights give the same score: testing again selects nothing
+            say(f"stage 3: {err}; the winner is tested again")
     tests: dict[str, float] = {}
     # This winner, with these weights (retrained or not), was tested already: keep what it scored.
     if stored.get("key") == best.key and stored.get("retrain_epochs", 0) == cfg.retrain_epochs:
@@ -198,6 +231,25 @@ def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, bes
             record["test_acc"] = tests[unit.tests[0].name]
         storage.write_json(test_uri, record)
     return tests
+
+
+def _inference(cfg: PipelineConfig, checkpoint_dir: str, best, export_uri: str) -> dict[str, Any]:
+    """The winner's inference cost against the backbone's (``inference.json``), measured once per
+    winner on an evaluator actor's resources; timings, so never part of a result's identity."""
+    import ray
+
+    uri = storage.join(export_uri, INFERENCE_FILE)
+    if storage.exists(uri):
+        try:
+            stored = storage.read_json(uri, dict)
+            if stored.get("key") == best.key and stored.get("retrain_epochs") == cfg.retrain_epochs:
+                return stored
+        except GLoRARayError:
+            pass  # damaged: measured again
+    task = ray.remote(winner_inference).options(num_cpus=cfg.search.cpus_per_actor, num_gpus=cfg.search.gpus_per_actor)
+    record = {**ray.get(task.remote(checkpoint_dir, best.genes)), "key": best.key, "retrain_epochs": cfg.retrain_epochs}
+    storage.write_json(uri, record)
+    return record
 
 
 def _remote_accuracies(cfg: PipelineConfig, checkpoint_dir: str, genes_list, data: DataConfig, split: str = "test",
@@ -384,4 +436,7 @@ def _outcome(ref) -> dict[str, Any]:
     except RayTaskError as err:
         if isinstance(err.cause, GLoRARayError):
             raise err.cause from None
+        no_space = NoSpaceError.found_in(err)
+        if no_space is not None:
+            raise no_space from None
         raise

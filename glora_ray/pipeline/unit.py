@@ -7,13 +7,14 @@ them through stages 1-3.
 from __future__ import annotations
 
 import os
+from pathlib import PurePosixPath
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..checkpoint import SupernetSpec
 from ..data import DataConfig, dataset_info
 from ..data.custom import CUSTOM_GROUP, own_dataset_classes
-from ..data.vtab import is_registered
+from ..data.vtab import check_plain_name, is_registered
 from ..train import TrainConfig
 from .config import PipelineConfig, PipelineConfigError
 
@@ -45,6 +46,8 @@ class TrainingUnit:
     label: str | None = None  # the progress lines' prefix; None: the name
 
     def __post_init__(self) -> None:
+        for part in PurePosixPath(self.path).parts:  # every folder of the unit stays inside --out
+            check_plain_name(part, f"unit {self.name!r}: output path component")
         if not self.tests:
             raise PipelineConfigError(f"unit {self.name!r}: name at least one test list")
         names = [t.name for t in self.tests]

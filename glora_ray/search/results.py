@@ -48,7 +48,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..errors import GLoRARayError
+from ..errors import GLoRARayError, one_line
 from ..space import TENSORS, SearchSpace
 from .evaluator import EvalResult
 from .evolution import Scored, StoredScore
@@ -238,7 +238,7 @@ class ResultStore:
         try:
             table = pq.read_table(path, filesystem=self.fs)
         except (OSError, pa.ArrowInvalid) as err:
-            raise ResultFileError(f"{path}: not a readable Parquet file ({err}); remove it to recompute that generation") from err
+            raise ResultFileError(f"{path}: not a readable Parquet file ({one_line(err)})") from err
         if schema is not None and not table.schema.equals(schema, check_metadata=False):
             raise ResultFileError(f"{path}: its columns differ from this model's population schema "
                              f"(e.g. {sorted(set(table.schema.names) ^ set(schema.names))[:5]})")
@@ -249,18 +249,28 @@ class ResultStore:
 
 
 def read_population(out_uri: str | os.PathLike) -> pd.DataFrame:
-    """Every generation of a run as one DataFrame, ordered by generation and candidate."""
+    """Every generation of a run as one DataFrame, ordered by generation and candidate: the files
+    the search wrote (``gen=NNNN.parquet``) and nothing else in the folder (a stray copy, say)."""
     store = ResultStore(out_uri)
-    if not store.generation_numbers():
+    numbers = store.generation_numbers()
+    if not numbers:
         raise MissingResultsError(f"{store.population_uri}: no generation files (gen=NNNN.parquet) here")
-    table = pq.read_table(store.path(POPULATION_DIR), filesystem=store.fs)
-    frame = table.to_pandas()
+    paths = [store.path(POPULATION_DIR, store.generation_file(n)) for n in numbers]
+    frame = pq.ParquetDataset(paths, filesystem=store.fs).read().to_pandas()
     return frame.sort_values(["generation", "candidate_id"], kind="stable").reset_index(drop=True)
 
 
 def read_pareto(out_uri: str | os.PathLike) -> pd.DataFrame:
+    """The stored front; for a search stopped before it wrote one, the front of what it evaluated,
+    by the fitness its ``run.json`` records."""
+    from .config import Fitness
+    from .pareto import pareto_front
+
     store = ResultStore(out_uri)
-    return pq.read_table(store.path(PARETO_FILE), filesystem=store.fs).to_pandas()
+    if store.exists(PARETO_FILE):
+        return pq.read_table(store.path(PARETO_FILE), filesystem=store.fs).to_pandas()
+    fitness = Fitness(store.read_json(MANIFEST_FILE)["config"]["fitness"])
+    return pareto_front(read_population(out_uri)[list(FRONT_COLUMNS)], fitness)
 
 
 def read_result(out_uri: str | os.PathLike) -> dict[str, Any]:

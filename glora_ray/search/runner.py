@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import ray
 
+from .. import storage
 from ..budget import Budget
 from ..checkpoint import SupernetSpec
 from ..errors import GLoRARayError, GLoRARayTypeError
@@ -38,7 +39,7 @@ from .evolution import Candidate, DrawCounts, EvolutionPlanner, ResumeMismatchEr
 from .pareto import FRONT_COLUMNS, pareto_front
 from .pool import ActorSettings, EvaluatorPool, PoolStats, plan_actor_count
 from .results import (
-    FORMAT_CHANGES, FORMAT_VERSION, MANIFEST_FILE, PARETO_FILE, POPULATION_DIR, RESULT_FILE, ResultStore, front_table, generation_table,
+    FORMAT_CHANGES, FORMAT_VERSION, MANIFEST_FILE, PARETO_FILE, ResultFileError, POPULATION_DIR, RESULT_FILE, ResultStore, front_table, generation_table,
     population_schema, stored_scores,
 )
 
@@ -255,7 +256,13 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
     schema = population_schema(layer_names)
     nodes = []
     for number in stored_numbers:
-        stored = store.read_generation(number, schema)
+        try:
+            stored = store.read_generation(number, schema)
+        except ResultFileError as err:
+            later = [store.generation_file(n) for n in stored_numbers if n >= number]
+            files = later[0] if len(later) == 1 else f"{later[0]} and every later one ({', '.join(later[1:])})"
+            raise ResultFileError(f"{err}; remove {files} from {store.population_uri} and run again: the search "
+                                  f"recomputes from generation {number}") from None
         if stored.commit.get("run_fingerprint") != fingerprint:
             raise ResumeMismatchError(f"{store.population_uri}: generation {number} belongs to another run")
         planner.replay(stored_scores([stored.table]))
@@ -345,6 +352,13 @@ def run_search(
     say = progress or log.info
     state_arrays = ray.get(state) if isinstance(state, ray.ObjectRef) else state  # zero-copy for a ref
     search = open_store(spec, state_arrays, val_images, val_labels, config, out_uri, run_id, dataset, initial)
+    if search.store.exists(RESULT_FILE):  # a damaged record is derived again from the stored generations
+        try:
+            search.store.read_json(RESULT_FILE)
+        except (ValueError, UnicodeDecodeError) as err:
+            say(f"{search.store.uri_of(RESULT_FILE)} is damaged ({err}); it is written again from the stored "
+                f"generations")
+            storage.delete_file(search.store.uri_of(RESULT_FILE))
     if search.resumed:
         say(f"[{run_id}] resuming: {search.resumed} complete generations, {len(search.planner.evaluated)} "
             f"evaluations found in {search.store.population_uri}")

@@ -28,17 +28,18 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import faults, storage
-from ..checkpoint import (CheckpointMismatchError, SupernetSpec, describe_names, nonfinite_tensors, read_spec,
-                          save_supernet)
-from ..errors import TrainingDiverged
+from ..checkpoint import (CheckpointMismatchError, SupernetSpec, adapters_readable, describe_names, nonfinite_tensors,
+                          read_spec, save_supernet)
+from ..errors import DamagedFileError, GLoRARayError, NoSpaceError, TrainingDiverged
 from ..data.verify import check_decodable
 from ..data.vtab import DataConfig
 from ..identity import result_identity
 from ..progress import StageClock
 from ..runtime import init_ray, is_verbose
 from .config import TrainConfig, TrainConfigError
+from .resume import newest_intact, repair_run
 from .sampling import StepSubnets
-from .loop import STATE_FILE, EpochStats, SupernetTraining, load_training_state, steps_per_epoch
+from .loop import EpochStats, SupernetTraining, load_training_state, steps_per_epoch
 
 SUPERNET_DIR = "supernet"
 HISTORY_FILE = "history.json"
@@ -146,16 +147,22 @@ def train_supernet(
     storage_path = _absolute(storage_path)
     run_dir = storage.join(storage_path, run_name)
     final_dir = storage.join(run_dir, SUPERNET_DIR)
-    finished = _finished(final_dir, spec, train, run_dir)
+    finished = _finished(final_dir, spec, train, run_dir, progress or log.warning)
     if finished is not None:
         return finished  # a rerun of a completed run: no worker group to start
     if train.num_workers > 0:
         init_ray()
         check_cluster_fits(train)
     _check_rerun(run_dir, spec)
-    trainer = _trainer(spec, data, train, storage_path, run_name, run_dir, progress)
+    # A damaged newest checkpoint (or Ray Train's record of it): resume from the newest intact one.
+    resume_from = repair_run(run_dir, spec, progress or log.warning) if train.num_workers > 0 else None
+    trainer = _trainer(spec, data, train, storage_path, run_name, run_dir, progress, resume_from)
     result = trainer.fit()
     outcome = result.return_value or {}
+    if outcome.get("bad_input") is not None:
+        raise outcome["bad_input"]
+    if outcome.get("no_space"):
+        raise NoSpaceError(f"training run {run_dir}: {outcome['no_space']}")
     if outcome.get("diverged"):
         _forget_diverged_run(run_dir)
         raise TrainingDiverged(diverged_message(outcome["diverged"], data.name, run_name, train),
@@ -188,7 +195,7 @@ def _check_before_ray(spec: SupernetSpec, data: DataConfig, train: TrainConfig) 
 
 
 def _trainer(spec: SupernetSpec, data: DataConfig, train: TrainConfig, storage_path: str, run_name: str,
-             run_dir: str, progress: Callable[[str], None] | None) -> Any:
+             run_dir: str, progress: Callable[[str], None] | None, resume_from: str | None) -> Any:
     """The Ray Train V2 ``TorchTrainer`` of this run (resumed by name and storage path)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -202,6 +209,7 @@ def _trainer(spec: SupernetSpec, data: DataConfig, train: TrainConfig, storage_p
             "data": data.to_dict(),
             "train": train.to_dict(),
             "local_checkpoints": storage.join(run_dir, LOCAL_CHECKPOINTS_DIR) if local_mode else None,
+            "resume_from": resume_from,
             "progress": progress,
         },
         scaling_config=ScalingConfig(
@@ -261,15 +269,24 @@ def _forget_diverged_run(run_dir: str) -> None:
     log.debug("removed the diverged training run %s", run_dir)
 
 
-def _finished(final_dir: str, spec: SupernetSpec, train: TrainConfig, run_dir: str) -> TrainResult | None:
+def _finished(final_dir: str, spec: SupernetSpec, train: TrainConfig, run_dir: str,
+              warn: Callable[[str], None]) -> TrainResult | None:
     """The stored result of this exact run when it already completed every epoch, else None."""
     history_uri, settings_uri = storage.join(final_dir, HISTORY_FILE), storage.join(final_dir, TRAIN_CONFIG_FILE)
     if not (storage.exists(history_uri) and storage.exists(settings_uri)):
         return None
-    if storage.read_json(settings_uri) != result_identity(train):
+    try:
+        settings, history = storage.read_json(settings_uri, dict), storage.read_json(history_uri, list)
+    except DamagedFileError as err:
+        warn(f"{err}; the finished supernet is installed again from the last training checkpoint")
+        return None
+    if settings != result_identity(train):
         return None  # other settings (e.g. more epochs): let Ray Train resume from its checkpoint
-    history = storage.read_json(history_uri)
     if not history or history[-1]["epoch"] != train.epochs - 1:
+        return None
+    if not adapters_readable(final_dir):  # cut short after it was installed: install it again
+        warn(f"{final_dir}: the finished supernet cannot be read; it is installed again from the last training "
+             f"checkpoint")
         return None
     read_spec(final_dir).check_matches(spec, final_dir)
     return TrainResult(checkpoint_dir=final_dir, history=history, resumed_from_step=history[-1]["step"],
@@ -285,21 +302,18 @@ def _local_checkpoints(directory: str | None) -> list[str]:
             if is_dir and name.startswith(_LOCAL_CHECKPOINT_PREFIX)]
 
 
-def _latest_local_checkpoint(directory: str | None) -> str | None:
-    found = [c for c in _local_checkpoints(directory) if storage.exists(storage.join(c, STATE_FILE))]
-    return found[-1] if found else None
-
-
-def _resume_payload(checkpoint, local_dir: str | None, spec: SupernetSpec) -> dict[str, Any] | None:
-    """The training state to resume from: Ray Train's checkpoint, else local mode's own."""
+def _resume_payload(checkpoint, resume_from: str | None, local_dir: str | None, spec: SupernetSpec,
+                    warn: Callable[[str], None]) -> dict[str, Any] | None:
+    """The training state to resume from: Ray Train's checkpoint, else the intact one the driver
+    chose (``resume.repair_run``), else local mode's newest intact one."""
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             payload, where = load_training_state(directory), str(checkpoint.path)
     else:
-        latest = _latest_local_checkpoint(local_dir)
-        if latest is None:
+        where = resume_from or newest_intact(_local_checkpoints(local_dir), spec, warn)
+        if where is None:
             return None
-        payload, where = load_training_state(latest), latest
+        payload = load_training_state(where)
     SupernetSpec.from_dict(payload["meta"]["spec"]).check_matches(spec, f"checkpoint {where}")
     bad = nonfinite_tensors(payload["adapters"])
     if bad:  # written before divergence was caught: resuming it would train NaN on
@@ -336,7 +350,11 @@ class _Reporter:
             return
         if self.local_dir is not None:  # local mode: the job's own checkpoint folders, on a path or URI
             directory = storage.join(self.local_dir, f"{_LOCAL_CHECKPOINT_PREFIX}{self.training.state.epoch:06d}")
-            self._write(directory)
+            try:
+                self._write(directory)
+            except OSError:
+                storage.delete_dir(directory)  # never a half-written checkpoint to resume from
+                raise
             filesystem, path = storage.resolve(directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path, filesystem=filesystem))
             self._prune_local()
@@ -381,11 +399,21 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> dict[str, Any]:
     rng_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=rng_devices):
-            return _train_worker(spec, data, train, device, rank, world_size, local_dir, config.get("progress"))
+            return _train_worker(spec, data, train, device, rank, world_size, local_dir, config.get("resume_from"),
+                                 config.get("progress"))
     except TrainingDiverged as err:
         # Returned, not raised: Ray Train would retry a worker's error max_failures times, each
         # resuming the last checkpoint of this lr only to diverge again.  The driver raises it.
         return {"diverged": {"message": str(err), "epoch": err.epoch, "step": err.step, "what": err.what}}
+    except GLoRARayError as err:
+        # Bad input found in a worker (a checkpoint of another run, say) is returned, not retried:
+        # the driver raises it as itself, one line.
+        return {"bad_input": err}
+    except Exception as err:  # noqa: BLE001 - a full disk is returned like a divergence; the rest raises
+        no_space = NoSpaceError.found_in(err)
+        if no_space is None:
+            raise
+        return {"no_space": str(no_space)}
     finally:
         torch.set_num_threads(threads)
 
@@ -411,12 +439,13 @@ def _train_worker(
     rank: int,
     world_size: int,
     local_dir: str | None,
+    resume_from: str | None,
     progress: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    resume = _resume_payload(ray.train.get_checkpoint(), local_dir, spec)
+    resume = _resume_payload(ray.train.get_checkpoint(), resume_from, local_dir, spec, progress or log.warning)
     training = SupernetTraining(
         spec.build(),
         data.build(train.split),

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import storage
 from ..checkpoint import MissingCheckpointError, SupernetSpec, describe_names, load_adapters_into, nonfinite_tensors
-from ..errors import TrainingDiverged
+from ..errors import DamagedFileError, TrainingDiverged, one_line
 from ..precision import Precision, autocast, matmul_precision, memory_format, resolve_precision
 from ..streams import Stream, entropy, rng
 from ..supernet import Supernet
@@ -340,7 +340,10 @@ def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
     uri = storage.join(os.fspath(directory), STATE_FILE)
     if not storage.exists(uri):
         raise MissingCheckpointError(f"{uri}: no training state here")
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever torch raises on a cut or foreign file
+        raise DamagedFileError(f"{uri} is damaged ({one_line(err)})") from None
 
 
 class SupernetTraining:
