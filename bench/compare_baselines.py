@@ -150,7 +150,7 @@ def _pm(mean: float, std: float, sign: bool = False) -> str:
 
 
 def _setting(cfg, budgets: dict[str, Any]) -> dict[str, Any]:
-    from glora_ray.pipeline.run import spec_for
+    from glora_ray.pipeline.unit import spec_for
 
     structure = spec_for(cfg, cfg.datasets[0]).build_empty()
     backbone = cfg.backbone

@@ -136,25 +136,10 @@ def _fold_target(layer: GLoRALayer, output: torch.Tensor, uses: list, norm_names
     return norm_names.get(id(running_mean))
 
 
-def plan_bias_folds(model: nn.Module, layers: Mapping[str, GLoRALayer],
-                    example_input: torch.Tensor | None = None) -> FoldPlan:
-    """Trace ``model`` once on ``example_input`` (default: ``default_example_input``) in eval mode,
-    without gradients, and plan the folds of every bias-less layer of ``layers``.
-
-    Nothing of the model changes: every module gets its training flag back, and in eval mode no
-    BatchNorm updates its statistics.
-    """
-    biasless = [name for name, layer in layers.items() if layer.base.bias is None]
-    if not biasless:
-        return FoldPlan()
-    example = example_input if example_input is not None else default_example_input(model)
-    if example is None:
-        logger.warning("no example input to trace %s: the merged biases of its %d bias-less adapted layers stay "
-                       "(pass example_input to Supernet.fold_plan to fold them into their BatchNorms)",
-                       type(model).__name__, len(biasless))
-        return FoldPlan(kept=tuple(biasless))
-    norm_names = {id(module.running_mean): name for name, module in model.named_modules()
-                  if isinstance(getattr(module, "running_mean", None), torch.Tensor)}
+def _trace(model: nn.Module, layers: Mapping[str, GLoRALayer], biasless: list[str], example: torch.Tensor):
+    """One forward of ``model`` in eval mode recording where each bias-less layer's outputs go:
+    (recorder, outputs by layer, ids of the tensors the model returns), or None when the example
+    does not fit the model (nothing is folded then, with a warning)."""
     recorder = _ConsumerRecorder()
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in biasless}
 
@@ -175,14 +160,38 @@ def plan_bias_folds(model: nn.Module, layers: Mapping[str, GLoRALayer],
         logger.warning("tracing %s on an input of shape %s failed (%s: %s): the merged biases of its %d bias-less "
                        "adapted layers stay (pass example_input to Supernet.fold_plan)", type(model).__name__,
                        tuple(example.shape), type(err).__name__, err, len(biasless), exc_info=True)
-        return FoldPlan(kept=tuple(biasless))
+        return None
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes.items():
             module.training = training
-    returned = {id(t) for t in tree_leaves(final) if isinstance(t, torch.Tensor)}
+    return recorder, outputs, {id(t) for t in tree_leaves(final) if isinstance(t, torch.Tensor)}
 
+
+def plan_bias_folds(model: nn.Module, layers: Mapping[str, GLoRALayer],
+                    example_input: torch.Tensor | None = None) -> FoldPlan:
+    """Trace ``model`` once on ``example_input`` (default: ``default_example_input``) in eval mode,
+    without gradients, and plan the folds of every bias-less layer of ``layers``.
+
+    Nothing of the model changes: every module gets its training flag back, and in eval mode no
+    BatchNorm updates its statistics.
+    """
+    biasless = [name for name, layer in layers.items() if layer.base.bias is None]
+    if not biasless:
+        return FoldPlan()
+    example = example_input if example_input is not None else default_example_input(model)
+    if example is None:
+        logger.warning("no example input to trace %s: the merged biases of its %d bias-less adapted layers stay "
+                       "(pass example_input to Supernet.fold_plan to fold them into their BatchNorms)",
+                       type(model).__name__, len(biasless))
+        return FoldPlan(kept=tuple(biasless))
+    norm_names = {id(module.running_mean): name for name, module in model.named_modules()
+                  if isinstance(getattr(module, "running_mean", None), torch.Tensor)}
+    traced = _trace(model, layers, biasless, example)
+    if traced is None:
+        return FoldPlan(kept=tuple(biasless))
+    recorder, outputs, returned = traced
     running_means = {name: key for key, name in norm_names.items()}
     into_norm, cancelled, kept = {}, set(), []
     for name in biasless:

@@ -45,6 +45,25 @@ def _submit(dashboard: int, argv: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
 
 
+def _wait_for_job_agent(dashboard: int, deadline_s: float = 180.0) -> None:
+    """Until the head's job agent takes submissions: before it registers, a submission is refused
+    ("No available agent to submit job"), which a loaded machine makes likely."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            job = client.submit_job(entrypoint="python -c pass")
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+    while not client.get_job_status(job).is_terminal():
+        time.sleep(0.5)
+
+
 def _finish(job: subprocess.Popen, log: Path) -> dict:
     try:
         returncode = job.wait(timeout=JOB_TIMEOUT_S)
@@ -79,14 +98,17 @@ def main(report_path: str, out: str, argv: list[str]) -> None:
     from glora_ray.runtime import init_ray
 
     dashboard = _free_port()
+    # Every port of our own: another Ray on this machine (a benchmark, say) holds the defaults.
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=0, object_store_memory=STORE_BYTES, include_dashboard=True, dashboard_host="127.0.0.1",
-        dashboard_port=dashboard))
+        dashboard_port=dashboard, dashboard_agent_listen_port=_free_port()))
     report: dict = {"nodes": {cluster.head_node.node_id: "head"}, "jobs": []}
     try:
-        workers = [cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES) for _ in range(2)]
+        workers = [cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES,
+                                    dashboard_agent_listen_port=_free_port()) for _ in range(2)]
         report["nodes"].update({node.node_id: f"worker-{i + 1}" for i, node in enumerate(workers)})
         cluster.wait_for_nodes()
+        _wait_for_job_agent(dashboard)
         command = [*argv, "--out", out]
         logs = [Path(report_path).with_name(f"job-{i}.log") for i in range(2)]
 
@@ -97,7 +119,7 @@ def main(report_path: str, out: str, argv: list[str]) -> None:
         report["hang_reached"] = os.path.exists(faults.hang_marker())
         if report["hang_reached"]:  # a preempted node, and its replacement
             cluster.remove_node(workers[0], allow_graceful=False)
-            fresh = cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES)
+            fresh = cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES, dashboard_agent_listen_port=_free_port())
             report["nodes"][fresh.node_id] = "worker-3"
         report["jobs"].append(_finish(first, logs[0]))
         # The hang fault passes once its marker exists: the rerun and the reference run are not stopped.

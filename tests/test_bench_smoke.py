@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import eval_cost, ranking_agreement, train_step  # noqa: E402
+from bench import eval_cost, train_step  # noqa: E402
 from bench.common import EXIT_CANNOT_MEASURE, last_json_line  # noqa: E402
 
 RAY_BENCHES = {
@@ -127,44 +127,6 @@ def run_in_process(main, argv, capsys):
 
 
 # -- Ray-free, in this process ------------------------------------------------------------------
-def test_kendall_tau_against_hand_counts():
-    tau = ranking_agreement.kendall_tau
-    assert tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx((5 - 1) / 6)  # one discordant pair of six
-    assert tau([1, 2, 3], [3, 2, 1]) == -1.0
-    # tau-b: one pair tied in x only; (2 - 0) / sqrt((2 + 1) * 2), as scipy.stats.kendalltau gives.
-    assert tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / 6 ** 0.5)
-    assert math.isnan(tau([1, 1, 1], [1, 2, 3]))
-    with pytest.raises(ValueError):
-        tau([1, 2], [1, 2, 3])
-
-
-def test_ranking_agreement(capsys, tmp_path):
-    results = tmp_path / "results"
-    argv = ["--smoke", "--data-root", str(tmp_path / "data"), "--results-dir", str(results)]
-    result = run_in_process(ranking_agreement.main, argv, capsys)
-    assert result == json.loads((results / "ranking_agreement_tiny_digits_smoke.json").read_text())
-    low, high = result["window"]
-    standalone = result["standalone"]
-    assert len(standalone) == 3 and len({s["key"] for s in standalone}) == 3
-    assert all(low <= s["params"] <= high and 0 <= s["test_acc"] <= 1 for s in standalone)
-    tests = [s["test_acc"] for s in standalone]
-    standalone_val = [s["val_acc"] for s in standalone]
-    assert result["tau_standalone_val"] == pytest.approx(ranking_agreement.kendall_tau(standalone_val, tests),
-                                                         nan_ok=True)
-    assert set(result["trainings"]) == {"uniform", "sandwich"}
-    for row in result["trainings"].values():  # each tau recomputes from the scores stored beside it
-        assert len(row["supernet_val_acc"]) == len(row["supernet_val_loss"]) == 3
-        assert row["tau_acc"] == pytest.approx(ranking_agreement.kendall_tau(row["supernet_val_acc"], tests),
-                                               nan_ok=True)
-        assert row["tau_loss"] == pytest.approx(
-            ranking_agreement.kendall_tau([-v for v in row["supernet_val_loss"]], tests), nan_ok=True)
-    # The two supernets were trained differently, so they score the same subnets differently.
-    assert result["trainings"]["uniform"]["supernet_val_loss"] != result["trainings"]["sandwich"]["supernet_val_loss"]
-    table = (results / "ranking_agreement_tiny_digits_smoke.md").read_text()
-    assert "| supernet `sandwich`, val200 accuracy |" in table
-
-
-
 @pytest.mark.parametrize("family", ["vit", "cnn"])
 def test_eval_cost(capsys, family):
     result = run_in_process(eval_cost.main, ["--size", "tiny", "--device", "cpu", "--family", family], capsys)

@@ -211,21 +211,28 @@ def test_backbone_norm_statistics_never_change_in_training():
     assert not torch.equal(plain.bn1.running_mean, stats["bn1.running_mean"])
 
 
-def test_evaluator_merge_path_handles_convs():
+@pytest.mark.parametrize("strategy", ["per_candidate", "just_in_time", "batched"])
+def test_every_merge_strategy_computes_the_subnet_on_a_cnn(strategy):
+    # Just in time is the default on the CPU, where the embedded default (Lite0's convolutions, none
+    # of them with a bias) is searched; batched groups the kernels by shape, depthwise ones included.
     from glora_ray.search.evaluator import MergedModel
 
     net = Supernet(tiny_cnn(seed=4), SearchSpace((2,)), targets=r"blocks\.[01]\..*|conv_stem", layer_types=("conv2d",))
     randomize_adapters(net, seed=6)
     net.eval()
-    merged = MergedModel(net, tiny_cnn(seed=8))
+    assert all(layer.base.bias is None for layer in net.layers())
+    merged, reference = MergedModel(net, tiny_cnn(seed=8), strategy), MergedModel(net, tiny_cnn(seed=8))
     x = torch.randn(2, 3, 32, 32)
     rng = np.random.default_rng(1)
-    for genes in (net.sample_genes(rng), net.sample_genes(rng)):
+    for genes in (net.sample_genes(rng), net.sample_genes(rng), net.largest_subnet()):
         merged.load(genes)
+        reference.load(genes)
         net.set_subnet(genes)
         with torch.no_grad():
             want, got = net(x), merged(x)
-        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+            if strategy == "just_in_time":  # the same function as a per-candidate merge, bit for bit
+                assert torch.equal(got, reference(x))
 
 
 def test_no_searched_subnet_of_efficientnet_lite0_holds_a_parameter_that_changes_nothing():

@@ -13,7 +13,9 @@ from glora_ray.data import write_digits_dataset
 from glora_ray.pipeline import layout
 from glora_ray.pipeline.baselines import baseline, run_name as baseline_run_name
 from glora_ray.pipeline.cli import parse_config
-from glora_ray.pipeline.run import comparison_table, retrain_run_name, run_pipeline, spec_for
+from glora_ray.pipeline.run import comparison_table, run_pipeline
+from glora_ray.pipeline.stages import retrain_run_name
+from glora_ray.pipeline.unit import spec_for
 from helpers import tiny_args
 
 LEVERS = ("--sandwich", "1", "--distill", "--subnet-sampling", "budget", "--fitness", "loss",
@@ -85,35 +87,6 @@ def test_a_rerun_resumes_the_retraining_and_never_retrains_or_retests(lever_run)
     assert (retrained / "history.json").read_text() == history  # resumed at its last checkpoint: no new epoch
     assert {p: (digest(p), p.stat().st_mtime_ns) for p in before} == before
     assert list(again["test_acc"]) == list(frame["test_acc"]) and list(again["key"]) == list(frame["key"])
-
-
-def test_the_retraining_rerun_epoch_by_epoch_by_the_bench(lever_run, tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench import retrain_curves
-    from bench.common import EXIT_CANNOT_MEASURE, last_json_line
-
-    cfg, frame = lever_run
-    train_uri = Path(layout.train_uri(cfg.out, "digits"))
-    run = train_uri / retrain_run_name(frame.loc[0, "key"])
-    recorded = (run / "supernet" / "history.json").read_text()
-    assert retrain_curves.main([str(run), "--tag", "t", "--results-dir", str(tmp_path)]) == 0
-    result = last_json_line(capsys.readouterr().out)
-    (curve,) = result["runs"]
-    assert curve["key"] == frame.loc[0, "key"] and [row["epoch"] for row in curve["curve"]] == [1, 2]
-    # The job's retraining again: from the supernet's weights, its data order and schedule.
-    history = json.loads(recorded)
-    assert [row["train_loss"] for row in curve["curve"]] == pytest.approx([h["loss"] for h in history], rel=1e-3)
-    assert curve["init_from"] == str(train_uri / "supernet" / "supernet")
-    lowest = min(curve["curve"], key=lambda row: (row["val_loss"], -row["epoch"]))
-    assert curve["by_val_loss"] == {"epoch": lowest["epoch"], "test_acc": lowest["test_acc"]}
-    assert curve["final_test_acc"] == curve["curve"][-1]["test_acc"]
-    assert (run / "supernet" / "history.json").read_text() == recorded  # the job's run is only read
-    assert "| mean |" in (tmp_path / "retrain_curves_t.md").read_text()
-    # A supernet training is not a fixed subnet's: refused before any training.
-    assert retrain_curves.main([str(train_uri / "supernet"), "--results-dir", str(tmp_path)]) == EXIT_CANNOT_MEASURE
-    assert "no fixed_subnet" in capsys.readouterr().err
 
 
 def test_other_baseline_epochs_train_a_schedule_of_their_own(lever_run):

@@ -23,7 +23,8 @@ from glora_ray.pipeline.config import PipelineConfigError
 from glora_ray.pipeline.lr_sweep import run_name_for
 from glora_ray.pipeline.baselines import baseline, run_name as baseline_run_name
 from glora_ray.pipeline.comparison import format_comparison
-from glora_ray.pipeline.run import _outcome, comparison_table, preflight, run_pipeline, spec_for
+from glora_ray.pipeline.run import _outcome, comparison_table, preflight, run_pipeline
+from glora_ray.pipeline.unit import spec_for
 from glora_ray.pipeline.summary import format_summary, group_means
 from glora_ray.search import read_population, without_timing
 from helpers import REPO, TINY_MODEL, load_entry_point, tiny_args

@@ -183,7 +183,7 @@ def test_a_budget_below_every_real_choice_is_warned_about(digits_root, tmp_path)
     assert warned == ["digits: max_params=5 is below the smallest non-empty vector or LoRA choice of any layer "
                       "(vector on C of blocks.0.attn.qkv, 32 parameters): the search can only combine scalars"]
 
-    from glora_ray.pipeline.run import spec_for
+    from glora_ray.pipeline.unit import spec_for
 
     supernet = spec_for(cfg, "digits").build_empty()
     assert "holds no non-empty choice in any layer (the smallest, scalar on A of blocks.0.attn.qkv, costs 1)" in \

@@ -1,6 +1,8 @@
 """The pipeline's configuration: presets, per-dataset resolution, and the stored run identity."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
@@ -187,6 +189,10 @@ class PipelineConfig:
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (``glora_ray.identity``): what its results depend on."""
         return result_identity(self)
+
+    def run_id(self) -> str:
+        """A short digest of the identity: stable across reruns, so a resumed run writes the same rows."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_record(cfg: PipelineConfig) -> dict[str, Any]:

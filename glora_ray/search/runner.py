@@ -184,27 +184,8 @@ class _Search:
         return result
 
 
-def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: np.ndarray, val_labels: np.ndarray,
-               config: SearchConfig, out_uri: str, run_id: str, dataset: str,
-               initial: Sequence[np.ndarray | str] = ()) -> _Search:
-    """Check the inputs, then open the store: a new run's manifest, or a stored run replayed.
-
-    Cheap checks first (structure on the meta device, budget, stored run); a rerun with other
-    result-defining settings (``initial`` among them) is refused naming the field, as is one with
-    fewer ``generations`` than the store already holds.  ``initial``: subnets (gene arrays or
-    keys) generation 0 starts with; those outside the budget are skipped (docs/method.md §3).
-    """
-    if not isinstance(config, SearchConfig):
-        raise GLoRARayTypeError(f"config must be a SearchConfig, got {type(config).__name__}")
-    config.validate()
-    for name, value in (("run_id", run_id), ("dataset", dataset)):
-        if not isinstance(value, str) or not value:
-            raise GLoRARayError(f"{name} must be a non-empty string, got {value!r}")
-    check_val_arrays(val_images, val_labels, spec.num_classes)
-    structure = spec.build_empty()
-    space, layer_names = structure.space, tuple(structure.layer_names)
-    lo, hi = Budget(config.min_params, config.max_params).resolve(structure.counter)
-    _check_state(structure, state)
+def _seed_genes(structure, initial: Sequence[np.ndarray | str]) -> list[np.ndarray]:
+    """``initial`` (gene arrays or keys) as validated genes of ``structure``, each error naming its index."""
     if isinstance(initial, str) or (isinstance(initial, np.ndarray) and initial.ndim != 2):
         raise GLoRARayTypeError(f"initial must be a sequence of subnets (gene arrays or keys), "
                                 f"got a single {type(initial).__name__}")
@@ -214,21 +195,11 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
             seeds.append(structure.to_genes(subnet))
         except GLoRARayError as err:
             raise type(err)(f"initial[{i}]: {err}") from None
+    return seeds
 
-    store = ResultStore(out_uri)
-    manifest = {
-        "format": FORMAT_VERSION,
-        "run_id": run_id,
-        "dataset": dataset,
-        "config": config.result_identity(),
-        "budget": {"min_params": lo, "max_params": hi},
-        "spec": spec.to_dict(),
-        "layers": list(layer_names),
-        "initial": [space.genes_to_string(genes) for genes in seeds],
-        "state_sha256": array_fingerprint(state),
-        "val_sha256": array_fingerprint({"images": val_images, "labels": val_labels}),
-    }
-    fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+
+def _open_manifest(store: ResultStore, manifest: dict[str, Any], config: SearchConfig) -> list[int]:
+    """Check the stored run against ``manifest`` (or record a new one); the stored generation numbers."""
     stored_numbers = store.generation_numbers()
     if store.exists(MANIFEST_FILE):
         stored_manifest = store.read_json(MANIFEST_FILE)
@@ -251,15 +222,18 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
             f"{store.population_uri} holds {len(stored_numbers)} generations; generations={config.generations} "
             f"cannot undo them: give generations >= {len(stored_numbers)} (more extends the run), or a new output"
         )
+    return stored_numbers
 
-    planner = EvolutionPlanner(config, space, structure.counter, lo, hi, initial=seeds)
-    schema = population_schema(layer_names)
+
+def _replay(store: ResultStore, planner: EvolutionPlanner, numbers: list[int], schema, fingerprint: str) -> list[dict]:
+    """Replay the stored generations through ``planner``, checking each draws what was stored;
+    returns each generation's actor nodes."""
     nodes = []
-    for number in stored_numbers:
+    for number in numbers:
         try:
             stored = store.read_generation(number, schema)
         except ResultFileError as err:
-            later = [store.generation_file(n) for n in stored_numbers if n >= number]
+            later = [store.generation_file(n) for n in numbers if n >= number]
             files = later[0] if len(later) == 1 else f"{later[0]} and every later one ({', '.join(later[1:])})"
             raise ResultFileError(f"{err}; remove {files} from {store.population_uri} and run again: the search "
                                   f"recomputes from generation {number}") from None
@@ -269,8 +243,44 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
         if json.loads(json.dumps(planner.rng_state())) != stored.commit.get("rng_state"):
             raise ResumeMismatchError(f"generation {number}: the generator state differs from the stored one")
         nodes.append(stored.commit.get("nodes", {}))
+    return nodes
+
+
+def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: np.ndarray, val_labels: np.ndarray,
+               config: SearchConfig, out_uri: str, run_id: str, dataset: str,
+               initial: Sequence[np.ndarray | str] = ()) -> _Search:
+    """Check the inputs, then open the store: a new run's manifest, or a stored run replayed.
+
+    Cheap checks first (structure on the meta device, budget, stored run); a rerun with other
+    result-defining settings (``initial`` among them) is refused naming the field, as is one with
+    fewer ``generations`` than the store already holds.  ``initial``: subnets (gene arrays or
+    keys) generation 0 starts with; those outside the budget are skipped (docs/method.md §3).
+    """
+    if not isinstance(config, SearchConfig):
+        raise GLoRARayTypeError(f"config must be a SearchConfig, got {type(config).__name__}")
+    config.validate()
+    for name, value in (("run_id", run_id), ("dataset", dataset)):
+        if not isinstance(value, str) or not value:
+            raise GLoRARayError(f"{name} must be a non-empty string, got {value!r}")
+    check_val_arrays(val_images, val_labels, spec.num_classes)
+    structure = spec.build_empty()
+    space, layer_names = structure.space, tuple(structure.layer_names)
+    lo, hi = Budget(config.min_params, config.max_params).resolve(structure.counter)
+    _check_state(structure, state)
+    seeds = _seed_genes(structure, initial)
+    store = ResultStore(out_uri)
+    manifest = {  # what the results depend on: a rerun with any of it changed is refused
+        "format": FORMAT_VERSION, "run_id": run_id, "dataset": dataset, "config": config.result_identity(),
+        "budget": {"min_params": lo, "max_params": hi}, "spec": spec.to_dict(), "layers": list(layer_names),
+        "initial": [space.genes_to_string(genes) for genes in seeds], "state_sha256": array_fingerprint(state),
+        "val_sha256": array_fingerprint({"images": val_images, "labels": val_labels}),
+    }
+    fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+    numbers = _open_manifest(store, manifest, config)
+    planner = EvolutionPlanner(config, space, structure.counter, lo, hi, initial=seeds)
+    nodes = _replay(store, planner, numbers, population_schema(layer_names), fingerprint)
     return _Search(config, store, planner, space, layer_names, (lo, hi), fingerprint, run_id, dataset,
-                   resumed=len(stored_numbers), nodes=nodes)
+                   resumed=len(numbers), nodes=nodes)
 
 
 def plan_generation(search: _Search) -> list[Candidate]:
@@ -352,44 +362,55 @@ def run_search(
     say = progress or log.info
     state_arrays = ray.get(state) if isinstance(state, ray.ObjectRef) else state  # zero-copy for a ref
     search = open_store(spec, state_arrays, val_images, val_labels, config, out_uri, run_id, dataset, initial)
-    if search.store.exists(RESULT_FILE):  # a damaged record is derived again from the stored generations
-        try:
-            search.store.read_json(RESULT_FILE)
-        except (ValueError, UnicodeDecodeError) as err:
-            say(f"{search.store.uri_of(RESULT_FILE)} is damaged ({err}); it is written again from the stored "
-                f"generations")
-            storage.delete_file(search.store.uri_of(RESULT_FILE))
+    _forget_damaged_result(search, say)
     if search.resumed:
         say(f"[{run_id}] resuming: {search.resumed} complete generations, {len(search.planner.evaluated)} "
             f"evaluations found in {search.store.population_uri}")
     candidates = plan_generation(search)  # drawn before any actor starts: a budget problem fails cheaply
     if not candidates:
         return search.result(actors=0)
-
     pool = start_pool(spec, state, val_images, val_labels, config)
-    clock = StageClock(config.generations - search.planner.generation)
-    generation_seconds: list[float] = []
     try:
-        while candidates:
-            started = time.perf_counter()
-            results = evaluate_generation(pool, candidates, config)
-            scored = commit_generation(search, results, pool.actor_nodes())
-            drawn: DrawCounts = search.planner.draws[-1]
-            candidates = plan_generation(search)
-            result = search.result(pool.num_actors)
-            seconds = time.perf_counter() - started
-            generation_seconds.append(seconds)
-            say(
-                f"[{run_id}] generation {search.planner.generation}/{config.generations}: best val_acc "
-                f"{result.best.val_acc:.4f}, val_loss {result.best.val_loss:.4f} ({result.best.params:,} params) | "
-                f"front {len(result.pareto)} | evaluations {result.evaluations} (+{len(scored)}) | "
-                f"{drawn.describe()} | {len(scored) / max(seconds, 1e-9):.1f} candidates/s | {clock.step()}"
-            )
+        result = _evolve(search, pool, candidates, say)
     finally:
         pool.shutdown()
-    result.pool, result.generation_seconds = pool.stats, tuple(generation_seconds)
+    result.pool = pool.stats
     if search.exhausted:
         say(f"[{run_id}] stopped after generation {search.planner.generation}: no unevaluated subnet fits the budget")
+    return result
+
+
+def _forget_damaged_result(search: _Search, say: Callable[[str], None]) -> None:
+    """A damaged result.json is removed: ``_Search.result`` derives it again from the generations."""
+    if not search.store.exists(RESULT_FILE):
+        return
+    try:
+        search.store.read_json(RESULT_FILE)
+    except (ValueError, UnicodeDecodeError) as err:
+        say(f"{search.store.uri_of(RESULT_FILE)} is damaged ({err}); it is written again from the stored generations")
+        storage.delete_file(search.store.uri_of(RESULT_FILE))
+
+
+def _evolve(search: _Search, pool: EvaluatorPool, candidates: list[Candidate], say: Callable[[str], None]) -> SearchResult:
+    """Evaluate, commit and plan generation after generation until the planner is done."""
+    config = search.config
+    clock = StageClock(config.generations - search.planner.generation)
+    generation_seconds: list[float] = []
+    while candidates:
+        started = time.perf_counter()
+        scored = commit_generation(search, evaluate_generation(pool, candidates, config), pool.actor_nodes())
+        drawn: DrawCounts = search.planner.draws[-1]
+        candidates = plan_generation(search)
+        result = search.result(pool.num_actors)
+        seconds = time.perf_counter() - started
+        generation_seconds.append(seconds)
+        say(
+            f"[{search.run_id}] generation {search.planner.generation}/{config.generations}: best val_acc "
+            f"{result.best.val_acc:.4f}, val_loss {result.best.val_loss:.4f} ({result.best.params:,} params) | "
+            f"front {len(result.pareto)} | evaluations {result.evaluations} (+{len(scored)}) | "
+            f"{drawn.describe()} | {len(scored) / max(seconds, 1e-9):.1f} candidates/s | {clock.step()}"
+        )
+    result.generation_seconds = tuple(generation_seconds)
     return result
 
 

@@ -188,6 +188,71 @@ def _distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+@dataclass
+class _Tally:
+    """An epoch's running sums on the device (no host sync per step) and its steps' subnet keys."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    pass_images: int = 0  # images through a forward and backward pass: a sandwich counts each subnet
+    seen: int = 0  # images of the epoch
+    keys: list[str] = field(default_factory=list)
+
+    @classmethod
+    def on(cls, device: torch.device) -> "_Tally":
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        return cls(zero(), zero())
+
+
+def _train_step(model: nn.Module, supernet: Supernet, images: torch.Tensor, labels: torch.Tensor,
+                step_subnets: list[np.ndarray], tally: _Tally, precision: Precision, device: torch.device,
+                distill: bool, epoch: int, step: int, world_size: int) -> torch.Tensor:
+    """Forward and backward of every subnet of one step, gradients accumulated (a sandwich averages
+    its subnets' losses); stops before the update when a loss is not finite.  Returns the last loss."""
+    teacher = None
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    for genes in step_subnets:  # gradients accumulate over a sandwich's subnets
+        supernet.set_subnet(genes)
+        with autocast(precision, device):  # the backward pass runs outside, as autocast wants
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels) if teacher is None else soft_cross_entropy(logits, teacher)
+        if distill and teacher is None and len(step_subnets) > 1:
+            teacher = logits.detach().float().softmax(dim=1)
+        (loss / len(step_subnets)).backward()
+        # Accumulate on the device: no host sync per step.
+        tally.loss_sum += loss.detach().double() * labels.numel()
+        tally.correct += (logits.detach().argmax(dim=1) == labels).sum()
+        tally.pass_images += labels.numel()
+        finite &= torch.isfinite(loss.detach())
+    # Before the update, so a non-finite gradient never reaches the weights.
+    check_finite_loss(finite, loss, epoch, step, world_size)
+    return loss
+
+
+def _epoch_stats(tally: _Tally, supernet: Supernet, epoch: int, step: int, lr: float, seconds: float,
+                 device: torch.device, world_size: int) -> EpochStats:
+    """The epoch's metrics summed over every worker, after checking they all drew the same subnets."""
+    totals = torch.stack([tally.loss_sum, tally.correct,
+                          torch.tensor(float(tally.pass_images), dtype=torch.float64, device=device),
+                          torch.tensor(float(tally.seen), dtype=torch.float64, device=device)])
+    digests = [subnet_digest(tally.keys)]
+    if _distributed(world_size):
+        dist.all_reduce(totals)
+        digests = [None] * world_size
+        dist.all_gather_object(digests, subnet_digest(tally.keys))
+        if len(set(digests)) != 1:
+            # Different subnets on different workers make the averaged gradient meaningless.
+            raise RuntimeError(f"epoch {epoch}: workers drew different subnets (digests {digests})")
+    check_finite_adapters(supernet, epoch, step)
+    loss_total, correct_total, pass_images_total, images_total = totals.tolist()
+    return EpochStats(
+        epoch=epoch, step=step, steps=len(tally.keys), loss=loss_total / max(pass_images_total, 1.0),
+        train_acc=correct_total / max(pass_images_total, 1.0), lr=lr, images=int(images_total), seconds=seconds,
+        images_per_s=images_total / seconds if seconds > 0 else float("nan"), world_size=world_size,
+        subnet_digests=digests, passes=round(pass_images_total / max(images_total, 1.0)),
+    )
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -217,9 +282,7 @@ def train_epoch(
     device = torch.device(device)
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    seen, pass_images, keys, lr = 0, 0, [], float("nan")
+    tally, lr = _Tally.on(device), float("nan")
     start = time.perf_counter()
     with matmul_precision(precision, device):
         for images, labels in loader:
@@ -231,60 +294,18 @@ def train_epoch(
                 step_subnets = subnets.for_step(step)
             else:
                 step_subnets = [subnet_for_step(seed, step, supernet)]
-            keys.append(" ".join(supernet.space.genes_to_string(genes) for genes in step_subnets))
+            tally.keys.append(" ".join(supernet.space.genes_to_string(genes) for genes in step_subnets))
             images = images.to(device, non_blocking=True, memory_format=layout)
             labels = labels.to(device, non_blocking=True)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
-            teacher = None
-            finite = torch.ones((), dtype=torch.bool, device=device)
-            for genes in step_subnets:  # gradients accumulate over a sandwich's subnets
-                supernet.set_subnet(genes)
-                with autocast(precision, device):  # the backward pass runs outside, as autocast wants
-                    logits = model(images)
-                    loss = (F.cross_entropy(logits, labels) if teacher is None
-                            else soft_cross_entropy(logits, teacher))
-                if distill and teacher is None and len(step_subnets) > 1:
-                    teacher = logits.detach().float().softmax(dim=1)
-                (loss / len(step_subnets)).backward()
-                # Accumulate on the device: no host sync per step.
-                loss_sum += loss.detach().double() * labels.numel()
-                correct += (logits.detach().argmax(dim=1) == labels).sum()
-                pass_images += labels.numel()
-                finite &= torch.isfinite(loss.detach())
-            # Before the update, so a non-finite gradient never reaches the weights.
-            check_finite_loss(finite, loss, epoch, step, world_size)
+            _train_step(model, supernet, images, labels, step_subnets, tally, precision, device, distill, epoch, step,
+                        world_size)
             optimizer.step()
             scheduler.step()
             step += 1
-            seen += labels.numel()
-    totals = torch.stack([loss_sum, correct, torch.tensor(float(pass_images), dtype=torch.float64, device=device),
-                          torch.tensor(float(seen), dtype=torch.float64, device=device)])
-    digests = [subnet_digest(keys)]
-    if _distributed(world_size):
-        dist.all_reduce(totals)
-        digests = [None] * world_size
-        dist.all_gather_object(digests, subnet_digest(keys))
-        if len(set(digests)) != 1:
-            # Different subnets on different workers make the averaged gradient meaningless.
-            raise RuntimeError(f"epoch {epoch}: workers drew different subnets (digests {digests})")
-    check_finite_adapters(supernet, epoch, step)
-    loss_total, correct_total, pass_images_total, images_total = totals.tolist()
-    seconds = time.perf_counter() - start
-    return EpochStats(
-        epoch=epoch,
-        step=step,
-        steps=len(keys),
-        loss=loss_total / max(pass_images_total, 1.0),
-        train_acc=correct_total / max(pass_images_total, 1.0),
-        lr=lr,
-        images=int(images_total),
-        seconds=seconds,
-        images_per_s=images_total / seconds if seconds > 0 else float("nan"),
-        world_size=world_size,
-        subnet_digests=digests,
-        passes=round(pass_images_total / max(images_total, 1.0)),
-    )
+            tally.seen += labels.numel()
+    return _epoch_stats(tally, supernet, epoch, step, lr, time.perf_counter() - start, device, world_size)
 
 
 def check_finite_loss(finite: torch.Tensor, loss: torch.Tensor, epoch: int, step: int, world_size: int) -> None:
