@@ -198,21 +198,6 @@ def test_a_damaged_newest_local_checkpoint_falls_back_to_the_intact_one(data, tm
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in reference.history]
 
 
-@pytest.mark.slow
-def test_a_deleted_newest_ray_checkpoint_falls_back_to_the_intact_one(ray_local, data, tmp_path):
-    runs = tmp_path / "runs"
-    train_supernet(make_spec(), data, quick(epochs=2, num_workers=1), str(runs), "w")
-    folders = sorted(p for p in (runs / "w").glob("checkpoint_*") if p.is_dir())
-    assert len(folders) == 2
-    shutil.rmtree(folders[-1])  # Ray Train's record now names a folder that is gone
-    shutil.rmtree(runs / "w" / "supernet")  # as if killed before the end
-    with logged() as records:
-        resumed = train_supernet(make_spec(), data, quick(epochs=3, num_workers=1), str(runs), "w")
-    assert any("names checkpoint(s)" in r.getMessage() and "resuming from the newest intact checkpoint" in
-               r.getMessage() for r in records), [r.getMessage() for r in records]
-    assert resumed.resumed_from_step == 12 and [h["epoch"] for h in resumed.history] == [0, 1, 2]
-
-
 # -- names, lists and images that would escape or explode --------------------------------------------
 @pytest.mark.parametrize("name", ["../evil", "/abs/path", "a/b", ".."])
 def test_a_dataset_name_that_is_not_plain_is_refused_before_anything_is_written(tmp_path, entry, capsys, name):

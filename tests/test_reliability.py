@@ -265,9 +265,11 @@ def stop_driver(driver: subprocess.Popen, log_path: Path, signum: int, group: bo
 
 
 @pytest.mark.slow
-def test_one_driver_per_output_a_stale_lock_and_sigterm(tmp_path):
+def test_one_driver_per_output_a_stale_lock_sigterm_ctrl_c_and_the_same_command_resumes(tmp_path):
+    # One output through a driver's whole life: a second driver refused, a SIGKILLed driver's stale
+    # lock taken over, a SIGTERM (schedulers) and a Ctrl-C (the terminal) stop, each resumed.
     home, out = tmp_path / "home", tmp_path / "out"
-    argv, env = driver_argv(home, out, generations=40), driver_env(home)
+    argv, env = driver_argv(home, out, generations=25), driver_env(home)
 
     first = start_driver(argv, env, tmp_path / "first.log")
     wait_for(lambda: (out / LOCK_FILE).exists(), first, tmp_path / "first.log", "lock")
@@ -281,7 +283,7 @@ def test_one_driver_per_output_a_stale_lock_and_sigterm(tmp_path):
     first.wait()
     assert json.loads((out / LOCK_FILE).read_text())["pid"] == first.pid
 
-    log_path = tmp_path / "rerun.log"
+    log_path = tmp_path / "sigterm.log"
     rerun = start_driver(argv, env, log_path)
     wait_for(lambda: "stage 2: [" in log_path.read_text(), rerun, log_path, "search generation")
     text, ours = stop_driver(rerun, log_path, signal.SIGTERM, group=False)
@@ -293,14 +295,10 @@ def test_one_driver_per_output_a_stale_lock_and_sigterm(tmp_path):
     assert assert_generations_whole(out)
     assert not (out / LOCK_FILE).exists()
 
-
-@pytest.mark.slow
-def test_ctrl_c_stops_and_the_same_command_resumes(tmp_path):
-    home, out = tmp_path / "home", tmp_path / "out"
-    argv, env = driver_argv(home, out, generations=25), driver_env(home)
-    log_path = tmp_path / "first.log"
+    log_path = tmp_path / "sigint.log"
     driver = start_driver(argv, env, log_path)
-    wait_for(lambda: "stage 2: [" in log_path.read_text(), driver, log_path, "search generation")
+    wait_for(lambda: "generation" in log_path.read_text().partition("resuming:")[2], driver, log_path,
+             "a generation after the resume")
     text, ours = stop_driver(driver, log_path, signal.SIGINT, group=True)  # Ctrl-C: the whole process group
     assert text.strip().splitlines()[-1] == ("stopped by SIGINT during stage 2 (search) of digits; "
                                              "run the same command to resume"), text[-3000:]
@@ -309,7 +307,7 @@ def test_ctrl_c_stops_and_the_same_command_resumes(tmp_path):
     kept = assert_generations_whole(out)
     assert 0 < len(kept) < 25
 
-    rerun = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=DRIVER_PATIENCE_S)
-    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    finish = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=DRIVER_PATIENCE_S)
+    assert finish.returncode == 0, (finish.stdout + finish.stderr)[-3000:]
     assert len(assert_generations_whole(out)) == 25
     assert json.loads((out / "digits" / "export" / "test.json").read_text())["test_acc"] >= 0

@@ -25,7 +25,7 @@ from glora_ray.train import (
     train_supernet,
 )
 from glora_ray.train.job import prepare_spec
-from helpers import injected_faults
+from helpers import injected_faults, logged
 
 # One 16x16 patch per 16-px digit and mean pooling: even a random frozen ViT then carries enough
 # of the image for the head and adapters to learn in a few epochs.
@@ -278,6 +278,25 @@ def test_ddp_checkpoint_reloads_to_the_trained_supernet(ddp_run, train800):
     outputs = eval_outputs(loaded, subnets, x)
     torch.testing.assert_close(outputs, eval_outputs(reference, subnets, x), rtol=0, atol=0)
     assert (eval_outputs(spec.build(), subnets, x) - outputs).abs().max() > 0.1
+
+
+@pytest.mark.slow
+def test_a_deleted_newest_checkpoint_falls_back_to_the_intact_one(ddp_run, data, tmp_path):
+    # Ray Train's record then names a folder that is gone (it refused to start at all before).
+    import shutil
+
+    run_dir = tmp_path / "sn"
+    shutil.copytree(ddp_run.run_dir, run_dir)
+    folders = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    shutil.rmtree(folders[-1])
+    shutil.rmtree(run_dir / "supernet")  # as if killed before the end
+    with logged() as records:
+        resumed = train_supernet(make_spec(), data, quick(epochs=4, num_workers=2, max_failures=1), str(tmp_path), "sn")
+    messages = [r.getMessage() for r in records]
+    assert any("names checkpoint(s)" in m and f"resuming from the newest intact checkpoint, {folders[-2]}" in m
+               for m in messages), messages
+    assert resumed.resumed_from_step == 24 and [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history[:2] == ddp_run.history[:2]  # the intact checkpoint's epochs, as trained
 
 
 def test_a_worker_group_the_cluster_cannot_hold_is_refused(ray_local, data, tmp_path):
