@@ -40,10 +40,13 @@ def test_merge_strategies_agree_and_just_in_time_equals_per_candidate_bit_for_bi
     skipping[::2, :2] = [space.choices(t).index("none") for t in ("A", "B")]
     subnets.append(skipping.reshape(-1))
     x = evs[MergeStrategy.PER_CANDIDATE].images[:24]
+    # Merging takes the candidate explicitly: no GLoRA layer's own choice is changed by it.
+    held = {s: [layer.choices for layer in ev.supernet.layers()] for s, ev in evs.items()}
     for genes in subnets:
         reference = logits(evs[MergeStrategy.PER_CANDIDATE], genes, x)
         assert torch.equal(logits(evs[MergeStrategy.JUST_IN_TIME], genes, x), reference)
         torch.testing.assert_close(logits(evs[MergeStrategy.BATCHED], genes, x), reference, rtol=1e-5, atol=1e-5)
+    assert {s: [layer.choices for layer in ev.supernet.layers()] for s, ev in evs.items()} == held
     accuracies = {s: [r.val_acc for r in ev.evaluate(subnets)] for s, ev in evs.items()}
     assert accuracies[MergeStrategy.JUST_IN_TIME] == accuracies[MergeStrategy.PER_CANDIDATE]
     assert len(set(accuracies[MergeStrategy.PER_CANDIDATE])) > 1
@@ -79,19 +82,14 @@ def test_fused_merge_keeps_the_bits_of_the_stepwise_merge(base):
     for a_name, b_name in itertools.product(layer.space.choices("A"), layer.space.choices("B")):
         layer.set_choice({"A": a_name, "B": b_name, "C": "none", "D": "none", "E": "none"})
         a, b = layer.terms()[:2]
-        with torch.no_grad():  # the merge step by step, in the fused merge's order of terms
-            if isinstance(a, LowRank):  # a LoRA A first (its product is built in the result), then B
-                stepwise = w0.clone()
+        with torch.no_grad():  # step by step in the formula's order: W0 + W0 * A first, then + B
+            stepwise = w0.clone()
+            if a is not None:
                 stepwise.addcmul_(w0, a.matrix())
-                if isinstance(b, LowRank):
-                    stepwise.addmm_(b.down, b.up)
-                elif b is not None:
-                    stepwise += b.matrix()
-            else:  # a fresh copy or W0 + B, then + W0 * A in place
-                stepwise = torch.addmm(w0, b.down, b.up) if isinstance(b, LowRank) else \
-                    w0.clone() if b is None else w0 + b.matrix()
-                if a is not None:
-                    stepwise.addcmul_(w0, a.matrix())
+            if isinstance(b, LowRank):
+                stepwise.addmm_(b.down, b.up)
+            elif b is not None:
+                stepwise += b.matrix()
         fused = layer.merged_weight_2d()
         assert torch.equal(fused, stepwise), (a_name, b_name)
         assert fused.data_ptr() != w0.data_ptr()

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import GLoRARayTypeError
 from ..space import TENSORS, Choice, Kind, LayerChoice, SearchSpace, SearchSpaceError
+from .formula import adapted_bias, adapted_weight
 from .support import GLoRASupport, LowRank, PerRow, Term
 
 # A layer's choice as the user gives it (names) or as it flows inside (one Choice per tensor).
@@ -121,16 +122,7 @@ class GLoRALayer(nn.Module):
     def effective_bias(self, terms: Sequence[Term | None] | None = None) -> torch.Tensor | None:
         """b0 + b0 * D + E + W0 @ C (W0 the original weight), or None when every term is absent."""
         _, _, c, d, e = terms if terms is not None else self.terms()
-        b0 = self.base.bias
-        bias = None
-        if b0 is not None:
-            bias = b0 if d is None else b0 + b0 * d.value
-        if e is not None:
-            bias = e.value.expand(self.d_out) if bias is None else bias + e.value
-        if c is not None:
-            prompt = (self.weight_2d() @ c.matrix())[:, 0]
-            bias = prompt if bias is None else bias + prompt
-        return bias
+        return adapted_bias(self.weight_2d(), self.base.bias, c, d, e)
 
     def _b_apart(self, b: Term) -> bool:
         """Whether B is applied beside the base (thin factors, row sums) rather than folded in.
@@ -149,13 +141,11 @@ class GLoRALayer(nn.Module):
         fold_b = b is not None and (isinstance(a, LowRank) or not self._b_apart(b))
         if isinstance(a, LowRank) or fold_b:
             # One pass with the rebuilt kernel W0 + W0 * A (+ B).
-            w0 = self.weight_2d()
-            weight = w0 if a is None else w0 + w0 * a.matrix()
-            if fold_b:
-                weight = weight + b.matrix()
+            weight = adapted_weight(self.weight_2d(), a, b if fold_b else None)
             out = self._apply_weight(x, weight.view_as(self.base.weight))
         else:
-            # A vector or scalar A scales the base output per channel: no kernel is rebuilt.
+            # The same formula on the output: a vector or scalar A scales the base output per
+            # channel (W0 x + (W0 * A) x = W0 x * (1 + A)) and B adds its own product with x.
             out = self._apply_weight(x, self.base.weight)
             if a is not None:
                 out = out + out * self._per_channel(a.value)
@@ -187,36 +177,10 @@ class GLoRALayer(nn.Module):
     @torch.no_grad()
     def merged_weight_2d(self, terms: Sequence[Term | None] | None = None,
                          out: torch.Tensor | None = None) -> torch.Tensor:
-        """W0 + W0 * A + B as a (d_out, d_in) tensor, never W0 itself (docs/method.md §1.6).
-
-        The first op makes the fresh tensor (or writes ``out``, a (d_out, d_in) buffer that a
-        caller merging layer after layer reuses) and fuses what it can, later terms accumulate
-        into it: a candidate merges all its layers, just in time once per batch, so every pass
-        over the weight counts.  A LoRA A's dense product is built in that same tensor, so no
-        second weight-sized temporary is needed.
-        """
+        """W0 + W0 * A + B as a (d_out, d_in) tensor, never W0 itself (docs/method.md §1.6);
+        ``out``: a (d_out, d_in) buffer to write, which a caller merging layer after layer reuses."""
         a, b = (self.terms() if terms is None else terms)[:2]
-        w0 = self.weight_2d()
-        if isinstance(a, LowRank):
-            weight = torch.mm(a.down, a.up, out=out)
-            torch.addcmul(w0, w0, weight, out=weight)  # W0 + W0 * A, over A's product
-            if isinstance(b, LowRank):
-                weight.addmm_(b.down, b.up)
-            elif b is not None:
-                weight.add_(b.matrix())
-            return weight
-        a_vector = None if a is None else a.matrix()  # broadcast along d_in
-        if isinstance(b, LowRank):
-            weight = torch.addmm(w0, b.down, b.up, out=out)
-        elif b is not None:
-            weight = torch.add(w0, b.matrix(), out=out)
-        elif a_vector is not None:
-            return torch.addcmul(w0, w0, a_vector, out=out)  # the same bits as a copy of W0, then addcmul_
-        else:
-            return w0.clone() if out is None else out.copy_(w0)
-        if a_vector is not None:
-            weight.addcmul_(w0, a_vector)
-        return weight
+        return adapted_weight(self.weight_2d(), a, b, out)
 
     @torch.no_grad()
     def merged_weight_and_bias(self, choice: LayerChoiceLike | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,8 +1,9 @@
 """Weight-entangled support tensors A..E over a 2-D weight view (docs/method.md §1, §7).
 
-``GLoRASupport.term`` is the one place that turns a choice's kind into a value: a ``LowRank``
-pair of factors, a ``PerRow`` vector or scalar, or ``None``.  Layers, merging and parameter
-counts all work from those terms, so none of them switches on the kind again.
+``used_part`` is the one place that says which part of the stored tensors a choice's kind uses;
+``GLoRASupport.term`` cuts that part out as a value (a ``LowRank`` pair of factors, a ``PerRow``
+vector or scalar, or ``None``) and the batched merge turns it into masks.  Layers, merging and
+parameter counts all work from those, so none of them switches on the kind again.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from torch import nn
 from ..errors import GLoRARayError
 from ..space import Choice, Kind
 
-_WITHOUT_FACTORS = ("D", "E")  # stored as plain vectors, not as (down, up) factors
+FACTORED = ("A", "B", "C")  # stored as (down, up) factors
+VECTORS = ("D", "E")  # stored as plain vectors
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class PerRow:
 
     def matrix(self) -> torch.Tensor:
         """The value broadcastable to a ``(rows, cols)`` matrix."""
-        return self.value[:, None] if self.value.dim() else self.value
+        return self.value[..., None] if self.value.dim() else self.value
 
     @property
     def num_params(self) -> int:
@@ -53,6 +55,23 @@ class PerRow:
 
 
 Term = LowRank | PerRow
+
+
+@dataclass(frozen=True)
+class UsedPart:
+    """Which part of a support tensor's stored factors a choice uses."""
+
+    components: int  # leading columns of the down factor (or of D / E); 0: the tensor is absent
+    low_rank: bool  # ``down[:, :k] @ up[:k]``; otherwise one column spread along d_in
+    single_value: bool  # a scalar: element 0 of that column stands for all of it
+
+
+def used_part(choice: Choice) -> UsedPart:
+    """``lora<k>``: the first k components of down and up (nested ranks); ``vector``: column 0
+    of the down factor, or the whole D / E; ``scalar``: element 0 of that vector; ``none``: nothing."""
+    if choice.kind is Kind.LORA:
+        return UsedPart(choice.rank, low_rank=True, single_value=False)
+    return UsedPart(0 if choice.kind is Kind.NONE else 1, low_rank=False, single_value=choice.kind is Kind.SCALAR)
 
 
 class GLoRASupport(nn.Module):
@@ -94,15 +113,12 @@ class GLoRASupport(nn.Module):
                 nn.init.xavier_uniform_(up, generator=generator)
 
     def term(self, tensor: str, choice: Choice) -> Term | None:
-        """The slice of the stored tensors that ``choice`` uses (the one switch on the kind).
-
-        ``lora<k>``: the first k components of down and up (nested ranks); ``vector``: column 0
-        of the down factor, or the whole D / E; ``scalar``: element 0 of that vector.
-        """
-        if choice.kind is Kind.NONE:
+        """The part of the stored tensors that ``choice`` uses (``used_part``), as views."""
+        part = used_part(choice)
+        if part.components == 0:
             return None
-        if choice.kind is Kind.LORA:
+        if part.low_rank:
             down, up = getattr(self, f"{tensor}_down"), getattr(self, f"{tensor}_up")
-            return LowRank(down[:, :choice.rank], up[:choice.rank, :])
-        vector = getattr(self, tensor) if tensor in _WITHOUT_FACTORS else getattr(self, f"{tensor}_down")[:, 0]
-        return PerRow(vector if choice.kind is Kind.VECTOR else vector[0])
+            return LowRank(down[:, :part.components], up[:part.components, :])
+        vector = getattr(self, tensor) if tensor in VECTORS else getattr(self, f"{tensor}_down")[:, 0]
+        return PerRow(vector[0] if part.single_value else vector)

@@ -74,11 +74,14 @@ def export_peft(supernet: Supernet, genes: np.ndarray, out_uri: str) -> str:
                         modules_to_save=[supernet.head_name] if supernet.head_name else None)
     model = get_peft_model(plain, config)
     with torch.no_grad():
-        for name, rank in ranks.items():
-            support, wrapped = supernet.layer(name).glora, model.base_model.model.get_submodule(name)
+        for name, choices in zip(supernet.layer_names, supernet.layer_choices(genes)):
+            if name not in ranks:
+                continue
+            b = supernet.layer(name).terms(choices)[TENSORS.index("B")]  # the LowRank B of this choice
+            wrapped = model.base_model.model.get_submodule(name)
             lora_a, lora_b = wrapped.lora_A["default"].weight, wrapped.lora_B["default"].weight
-            lora_a.copy_(support.B_up[:rank].reshape(lora_a.shape))
-            lora_b.copy_(support.B_down[:, :rank].reshape(lora_b.shape))
+            lora_a.copy_(b.up.reshape(lora_a.shape))
+            lora_b.copy_(b.down.reshape(lora_b.shape))
     folder = storage.join(out_uri, PEFT_DIR)
     with tempfile.TemporaryDirectory(prefix="glora-peft-") as staging:
         model.save_pretrained(staging)

@@ -5,7 +5,7 @@ docs/method.md §1), different costs:
 
 ``just_in_time`` (the default on the CPU)
     Each adapted layer's weight is merged just before it runs (a forward pre-hook on the plain
-    layer), by the layer's own ``merged_weight_2d`` into a buffer that every layer reuses in
+    layer), by the GLoRA formula (``layers/formula.py``) into a buffer that every layer reuses in
     turn: an actor holds one layer's merged weight at a time and a bias vector per layer
     instead of a private merged copy of every adapted layer, so actors that share the weights
     zero-copy stay small, and no weight-sized memory is allocated per batch.  The
@@ -16,11 +16,11 @@ docs/method.md §1), different costs:
     Every adapted layer merged once per candidate into new tensors (the path before issue 14):
     the least merging, but a private copy of the adapted weights per actor.
 ``batched`` (the default on CUDA)
-    All adapted layers of one weight shape merged together by a few stacked ops (``baddbmm``,
-    ``bmm``, ``addcmul``) into persistent stacked buffers that the plain layers view: a few
+    All adapted layers of one weight shape merged together by the same formula over stacked,
+    masked terms (``bmm``, ``baddbmm``, ``addcmul``) into persistent stacked buffers that the plain layers view: a few
     dozen kernels per candidate instead of a dozen per layer, so the merge is not bound by
     kernel launches.  The layers' frozen weights are re-pointed into one stacked tensor per
-    shape (no second copy).  Float results equal the per-layer merge up to summation order.
+    shape (no second copy).  Float results equal the per-layer merge up to the masked zeros' rounding.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ from torch import nn
 
 from ..errors import GLoRARayError
 from ..precision import Precision, matmul_precision
-from ..space import TENSORS, Kind
+from ..layers.formula import adapted_bias, adapted_weight
+from ..layers.support import FACTORED, VECTORS, LowRank, PerRow, Term, used_part
+from ..space import TENSORS
 from ..supernet import Supernet
 from .config import AUTO_MERGE as AUTO, MergeStrategy, auto_merge_strategy
 
@@ -67,9 +69,9 @@ class PerCandidateMerge:
 
     @torch.inference_mode()
     def load(self, genes: np.ndarray) -> None:
-        self.supernet.set_subnet(genes)
+        choices = self.supernet.layer_choices(genes)
         for i, (layer, target) in enumerate(zip(self.supernet.layers(), self.targets)):
-            weight, bias = layer.merged_weight_and_bias()
+            weight, bias = layer.merged_weight_and_bias(choices[i])
             if bias is None:
                 bias = self._zero_bias.get(i)
                 if bias is None:
@@ -82,10 +84,10 @@ class JustInTimeMerge:
     """Each plain adapted layer gets its merged weight from a forward pre-hook and drops it after.
 
     ``load`` computes every layer's bias (``b0 + b0*D + E + W0@C``: a vector, but half the merge's
-    work through ``W0@C``) once per candidate, then leaves the GLoRA layer set to a choice with
-    the candidate's A and B (all the weight depends on) and no C, D, E, so that the merge in the
-    hook builds the weight ``W0 + W0*A + B`` only.  The plain layer's own ``forward`` applies it
-    (``F.linear``, or a convolution with the base's settings).
+    work through ``W0@C``) once per candidate and keeps the candidate's A and B terms, all the
+    weight depends on; the hook builds ``W0 + W0*A + B`` from them.  The GLoRA layers' own choice
+    is never touched.  The plain layer's own ``forward`` applies the weight (``F.linear``, or a
+    convolution with the base's settings).
     """
 
     def __init__(self, supernet: Supernet, targets: Sequence[nn.Module]):
@@ -112,21 +114,17 @@ class JustInTimeMerge:
                 setattr(target, name, None)
             target.register_forward_pre_hook(self._hook_merge(i))
             target.register_forward_hook(_drop_weight)
-        space = supernet.space
-        # Gene columns of A, B (the weight) and of C, D, E (the bias), and each tensor's ``none``.
-        self._weight_only = [TENSORS.index(t) for t in ("C", "D", "E")]
-        self._bias_only = [TENSORS.index(t) for t in ("A", "B")]
-        self._none = {t: space.choices(t).index(Kind.NONE.value) for t in TENSORS}
+        # Per layer, the loaded candidate's A and B terms: what its merged weight depends on.
+        self.weight_terms: list[tuple[Term | None, Term | None]] = [(None, None)] * len(layers)
 
     def weight(self, i: int) -> torch.Tensor:
         """Layer ``i``'s merged weight under the loaded candidate: a new tensor, or the shared W0
         itself when A and B are both ``none`` (the plain layer only reads it: no copy needed)."""
-        layer = self.layers[i]
-        terms = layer.terms()
-        if terms[0] is None and terms[1] is None:
+        layer, (a, b) = self.layers[i], self.weight_terms[i]
+        if a is None and b is None:
             return layer.base.weight.detach()
         out = self.weight_buffer[:layer.d_out * layer.d_in].view(layer.d_out, layer.d_in)
-        return layer.merged_weight_2d(terms, out).view_as(layer.base.weight)
+        return adapted_weight(layer.weight_2d(), a, b, out).view_as(layer.base.weight)
 
     def _hook_merge(self, i: int):
         def merge(module: nn.Module, args: tuple) -> None:
@@ -143,18 +141,14 @@ class JustInTimeMerge:
 
     @torch.inference_mode()
     def load(self, genes: np.ndarray) -> None:
-        per_layer = np.asarray(genes).reshape(self.supernet.num_layers, -1)
-        bias_genes, weight_genes = per_layer.copy(), per_layer.copy()
-        bias_genes[:, self._bias_only] = [self._none[TENSORS[c]] for c in self._bias_only]
-        weight_genes[:, self._weight_only] = [self._none[TENSORS[c]] for c in self._weight_only]
-        for i, layer in enumerate(self.layers):
-            layer.set_choice_genes(bias_genes[i])
-            bias = layer.effective_bias()
+        for i, (layer, choices) in enumerate(zip(self.layers, self.supernet.layer_choices(genes))):
+            terms = layer.terms(choices)
+            bias = layer.effective_bias(terms)
             if bias is None:  # as ``PerCandidateMerge``: a zero bias keeps one code path
                 self.biases[i].zero_()
             else:
                 self.biases[i].copy_(bias)
-            layer.set_choice_genes(weight_genes[i])
+            self.weight_terms[i] = terms[0], terms[1]
 
 
 def _drop_weight(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -163,18 +157,17 @@ def _drop_weight(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
 
 # -- batched -----------------------------------------------------------------------------------
 def _choice_tables(space, max_rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per tensor, indexed by gene: ``columns[t, g, k]`` 1 where component k of the down factor is
-    used (k < rank for LoRA, k == 0 for vector and scalar, none for ``none``); ``flags[t, g]``:
-    (LoRA: the up factor is used, else a row of ones spreads the vector / scalar along d_in;
-    scalar: element [0, 0] stands for the whole down column)."""
+    """Each choice's ``used_part`` as masks, per tensor, indexed by gene: ``columns[t, g, k]`` 1
+    where component k of the down factor (or of D / E) is used; ``flags[t, g]``: (the up factor is
+    used, else a row of ones spreads the column along d_in; element 0 stands for the column)."""
     most = max(len(space.choice_objects(t)) for t in TENSORS)
     columns = np.zeros((len(TENSORS), most, max_rank), dtype=np.float32)
     flags = np.zeros((len(TENSORS), most, 2), dtype=bool)
     for t, tensor in enumerate(TENSORS):
         for g, choice in enumerate(space.choice_objects(tensor)):
-            used = choice.rank if choice.kind is Kind.LORA else (0 if choice.kind is Kind.NONE else 1)
-            columns[t, g, :used] = 1.0
-            flags[t, g] = (choice.kind is Kind.LORA, choice.kind is Kind.SCALAR)
+            part = used_part(choice)
+            columns[t, g, :part.components] = 1.0
+            flags[t, g] = (part.low_rank, part.single_value)
     return columns, flags
 
 
@@ -192,40 +185,35 @@ class _ShapeGroup:
         self.b0 = torch.stack([l.base.bias.detach() if l.base.bias is not None else torch.zeros_like(w0[0, :, 0])
                                for l in layers])
         stack = lambda name: torch.stack([getattr(l.glora, name).detach() for l in layers])  # noqa: E731
-        self.down = {t: stack(f"{t}_down") for t in ("A", "B", "C")}
-        self.up = {t: stack(f"{t}_up") for t in ("A", "B", "C")}
+        self.down = {t: stack(f"{t}_down") for t in FACTORED}
+        self.up = {t: stack(f"{t}_up") for t in FACTORED}
         # Row 0 of ones: ``down @ ones_row`` spreads a vector or scalar along d_in.
         self.ones_row = {t: torch.zeros_like(up[0]).index_fill_(0, torch.tensor([0], device=w0.device), 1.0)
                          for t, up in self.up.items()}
-        self.vectors = {t: stack(t) for t in ("D", "E")}
+        self.vectors = {t: stack(t) for t in VECTORS}
         self.weight = torch.empty_like(w0)
         self.bias = torch.empty_like(self.b0)
         for i, target in enumerate(targets):
             target.weight = nn.Parameter(self.weight[i].view(shapes[i]), requires_grad=False)
             target.bias = nn.Parameter(self.bias[i], requires_grad=False)
 
-    def _low_rank(self, t: int, name: str, columns: torch.Tensor, flags: torch.Tensor):
-        """(down, up) whose product is the tensor's dense value (docs/method.md §1) in every layer."""
-        down, up = self.down[name], self.up[name]
-        lora, scalar = flags[:, t, 0, None, None], flags[:, t, 1, None, None]
-        down = torch.where(scalar, down[:, :1, :1], down) * columns[:, t, None, :]
-        return down, torch.where(lora, up, self.ones_row[name])
-
-    def _vector(self, t: int, name: str, columns: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-        vec = self.vectors[name]
-        return torch.where(flags[:, t, 1, None], vec[:, :1], vec) * columns[:, t, :1]
+    def _term(self, tensor: str, columns: torch.Tensor, flags: torch.Tensor) -> Term:
+        """Every layer's term of ``tensor``, its unused components masked to zero: a stacked
+        ``LowRank`` for A, B, C (whose product is the dense value), a stacked ``PerRow`` for D, E."""
+        t = TENSORS.index(tensor)
+        if tensor in VECTORS:
+            vec = self.vectors[tensor]
+            return PerRow(torch.where(flags[:, t, 1, None], vec[:, :1], vec) * columns[:, t, :1])
+        down, up = self.down[tensor], self.up[tensor]
+        low_rank, single = flags[:, t, 0, None, None], flags[:, t, 1, None, None]
+        down = torch.where(single, down[:, :1, :1], down) * columns[:, t, None, :]
+        return LowRank(down, torch.where(low_rank, up, self.ones_row[tensor]))
 
     def merge(self, columns: torch.Tensor, flags: torch.Tensor) -> None:
         columns, flags = columns.index_select(0, self.index), flags.index_select(0, self.index)
-        a_down, a_up = self._low_rank(0, "A", columns, flags)
-        b_down, b_up = self._low_rank(1, "B", columns, flags)
-        c_down, c_up = self._low_rank(2, "C", columns, flags)
-        torch.baddbmm(self.w0, b_down, b_up, out=self.weight)  # W0 + B
-        self.weight.addcmul_(self.w0, torch.bmm(a_down, a_up))  # + W0 * A
-        prompt = torch.bmm(self.w0, torch.bmm(c_down, c_up))[..., 0]  # W0 @ C
-        d, e = self._vector(3, "D", columns, flags), self._vector(4, "E", columns, flags)
-        torch.addcmul(self.b0, self.b0, d, out=self.bias)  # b0 + b0 * D
-        self.bias.add_(e).add_(prompt)
+        a, b, c, d, e = (self._term(t, columns, flags) for t in TENSORS)
+        adapted_weight(self.w0, a, b, out=self.weight)
+        self.bias.copy_(adapted_bias(self.w0, self.b0, c, d, e))
 
 
 class BatchedMerge:
