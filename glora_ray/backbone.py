@@ -8,6 +8,7 @@ model tensor by tensor, in order, every shape checked.
 from __future__ import annotations
 
 from .errors import GLoRARayError
+from .options import MODEL, json_object, option
 
 import importlib
 import os
@@ -92,13 +93,23 @@ class BackboneConfig:
     the package.  None of them: random init from ``init_seed`` (tests).
     """
 
-    name: str = "vit_base_patch16_224.orig_in21k"
-    pretrained: bool = False
-    checkpoint_path: str | None = None
-    weights: str | None = None
-    img_size: int = 224
+    name: str = field(default="vit_base_patch16_224.orig_in21k", metadata=option(
+        MODEL, "timm model name, e.g. vit_base_patch16_224.orig_in21k", flag="--model"))
+    pretrained: bool = field(default=False, metadata=option(
+        MODEL, "timm hub weights (online or cached)", argparse={"action": "store_true"}, exclusive="weights",
+        negation=("--no-pretrained", "random init (tests, smoke runs)")))
+    checkpoint_path: str | None = field(default=None, metadata=option(
+        MODEL, "local backbone weights: .npz (ViT-B_16.npz), .pth/.pt/.bin, .safetensors; timm's layout or "
+        "efficientnet_pytorch's (told by the key names)", flag="--checkpoint", exclusive="weights"))
+    weights: str | None = field(default=None, metadata=option(
+        MODEL, "weights shipped by an installed pip package, found through it (offline); sets --model unless "
+        "given. " + "; ".join(f"{w.name}: {w.model}, {w.description}, from pip package {w.distribution}"
+                              for w in PACKAGED_WEIGHTS.values()),
+        argparse={"choices": sorted(PACKAGED_WEIGHTS)}, exclusive="weights"))
+    img_size: int = field(default=224, metadata=option(MODEL, argparse={"type": int}))
     drop_path_rate: float = 0.1
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict, metadata=option(
+        MODEL, "extra timm.create_model arguments as JSON, e.g. '{\"depth\": 4}'", argparse={"type": json_object}))
     init_seed: int = 0
     head_init: str = "timm"  # one of HEAD_INITS
 

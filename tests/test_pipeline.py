@@ -11,7 +11,7 @@ import pytest
 import torch
 from ray.exceptions import RayTaskError
 
-from glora_ray import storage
+from glora_ray import TENSORS, storage
 from glora_ray.backbone import BackboneConfig
 from glora_ray.search import Fitness, SearchConfig
 from glora_ray.train import TrainConfig
@@ -80,25 +80,41 @@ def test_the_default_budget_is_its_fixed_lora_s_size():
     assert default.search.max_params == DEFAULT_LORA_PARAMS == lora  # searched never larger than the LoRA
 
 
-def test_every_option_sets_a_field_of_its_section_and_an_unrouted_one_is_refused():
-    from dataclasses import fields
+def test_options_are_generated_from_the_fields_they_set():
+    from dataclasses import dataclass, field
 
-    from glora_ray.pipeline.cli import _check_routes, build_parser, option_targets
+    from glora_ray.options import JOB, option
+    from glora_ray.pipeline.cli import build_parser, config_from_args
     from glora_ray.pipeline.config import PipelineConfig
 
-    classes = {None: PipelineConfig, "backbone": BackboneConfig, "train": TrainConfig, "search": SearchConfig}
     parser = build_parser()
-    routed = [(action.dest, target) for action in parser._actions for target in option_targets(action.dest)]
-    assert len(routed) > 40
-    for dest, (section, name) in routed:
-        assert name in {f.name for f in fields(classes[section])}, (dest, section, name)
-    # Each given option changes exactly its fields: one with a value unlike the preset's.
-    cfg = parse_config(["--actors", "3", "--train-workers", "4", "--seed", "7", "--wait-for-resources", "9"])
+    default = parse_config([])
+    dests = {a.dest for a in parser._actions} - {"help", "preset"}
+    assert len(dests) > 40
+    for dest in dests:  # each option's destination is the path of a field that exists
+        section, _, name = dest.rpartition(".")
+        owner = getattr(default, section) if section else default
+        assert name in TENSORS if section == "forms" else hasattr(owner, name), dest
+    # Each given option changes exactly its field (values unlike the preset's), --seed every seed.
+    cfg = parse_config(["--actors", "3", "--train-workers", "4", "--seed", "7", "--wait-for-resources", "9",
+                        "--forms-A", "vector", "none", "--no-distill", "--train-gpus", "0.5"])
     assert (cfg.search.num_actors, cfg.train.num_workers, cfg.wait_for_resources_s) == (3, 4, 9.0)
     assert cfg.train.seed == cfg.backbone.init_seed == cfg.search.seed == 7
-    parser.add_argument("--frobnicate", type=int)  # named after no field and routed nowhere
-    with pytest.raises(RuntimeError, match="--frobnicate"):
-        _check_routes(parser)
+    assert cfg.forms == {**default.forms, "A": ("vector", "none")}
+    assert (cfg.train.use_gpu, cfg.train.gpus_per_worker) == (True, 0.5)
+    changed = {k for k, v in cfg.to_dict()["search"].items() if v != default.to_dict()["search"][k]}
+    assert changed == {"num_actors", "seed"}
+
+    # A field declared as an option on a config class is an option: no table to extend.
+    @dataclass
+    class WithLevel(PipelineConfig):
+        level: int = field(default=1, metadata=option(JOB, "a new setting", argparse={"type": int}))
+
+    extended = build_parser(WithLevel)
+    assert "--level" in extended.format_help() and "(preset: 1)" in extended.format_help()
+    assert config_from_args(extended.parse_args(["--level", "5"]), WithLevel).level == 5
+    with pytest.raises(PipelineConfigError, match="--seed and --seeds exclude each other"):
+        config_from_args(parser.parse_args(["--seed", "1", "--seeds", "2", "3"]))
 
 
 @pytest.mark.parametrize("argv, message", [

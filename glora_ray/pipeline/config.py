@@ -5,14 +5,14 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .. import storage
 from ..backbone import BackboneConfig, pretrained_preprocessing
-from ..data import IMAGENET_MEAN, IMAGENET_STD, VTAB_DATASETS, canonical_dataset_name
+from ..data import IMAGENET_MEAN, IMAGENET_STD, VTAB_DATASETS
 from ..data.custom import resolve_dataset_name
 from ..data.verify import check_data_root
-from ..data.vtab import VTAB_INTERPOLATION, check_plain_name, is_registered
+from ..data.vtab import VTAB_INTERPOLATION, check_plain_name
 from ..errors import GLoRARayError
 from ..precision import Precision
 from ..identity import EXECUTION_ONLY, describe, differences, result_extent, result_identity
@@ -20,7 +20,8 @@ from ..space import SearchSpace
 from ..supernet import resolve_layer_types
 from ..search import Fitness, SearchConfig
 from ..train import TrainConfig
-from .baselines import check_baseline_names
+from ..options import JOB, MODEL, SEARCH, TRAINING, WINNER, option
+from .baselines import BASELINES, check_baseline_names
 from .paper import DEFAULT_LR, PAPER_LR
 
 ALL_DATASETS = "all"  # the CLI word for the 19 VTAB-1k datasets
@@ -44,53 +45,107 @@ def default_home() -> str:
 class PipelineConfig:
     """One job: for each dataset train a supernet, search it, test, merge and export the winner."""
 
-    datasets: tuple[str, ...]
-    data_root: str
-    out: str = field(metadata=EXECUTION_ONLY)  # where a run lives, not what it computes: it may move
+    datasets: tuple[str, ...] = field(metadata=option(
+        JOB, f"dataset names (both VTAB spellings accepted), '{ALL_DATASETS}' for the 19 VTAB-1k datasets, or the "
+        f"folder name of an own dataset under --data-root in the same layout", argparse={"nargs": "+", "metavar": "NAME"}))
+    data_root: str = field(metadata=option(
+        JOB, "folder holding <dataset>/{images,train800.txt,val200.txt,test.txt,...}"))
+    # Where a run lives, not what it computes: it may move.
+    out: str = field(metadata={**EXECUTION_ONLY, **option(JOB, "output path or URI (s3://..., gs://..., file://...)")})
     backbone: BackboneConfig
     train: TrainConfig
     search: SearchConfig
-    ranks: tuple[int, ...] = (8, 4)
+    ranks: tuple[int, ...] = field(default=(8, 4), metadata=option(
+        MODEL, "LoRA ranks of the space, e.g. 8 4", argparse={"type": int, "nargs": "+"}))
     # Tensors whose kinds are narrowed, e.g. {"B": ("lora", "none")} (SearchSpace forms); empty:
     # the paper's full space.
-    forms: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    targets: list[str] | str | None = None  # names or suffixes, or one regex over module names
-    layer_types: tuple[str, ...] = ("linear",)  # adapted module types (docs/method.md §7)
-    preprocessing: str = VTAB_PREPROCESSING  # one of PREPROCESSINGS
-    lr: float | None = None  # None: the paper's Table 4 value for each dataset
-    lr_sweep: tuple[float, ...] = ()  # non-empty: Ray Tune picks the supernet lr among these
+    forms: dict[str, tuple[str, ...]] = field(default_factory=dict, metadata=option(
+        MODEL, "forms support tensor {key} may take, 'none' included: any of {choices} (lora: at every rank of "
+        "--ranks)", unset="all of them",
+        per_key={t: {"nargs": "+", "choices": [k.value for k in kinds], "metavar": "FORM"}
+                 for t, kinds in SearchSpace().kinds.items()}))
+    # names or suffixes, or one regex over module names
+    targets: list[str] | str | None = field(default=None, metadata=option(
+        MODEL, "adapted layers by name or suffix", argparse={"nargs": "+"},
+        unset="every layer of --layer-types but the head"))
+    layer_types: tuple[str, ...] = field(default=("linear",), metadata=option(  # docs/method.md §7
+        MODEL, "module types GLoRA adapts: linear, conv2d", argparse={"nargs": "+", "metavar": "TYPE"}))
+    preprocessing: str = field(default=VTAB_PREPROCESSING, metadata=option(
+        MODEL, "image mean/std and resize filter: 'backbone' (the model's pretrained config in timm) or 'vtab' "
+        "(ImageNet mean/std, bicubic: the paper's protocol)", argparse={"choices": PREPROCESSINGS}))
+    lr: float | None = field(default=None, metadata=option(  # None: the paper's Table 4 value per dataset
+        TRAINING, "supernet lr", argparse={"type": float}, unset="the paper's Table 4 value per dataset"))
+    lr_sweep: tuple[float, ...] = field(default=(), metadata=option(  # non-empty: Ray Tune picks the lr
+        TRAINING, "run one Ray Tune trial per lr and keep the best by validation accuracy (paper: 1e-4 5e-4)",
+        argparse={"type": float, "nargs": "+", "metavar": "LR"}))
     lr_sweep_subnets: int = 8  # random in-budget subnets that score a trial on val200
-    num_classes: int | None = None  # datasets outside the registry: None counts them from the labels
+    num_classes: int | None = field(default=None, metadata=option(  # None: counted from the labels
+        JOB, "classes of every dataset outside the registry", argparse={"type": int},
+        unset="counted from the training labels"))
     # Fixed adapters (BASELINES names) that generation 0 of the search starts from, where they fit the
     # budget: the search starts from what a user would pick by hand (docs/method.md §3).
-    seed_population: tuple[str, ...] = ()
+    seed_population: tuple[str, ...] = field(default=(), metadata=option(
+        SEARCH, f"fixed adapters generation 0 starts from where they fit the budget (any of "
+        f"{', '.join(sorted(BASELINES))}); random subnets fill the rest",
+        argparse={"nargs": "+", "choices": sorted(BASELINES), "metavar": "NAME"}))
     # > 0: stage-3 retraining: the winner trains alone this many epochs from its supernet weights,
     # with the supernet's schedule (as the baselines do), before it is tested (docs/method.md §3.2).
-    retrain_epochs: int = 0
+    retrain_epochs: int = field(default=0, metadata=option(
+        WINNER, "train the winner alone for N epochs from its supernet weights, with the supernet's schedule, "
+        "before its single test (0: test the supernet's weights as they are)", argparse={"type": int, "metavar": "N"}))
     # -- how the job runs: changing these continues a run (glora_ray.identity) -------------------
-    test_pareto: bool = field(default=False, metadata=EXECUTION_ONLY)  # also test every Pareto-front subnet
-    resume: bool = field(default=True, metadata=EXECUTION_ONLY)  # False: refuse an output holding results
+    # One seed for backbone init, adapters, training and search: set, it replaces the sections' own
+    # (which the identity records).
+    seed: int | None = field(default=None, metadata={**EXECUTION_ONLY, **option(
+        JOB, "seeds backbone init, adapters, training and search", argparse={"type": int},
+        unset="the sections' own seeds")})
+    test_pareto: bool = field(default=False, metadata={**EXECUTION_ONLY, **option(
+        JOB, "also test every Pareto-front subnet", argparse={"action": "store_true"})})
+    resume: bool = field(default=True, metadata={**EXECUTION_ONLY, **option(  # False: refuse an output with results
+        JOB, "refuse to continue: fail if --out already holds results (default: continue them)", flag="--no-resume",
+        argparse={"action": "store_false"})})
     # None: as many as the cluster's CPUs allow
-    max_concurrent_datasets: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    max_concurrent_datasets: int | None = field(default=None, metadata={**EXECUTION_ONLY, **option(
+        JOB, "datasets run at once", argparse={"type": int}, unset="what the cluster holds")})
     # Write the bundled digits dataset when it is missing
     write_embedded_data: bool = field(default=True, metadata=EXECUTION_ONLY)
     # > 0: wait this long for an autoscaling cluster to fit the run
-    wait_for_resources_s: float = field(default=0.0, metadata=EXECUTION_ONLY)
-    verbose: bool = field(default=False, metadata=EXECUTION_ONLY)  # Ray's own log lines too
+    wait_for_resources_s: float = field(default=0.0, metadata={**EXECUTION_ONLY, **option(
+        JOB, "when the cluster lacks the CPUs/GPUs asked for, wait this long for it to autoscale (0: refuse at once)",
+        flag="--wait-for-resources", argparse={"type": float, "metavar": "SECONDS"})})
+    verbose: bool = field(default=False, metadata={**EXECUTION_ONLY, **option(
+        JOB, "also show Ray's own log lines (worker output, Train reports, warnings)", argparse={"action": "store_true"})})
     # Extra reports with their own records, so they may be added to a finished run:
     # fixed adapters trained and tested beside the search (BASELINES) ...
-    baselines: tuple[str, ...] = field(default=(), metadata=EXECUTION_ONLY)
+    baselines: tuple[str, ...] = field(default=(), metadata={**EXECUTION_ONLY, **option(
+        JOB, "fixed adapters trained like the supernet and tested once beside the winner: "
+        + "; ".join(f"{b.name}: {b.description}" for b in BASELINES.values()),
+        argparse={"nargs": "+", "choices": sorted(BASELINES), "metavar": "NAME"})})
     # ... for this many epochs (None: the supernet's; e.g. the supernet's passes, when a sandwich
     # makes each of its epochs several passes) ...
-    baseline_epochs: int | None = field(default=None, metadata=EXECUTION_ONLY)
+    baseline_epochs: int | None = field(default=None, metadata={**EXECUTION_ONLY, **option(
+        JOB, "train the --baselines for N epochs", argparse={"type": int, "metavar": "N"},
+        unset="the supernet's epochs")})
     # ... and, non-empty, the whole job once per seed, each its own run under <out>/seed=<s>/.
-    seeds: tuple[int, ...] = field(default=(), metadata=EXECUTION_ONLY)
+    seeds: tuple[int, ...] = field(default=(), metadata={**EXECUTION_ONLY, **option(
+        JOB, "repeat supernet, search and baselines per seed under <out>/seed=<s>/ and report mean ± std per "
+        "configuration", argparse={"type": int, "nargs": "+", "metavar": "SEED"}, excludes="--seed")})
     # Exports besides the merged one (EXPORTS): "peft", the winner as a PEFT LoRA adapter.
-    export: tuple[str, ...] = field(default=(), metadata=EXECUTION_ONLY)
+    export: tuple[str, ...] = field(default=(), metadata={**EXECUTION_ONLY, **option(
+        WINNER, "exports besides the merged winner: 'peft', a PEFT LoRA adapter with a rank per layer "
+        "(<dataset>/export/peft; for a winner of LoRA forms only, e.g. a search with --forms-A none --forms-B lora "
+        "none --forms-C none --forms-D none --forms-E none)",
+        argparse={"nargs": "+", "choices": EXPORTS, "metavar": "KIND"})})
+
+    # The datasets the word ALL_DATASETS stands for.
+    all_datasets: ClassVar[tuple[str, ...]] = tuple(VTAB_DATASETS)
 
     def __post_init__(self) -> None:
         check_data_root(self.data_root)  # a symlink loop, before anything looks into it
-        self.datasets = tuple(self.resolve_dataset(check_plain_name(d, "--datasets")) for d in self.datasets)
+        self.datasets = self._resolved_datasets()
+        if self.seed is not None:
+            self.backbone = replace(self.backbone, init_seed=self.seed)
+            self.train, self.search = replace(self.train, seed=self.seed), replace(self.search, seed=self.seed)
         if self.num_classes is not None and self.num_classes < 2:
             raise PipelineConfigError(f"num_classes must be >= 2 (a classifier needs two classes), "
                                       f"got {self.num_classes}")
@@ -141,6 +196,20 @@ class PipelineConfig:
             raise PipelineConfigError("train precision 'tf32' is a GPU format but training runs on CPUs; give "
                                       "--train-gpus (use_gpu=True) or use 'fp32', 'bf16' or 'auto'")
 
+    def _resolved_datasets(self) -> tuple[str, ...]:
+        """``datasets`` resolved (``resolve_dataset``), ALL_DATASETS standing for those of
+        ``all_datasets`` not named already."""
+        if isinstance(self.datasets, str):
+            raise PipelineConfigError(f"datasets: a list of names, got the string {self.datasets!r}")
+        named = {d: self.resolve_dataset(check_plain_name(d, "--datasets")) for d in self.datasets if d != ALL_DATASETS}
+        resolved: list[str] = []
+        for name in self.datasets:
+            if name != ALL_DATASETS:
+                resolved.append(named[name])
+            else:
+                resolved.extend(d for d in self.all_datasets if d not in named.values() and d not in resolved)
+        return tuple(resolved)
+
     def resolve_dataset(self, name: str) -> str:
         """A registry name in its canonical spelling, or an own dataset's folder under data_root."""
         return resolve_dataset_name(name, self.data_root)
@@ -161,9 +230,7 @@ class PipelineConfig:
 
     def for_seed(self, seed: int) -> "PipelineConfig":
         """The job of one seed (backbone init, adapters, training, search) in ``<out>/seed=<seed>``."""
-        return replace(self, seeds=(), out=storage.join(self.out, f"seed={seed}"),
-                       backbone=replace(self.backbone, init_seed=seed), train=replace(self.train, seed=seed),
-                       search=replace(self.search, seed=seed))
+        return replace(self, seeds=(), seed=seed, out=storage.join(self.out, f"seed={seed}"))
 
     def seed_runs(self) -> list[tuple[int, "PipelineConfig"]]:
         """(seed, job) pairs: one per ``seeds``, else this job itself with its own seed."""
@@ -256,6 +323,7 @@ def _digits_preset(name: str, backbone: BackboneConfig, layer_types: tuple[str, 
         "ranks": (4, 2),
         "forms": forms or {},
         "lr": lr,
+        "seed": 0,
         "train": TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=1, checkpoint_every=5,
                              num_workers=1, cpus_per_worker=2),
         "search": SearchConfig(population=16, parents=4, mutants=6, crossovers=6, generations=generations,
@@ -304,6 +372,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ranks": (8, 4),
         "forms": {},
         "lr": None,
+        "seed": 0,
         "train": TrainConfig(),
         "search": SearchConfig(),
     },
@@ -322,17 +391,6 @@ def preset(name: str) -> dict[str, Any]:
         "train": replace(values["train"]),
         "search": replace(values["search"]),
     }
-
-
-def expand_datasets(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Dataset names as given on the command line; 'all' stands for the 19 VTAB-1k datasets."""
-    out: list[str] = []
-    for name in names:
-        for item in (tuple(VTAB_DATASETS) if name == ALL_DATASETS else (name,)):
-            canonical = canonical_dataset_name(item) if is_registered(item) else item  # own: checked later
-            if canonical not in out:
-                out.append(canonical)
-    return tuple(out)
 
 
 @dataclass

@@ -37,9 +37,10 @@ from ..data.fewshot import (
     require_list,
     shot_list_name,
 )
+from ..options import option
 from . import layout
 from .baselines import BaselineOutcome, stored_outcomes
-from .cli import build_parser, parse_with, shared_fields
+from .cli import build_parser, config_from_args, parse_with
 from .config import PipelineConfig, PipelineConfigError, default_home, preset
 from .protocol import fit_batches, start, text_table
 from .row_kinds import WINNER
@@ -49,6 +50,7 @@ from .unit import TestList, TrainingUnit
 log = logging.getLogger(__name__)
 
 TABLE_FILE = "table2.parquet"
+DOMAIN = "domain generalization"  # the help group of DomainConfig's own options
 CLASSES_FILE = "classes.json"
 TRAIN_SPLIT, SEARCH_SPLIT = "train", "search"
 DEFAULT_SEEDS: tuple[int, ...] = (0,)
@@ -66,9 +68,12 @@ class DomainConfig(PipelineConfig):
     ``seeds``, and the training seed stays ``--seed``.
     """
 
-    seeds: tuple[int, ...] = DEFAULT_SEEDS
-    search_list: str = DEFAULT_SEARCH_LIST  # under few-shot/imagenet/annotations
-    target_sets: tuple[str, ...] = DOMAIN_TARGETS
+    seeds: tuple[int, ...] = field(default=DEFAULT_SEEDS, metadata=option(
+        DOMAIN, f"seeds of the {DOMAIN_SHOTS}-shot training lists, one run each", argparse={"type": int, "nargs": "+"}))
+    search_list: str = field(default=DEFAULT_SEARCH_LIST, metadata=option(
+        DOMAIN, f"held-out list under few-shot/{IMAGENET}/annotations to search on"))
+    target_sets: tuple[str, ...] = field(default=DOMAIN_TARGETS, metadata=option(
+        DOMAIN, "target sets to test on", argparse={"nargs": "+", "choices": DOMAIN_TARGETS}))
     # Write the digits stand-in under data_root first
     write_embedded_domain: bool = field(default=False, metadata=EXECUTION_ONLY)
 
@@ -190,38 +195,23 @@ def run_domain(cfg: DomainConfig) -> pd.DataFrame:
 
 # -- command line -------------------------------------------------------------------------------
 def build_domain_parser(preset_name: str = "default") -> argparse.ArgumentParser:
-    parser = build_parser(
-        preset_name,
-        prog="pipelines/domain.py",
+    return build_parser(
+        DomainConfig, preset_name, prog="pipelines/domain.py", presets=domain_preset,
         description=("GLoRA domain generalization (the paper's Table 2): train on ImageNet 16-shot, search on a "
                      "held-out ImageNet list, test the winner once on ImageNet's validation list and on ImageNet-V2, "
                      "-Sketch, -A and -R. With no arguments: the embedded default (a 10-class stand-in made of the "
                      "bundled digits and four real shifts of them, local Ray, offline)."),
-        datasets_help=None,
-        data_root_help="folder holding few-shot/imagenet/ and domain-generalization/<target>/ (NOAH's layout)",
-        presets=domain_preset,
-        repeat_seeds=False,
+        help_overrides={"datasets": None,  # always ImageNet
+                        "data_root": "folder holding few-shot/imagenet/ and domain-generalization/<target>/ "
+                                     "(NOAH's layout)"},
     )
-    g = parser.add_argument_group("domain generalization")
-    g.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
-                   help=f"seeds of the {DOMAIN_SHOTS}-shot training lists, one run each "
-                        f"(default: {' '.join(map(str, DEFAULT_SEEDS))})")
-    g.add_argument("--search-list", default=DEFAULT_SEARCH_LIST,
-                   help=f"held-out list under few-shot/{IMAGENET}/annotations to search on (default: %(default)s)")
-    g.add_argument("--target-sets", nargs="+", choices=DOMAIN_TARGETS, default=list(DOMAIN_TARGETS),
-                   help=f"target sets to test on (default: {' '.join(DOMAIN_TARGETS)})")
-    return parser
 
 
 def domain_config_from_args(args: argparse.Namespace) -> DomainConfig:
-    values = domain_preset(args.preset)
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    return DomainConfig(datasets=values["datasets"], seeds=tuple(given.get("seeds", DEFAULT_SEEDS)),
-                        search_list=given.get("search_list", DEFAULT_SEARCH_LIST),
-                        target_sets=tuple(given.get("target_sets", DOMAIN_TARGETS)),
-                        # Data of the user's own (--data-root) is never overwritten by the stand-in.
-                        write_embedded_domain=values["write_embedded_domain"] and "data_root" not in given,
-                        **shared_fields(given, values))
+    config = config_from_args(args, DomainConfig, domain_preset)
+    if args.data_root is not None:  # data of the user's own is never overwritten by the stand-in
+        config = replace(config, write_embedded_domain=False)
+    return config
 
 
 def parse_domain_config(argv: Sequence[str] | None = None) -> DomainConfig:

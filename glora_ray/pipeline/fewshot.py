@@ -12,8 +12,8 @@ import logging
 import argparse
 import io
 import os
-from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Sequence
 
 import pandas as pd
 
@@ -32,9 +32,10 @@ from ..data.fewshot import (
     resolve_fewshot_name,
     shot_list_name,
 )
+from ..options import option
 from . import layout
 from .baselines import BaselineOutcome, stored_outcomes
-from .cli import build_parser, parse_with, shared_fields
+from .cli import build_parser, config_from_args, parse_with
 from .config import ALL_DATASETS, PipelineConfig, PipelineConfigError, default_home, preset
 from .protocol import fit_batches, start, text_table
 from .row_kinds import WINNER
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "fewshot.parquet"
 FIGURE_FILE = "figure2.png"
 TRAIN_SPLIT, SEARCH_SPLIT, TEST_SPLIT = "train", "val", "test"
+FEWSHOT = "few-shot"  # the help group of the options below
 # The seed is the K-shot list's (the training seed is the run's --seed); no VTAB group.
 COLUMNS = ["method", "dataset", "shots", "seed", *(c for c in SUMMARY_COLUMNS if c not in ("dataset", "group", "seed"))]
 
@@ -66,8 +68,11 @@ class FewShotConfig(PipelineConfig):
     of this run; it replaces VTAB's repeat-per-seed ``seeds``, and the training seed stays ``--seed``.
     """
 
-    shots: tuple[int, ...] = SHOTS
-    seeds: tuple[int, ...] = SEEDS
+    all_datasets: ClassVar[tuple[str, ...]] = tuple(FEWSHOT_DATASETS)
+    shots: tuple[int, ...] = field(default=SHOTS, metadata=option(
+        FEWSHOT, "shots per class to run", argparse={"type": int, "nargs": "+"}))
+    seeds: tuple[int, ...] = field(default=SEEDS, metadata=option(
+        FEWSHOT, "seeds of the K-shot lists to run", argparse={"type": int, "nargs": "+"}))
 
     def __post_init__(self) -> None:
         self.shots = _distinct_positive("shots", self.shots, 1)
@@ -199,35 +204,16 @@ def run_fewshot(cfg: FewShotConfig) -> pd.DataFrame:
 
 # -- command line -------------------------------------------------------------------------------
 def build_fewshot_parser(preset_name: str = "default") -> argparse.ArgumentParser:
-    parser = build_parser(
-        preset_name,
-        prog="pipelines/fewshot.py",
+    return build_parser(
+        FewShotConfig, preset_name, prog="pipelines/fewshot.py", presets=fewshot_preset,
         description=("GLoRA few-shot learning (the paper's Figure 2): per dataset, shots and seed train a supernet "
                      "on the K-shot list, search on val_meta.list, test the winner once on test_meta.list. With "
                      "no arguments: the embedded default (the bundled digits in NOAH's layout, local Ray, offline)."),
-        datasets_help=(f"few-shot datasets ({', '.join(FEWSHOT_DATASETS)}), '{ALL_DATASETS}' for those five, or "
-                       f"the folder name of an own dataset under <data root>/few-shot"),
-        data_root_help="folder holding few-shot/<dataset>/{images,annotations}/ (NOAH's layout)",
-        presets=fewshot_preset,
-        repeat_seeds=False,
+        help_overrides={"datasets": f"few-shot datasets ({', '.join(FEWSHOT_DATASETS)}), '{ALL_DATASETS}' for those "
+                                    f"five, or the folder name of an own dataset under <data root>/few-shot",
+                        "data_root": "folder holding few-shot/<dataset>/{images,annotations}/ (NOAH's layout)"},
     )
-    g = parser.add_argument_group("few-shot")
-    g.add_argument("--shots", type=int, nargs="+", default=list(SHOTS),
-                   help=f"shots per class to run (default: {' '.join(map(str, SHOTS))})")
-    g.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
-                   help=f"seeds of the K-shot lists to run (default: {' '.join(map(str, SEEDS))})")
-    return parser
-
-
-def fewshot_config_from_args(args: argparse.Namespace) -> FewShotConfig:
-    values = fewshot_preset(args.preset)
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    names: list[str] = []
-    for name in given.get("datasets", values["datasets"]):
-        names.extend(FEWSHOT_DATASETS if name == ALL_DATASETS else (name,))
-    return FewShotConfig(datasets=tuple(dict.fromkeys(names)), shots=tuple(given.get("shots", SHOTS)),
-                         seeds=tuple(given.get("seeds", SEEDS)), **shared_fields(given, values))
 
 
 def parse_fewshot_config(argv: Sequence[str] | None = None) -> FewShotConfig:
-    return parse_with(build_fewshot_parser, fewshot_config_from_args, argv)
+    return parse_with(build_fewshot_parser, lambda args: config_from_args(args, FewShotConfig, fewshot_preset), argv)

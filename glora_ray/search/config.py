@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from ..budget import parse_param_count
 from ..errors import GLoRARayError
 from ..identity import EXECUTION_ONLY, EXTENDS, result_identity
+from ..options import BUDGET, SEARCH, option
 from ..precision import Precision, parse_precision
 from ..settings import from_known_fields
 
@@ -76,36 +77,50 @@ class Placement(str, enum.Enum):
 @dataclass
 class SearchConfig:
     # -- the algorithm (docs/method.md §3) --------------------------------------------------------
-    population: int = 50
-    parents: int = 10
-    mutants: int = 25
-    crossovers: int = 25
-    m_prob: float = 0.2
-    generations: int = field(default=20, metadata=EXTENDS)  # raising it extends a run
-    min_params: int | str | None = None  # "0.29M", "800k" or an int; None: what the space reaches
-    max_params: int | str | None = None
+    population: int = field(default=50, metadata=option(SEARCH, argparse={"type": int}))
+    parents: int = field(default=10, metadata=option(SEARCH, argparse={"type": int}))
+    mutants: int = field(default=25, metadata=option(SEARCH, argparse={"type": int}))
+    crossovers: int = field(default=25, metadata=option(SEARCH, argparse={"type": int}))
+    m_prob: float = field(default=0.2, metadata=option(SEARCH, "per-gene mutation probability",
+                                                       argparse={"type": float}))
+    generations: int = field(default=20, metadata={**EXTENDS, **option(  # raising it extends a run
+        SEARCH, argparse={"type": int})})
+    # "0.29M", "800k" or an int; None: what the space reaches
+    min_params: int | str | None = field(default=None, metadata=option(BUDGET, unset="what the space reaches"))
+    max_params: int | str | None = field(default=None, metadata=option(BUDGET, unset="what the space reaches"))
     seed: int = 0
     # Bounded redraws: a generation tries at most this many draws per wanted mutant, crossover
     # or random candidate before settling for fewer (a tight budget or a small space never hangs).
     max_draw_tries: int = 50
     # What ranks candidates, and so picks the parents and the winner: "accuracy" or "loss".
-    fitness: Fitness = Fitness.ACCURACY
+    fitness: Fitness = field(default=Fitness.ACCURACY, metadata=option(
+        SEARCH, "what ranks candidates (docs/method.md §3.1): 'accuracy' on the search list (the paper; ties to "
+        "fewer parameters) or 'loss', its mean cross-entropy (ties to higher accuracy)",
+        argparse={"choices": [f.value for f in Fitness]}))
     # -- evaluation ---------------------------------------------------------------------
-    eval_batch_size: int = 64
+    eval_batch_size: int = field(default=64, metadata=option(SEARCH, argparse={"type": int}))
     eval_mode: EvalMode = EvalMode.MERGED
     # Forward passes of the evaluation: "fp32", "tf32" (CUDA actors only) or "bf16" autocast.
-    precision: Precision = Precision.FP32
+    precision: Precision = field(default=Precision.FP32, metadata=option(
+        SEARCH, "forward passes of the evaluation: 'fp32', 'tf32' (needs --actor-gpus) or 'bf16' autocast",
+        flag="--search-precision", argparse={"choices": [p.value for p in Precision]}))
     # How merged mode merges: "auto" (just_in_time on CPU actors, batched on GPU actors),
     # "just_in_time", "per_candidate" or "batched" (search/merge.py).  just_in_time and
     # per_candidate give equal accuracies bit for bit, batched only up to float summation order:
     # so it is part of a run's identity, "auto" as what it resolves to (``resolved_field``).
-    merge_strategy: str = AUTO_MERGE
+    merge_strategy: str = field(default=AUTO_MERGE, metadata=option(
+        SEARCH, "how an actor merges a candidate (docs/method.md §9): 'auto' is just_in_time on CPUs (small "
+        "actors) and batched on CUDA; per_candidate merges once per candidate (faster on small inputs, a private "
+        "copy of the adapted weights per actor)", argparse={"choices": [AUTO_MERGE] + [m.value for m in MergeStrategy]}))
     # -- resources and fault handling: changing these continues a run (glora_ray.identity) --
     # None: as many as the cluster's CPUs / GPUs hold
-    num_actors: int | None = field(default=None, metadata=EXECUTION_ONLY)
-    cpus_per_actor: float = field(default=1.0, metadata=EXECUTION_ONLY)
+    num_actors: int | None = field(default=None, metadata={**EXECUTION_ONLY, **option(
+        SEARCH, "evaluator actors", flag="--actors", argparse={"type": int}, unset="fill the cluster")})
+    cpus_per_actor: float = field(default=1.0, metadata={**EXECUTION_ONLY, **option(
+        SEARCH, "CPUs per evaluator actor", flag="--actor-cpus", argparse={"type": float})})
     # Fractional allowed, e.g. 0.25: four actors per GPU
-    gpus_per_actor: float = field(default=0.0, metadata=EXECUTION_ONLY)
+    gpus_per_actor: float = field(default=0.0, metadata={**EXECUTION_ONLY, **option(
+        SEARCH, "GPUs per evaluator actor (fractions share a GPU)", flag="--actor-gpus", argparse={"type": float})})
     # None: about four calls per actor per generation
     candidates_per_call: int | None = field(default=None, metadata=EXECUTION_ONLY)
     # Torch threads; None: the actor's CPUs, at least 1

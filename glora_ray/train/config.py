@@ -7,7 +7,8 @@ from typing import Any, Mapping
 
 from ..errors import GLoRARayError, GLoRARayTypeError
 from ..identity import EXECUTION_ONLY
-from ..precision import AUTO as AUTO_PRECISION, parse_precision, resolve_precision
+from ..options import TRAINING, option
+from ..precision import AUTO as AUTO_PRECISION, Precision, parse_precision, resolve_precision
 from ..settings import from_known_fields
 from ..splits import SPLITS
 
@@ -35,11 +36,12 @@ class TrainConfig:
     Train's local mode (in this process).
     """
 
-    epochs: int = 500
-    batch_size: int = 64
+    epochs: int = field(default=500, metadata=option(TRAINING, argparse={"type": int}))
+    batch_size: int = field(default=64, metadata=option(TRAINING, "global batch, split over the workers",
+                                                        argparse={"type": int}))
     lr: float = 5e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 10
+    weight_decay: float = field(default=1e-4, metadata=option(TRAINING, argparse={"type": float}))
+    warmup_epochs: int = field(default=10, metadata=option(TRAINING, argparse={"type": int}))
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     seed: int = 0
@@ -48,16 +50,24 @@ class TrainConfig:
     # per layer and step: trains a fixed adapter such as a LoRA or SSF baseline (docs/method.md §2).
     fixed_subnet: str | None = None
     # -- which subnets a supernet step trains (docs/method.md §2.1); ignored with fixed_subnet ------
-    subnet_sampling: str = SubnetSampling.UNIFORM.value
+    subnet_sampling: str = field(default=SubnetSampling.UNIFORM.value, metadata=option(
+        TRAINING, "the subnets a step trains: 'uniform' (every form equally likely: the paper) or 'budget' (drawn "
+        "within the search's --min-params/--max-params window, where the search reads)",
+        argparse={"choices": [s.value for s in SubnetSampling]}))
     # The search's budget window [min_params, max_params], resolved (the pipeline sets it): where
     # ``subnet_sampling="budget"`` draws and where the sandwich's largest and smallest subnets lie.
     budget: tuple[int, int] | None = None
     # > 0: the sandwich rule: each step trains the largest and the smallest subnet within the budget
     # and this many drawn ones, gradients accumulated (their mean loss).
-    sandwich: int = 0
+    sandwich: int = field(default=0, metadata=option(
+        TRAINING, "the sandwich rule: each step also trains the largest and the smallest subnet within the budget "
+        "besides N drawn ones, gradients accumulated (0: off; costs N + 2 passes per step)",
+        argparse={"type": int, "metavar": "N"}))
     # In-place distillation (needs a sandwich): the other subnets of a step learn the largest
     # subnet's soft labels instead of the true ones.
-    distill: bool = False
+    distill: bool = field(default=False, metadata=option(
+        TRAINING, "in-place distillation: a sandwich's subnets learn the largest one's soft labels",
+        argparse={"action": "store_true"}, negation=("--no-distill", "true labels for every subnet")))
     # A finished training (a supernet checkpoint folder) whose adapters and head start this one,
     # e.g. the stage-3 retraining of the winner (docs/method.md §3.2).
     init_from: str | None = None
@@ -66,14 +76,20 @@ class TrainConfig:
     # own stochastic-depth masks, normalises by its own batch statistics and the gradients are
     # summed in another order, and a GPU computes with other kernels (and ``precision="auto"``
     # resolves to bf16 there).
-    num_workers: int = 1
+    num_workers: int = field(default=1, metadata=option(
+        TRAINING, "Ray Train workers (data-parallel); 0: train in the job's own process (Ray Train's local mode, "
+        "no worker group to start)", flag="--train-workers", argparse={"type": int}))
     use_gpu: bool = False
     # -- how the job runs: changing these continues a run (glora_ray.identity) ---------------
-    checkpoint_every: int = field(default=10, metadata=EXECUTION_ONLY)  # epochs; the last is always checkpointed
+    checkpoint_every: int = field(default=10, metadata={**EXECUTION_ONLY, **option(  # the last is always checkpointed
+        TRAINING, "epochs between training checkpoints", argparse={"type": int})})
     keep_checkpoints: int = field(default=2, metadata=EXECUTION_ONLY)
-    cpus_per_worker: int = field(default=1, metadata=EXECUTION_ONLY)
-    # None: 1 when use_gpu; a fraction shares a GPU
-    gpus_per_worker: float | None = field(default=None, metadata=EXECUTION_ONLY)
+    cpus_per_worker: int = field(default=1, metadata={**EXECUTION_ONLY, **option(
+        TRAINING, "CPUs per training worker", flag="--train-cpus", argparse={"type": int})})
+    # None: 1 when use_gpu; a fraction shares a GPU (the option --train-gpus also sets use_gpu)
+    gpus_per_worker: float | None = field(default=None, metadata={**EXECUTION_ONLY, **option(
+        TRAINING, "GPUs per training worker (0: CPU training)", flag="--train-gpus", argparse={"type": float},
+        unset="1 if use_gpu, else 0")})
     max_failures: int = field(default=3, metadata=EXECUTION_ONLY)
     # True: let Ray wait for an autoscaler instead of refusing
     wait_for_resources: bool = field(default=False, metadata=EXECUTION_ONLY)
@@ -81,9 +97,15 @@ class TrainConfig:
     # Forward passes: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "tf32" (CUDA) or
     # "bf16" (autocast; on CPUs too); tf32 on a CPU is refused when training starts. The weights
     # and the optimizer stay float32 in every case.
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata=option(
+        TRAINING, "forward passes of training: 'auto' is bf16 autocast on CUDA and fp32 elsewhere; 'fp32' turns "
+        "mixed precision off; 'tf32' needs --train-gpus; weights and optimizer stay fp32", flag="--train-precision",
+        argparse={"choices": [AUTO_PRECISION] + [p.value for p in Precision]}))
     # Channels-last activations and weights: None = on when the backbone is convolutional.
-    channels_last: bool | None = None
+    channels_last: bool | None = field(default=None, metadata=option(
+        TRAINING, "channels-last activations and weights in training", argparse={"action": "store_true"},
+        negation=("--no-channels-last", "the contiguous (NCHW) layout in training, also for a CNN"),
+        unset="automatic: on for a convolutional backbone"))
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
