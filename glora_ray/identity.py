@@ -10,18 +10,27 @@ says otherwise:
   where it stopped; the stage that owns it refuses a value below what is already stored.
 
 ``result_identity`` collects the rest, recursing into nested settings dataclasses, and
-``differences`` names what differs between a stored identity and the current one.  A field whose
+``differences`` names what differs between a stored identity and the current one.
+
+Every stage answers "is this the same run?" the same way: the record it writes beside its
+outputs keeps the inputs that decided them (``with_identity``), and a rerun compares its own
+inputs with those (``identity_changes``): the pipeline's config.json, the search's run.json, a
+finished training's train_config.json, each baseline's record, the winner's test.json and
+inference.json.  What a stage does with a change is its own: the pipeline and the search refuse
+(their stored results would mix with others), the finished stages are redone.  A field whose
 value is ``"auto"`` is recorded as what it resolves to (the dataclass's ``resolved_field``), so
 that a run moved to other hardware, where ``auto`` means another precision or merge, does not
 count as the same run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import fields, is_dataclass
 from typing import Any, Mapping
 
 _KEY = "affects_results"
+IDENTITY = "identity"  # where a stage's record keeps the inputs that decided it
 EXECUTION_ONLY = {_KEY: "no"}
 EXTENDS = {_KEY: "extends"}
 
@@ -83,3 +92,20 @@ def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[t
 def describe(diffs: list[tuple[str, Any, Any]], limit: int = 6) -> str:
     """``"train.seed: stored 0, now 99; ..."`` for an error message."""
     return "; ".join(f"{name}: stored {old!r}, now {new!r}" for name, old, new in diffs[:limit])
+
+
+def with_identity(record: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with ``inputs``, what decided its results, kept beside it (normalised)."""
+    return {**record, IDENTITY: _normalised(inputs)}
+
+
+def identity_changes(record: Mapping[str, Any] | None, inputs: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Every input that differs from those ``record`` (a ``with_identity`` record) was made from;
+    [] for the same inputs.  No record, or one without inputs, differs in every input."""
+    stored = record.get(IDENTITY) if isinstance(record, Mapping) else None
+    return differences(stored if isinstance(stored, Mapping) else {}, inputs)
+
+
+def identity_digest(inputs: Mapping[str, Any]) -> str:
+    """A digest of ``inputs`` that any process computes alike (normalised, keys sorted)."""
+    return hashlib.sha256(json.dumps(_normalised(inputs), sort_keys=True).encode()).hexdigest()

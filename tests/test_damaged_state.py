@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from glora_ray import faults, storage
+from glora_ray import storage
 from glora_ray.data import DataError, write_digits_dataset
 from glora_ray.errors import NoSpaceError
 from glora_ray.pipeline import layout

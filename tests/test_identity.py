@@ -3,11 +3,25 @@ from dataclasses import replace
 
 import pytest
 
-from glora_ray.identity import differences, result_extent, result_identity
+from glora_ray.identity import (IDENTITY, differences, identity_changes, identity_digest, result_extent,
+                                result_identity, with_identity)
 from glora_ray.pipeline.cli import parse_config
 from glora_ray.pipeline.config import PipelineConfigError, check_same_run, run_record
 from glora_ray.search import SearchConfig
 from glora_ray.train import TrainConfig
+
+
+def test_a_record_keeps_its_inputs_and_a_rerun_compares_them():
+    inputs = {"key": "abc", "lr": 1e-3, "sizes": (1, 2)}
+    record = with_identity({"test_acc": 0.5}, inputs)
+    assert record["test_acc"] == 0.5 and record[IDENTITY] == {"key": "abc", "lr": 1e-3, "sizes": [1, 2]}
+    assert identity_changes(record, inputs) == []  # tuples as JSON keeps them: the same inputs
+    assert identity_changes(record, {**inputs, "lr": 2e-3}) == [("lr", 1e-3, 2e-3)]
+    # A record without inputs (written before, or damaged) differs in every one: it is redone.
+    assert [name for name, _, _ in identity_changes({"test_acc": 0.5}, inputs)] == ["key", "lr", "sizes"]
+    assert identity_changes(None, inputs) and identity_changes({IDENTITY: "garbage"}, inputs)
+    assert identity_digest(inputs) == identity_digest({"sizes": [1, 2], "lr": 1e-3, "key": "abc"}) != \
+        identity_digest({**inputs, "lr": 2e-3})
 
 
 def test_execution_settings_are_not_part_of_the_identity():

@@ -12,9 +12,8 @@ import torch
 from ray.exceptions import RayTaskError
 
 from glora_ray import TENSORS, storage
-from glora_ray.backbone import BackboneConfig
-from glora_ray.search import Fitness, SearchConfig
-from glora_ray.train import TrainConfig
+from glora_ray.identity import IDENTITY, identity_changes
+from glora_ray.search import Fitness
 from glora_ray.checkpoint import read_spec
 from glora_ray.data import VTAB_DATASETS, write_digits_dataset
 from glora_ray.pipeline import layout
@@ -27,7 +26,7 @@ from glora_ray.pipeline.run import _outcome, comparison_table, preflight, run_pi
 from glora_ray.pipeline.unit import spec_for
 from glora_ray.pipeline.summary import format_summary, group_means
 from glora_ray.search import read_population, without_timing
-from helpers import REPO, TINY_MODEL, load_entry_point, tiny_args
+from helpers import REPO, load_entry_point, tiny_args
 
 
 
@@ -224,6 +223,20 @@ def test_end_to_end_outputs(finished_run):
     pd.testing.assert_frame_equal(summary, frame)
     stored = storage.read_json(storage.join(cfg.out, layout.CONFIG_FILE))
     assert stored["config"]["search"]["max_params"] == 6_000
+    # Every stage's record keeps the inputs that decided it, the one thing a rerun compares.
+    assert not identity_changes(stored, cfg.identity())
+    for row in frame.itertuples():
+        export = layout.export_uri(cfg.out, row.dataset)
+        winner = {"key": row.key, "retrain_epochs": cfg.retrain_epochs}
+        for name in ("test.json", "inference.json"):
+            assert not identity_changes(storage.read_json(storage.join(export, name)), winner), name
+        lora = storage.read_json(storage.join(layout.dataset_uri(cfg.out, row.dataset), "baselines", "lora.json"))
+        assert lora[IDENTITY] == {"key": lora["key"], "lr": row.lr, "epochs": cfg.train.epochs, "seed": 0}
+        trained = storage.read_json(storage.join(layout.train_uri(cfg.out, row.dataset), "supernet", "supernet",
+                                                 "train_config.json"))
+        assert (trained[IDENTITY]["epochs"], trained[IDENTITY]["lr"]) == (cfg.train.epochs, row.lr)
+        run = storage.read_json(storage.join(layout.search_uri(cfg.out, row.dataset), "run.json"))
+        assert run[IDENTITY]["config"] == cfg.search.result_identity() and run[IDENTITY]["dataset"] == row.dataset
 
 
 def test_vtab_group_means(finished_run):

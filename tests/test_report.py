@@ -6,7 +6,6 @@ the PEFT adapter loaded by PEFT itself, the inference record of each winner.
 """
 import json
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest

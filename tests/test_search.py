@@ -356,7 +356,7 @@ def test_seeded_search_with_repair_resumes_exactly(problem, tmp_path):
     draws = search.planner.draws
     assert sum(d.repaired_mutation + d.repaired_crossover for d in draws) > 0  # repair was exercised
     assert all(d.mutation >= 2 for d in draws[1:])  # the offspring quota is (nearly) met
-    assert ResultStore(tmp_path / "whole").read_json("run.json")["initial"] == [
+    assert ResultStore(tmp_path / "whole").read_json("run.json")["identity"]["initial"] == [
         problem.net.subnet_key(g) for g in (inside[0], largest, inside[1])]
 
     # Two generations, then a rerun to three: the replay redraws the seeds and repairs exactly.

@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .digits import _PIXEL_MAX, _load_digits, digits_splits, stratified_order
+from .digits import _PIXEL_MAX, _load_digits, digits_splits
 from .fewshot import (
     ANNOTATIONS_DIR,
     DEFAULT_SEARCH_LIST,

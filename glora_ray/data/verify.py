@@ -22,9 +22,11 @@ import errno
 import logging
 import os
 import time
+import warnings
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from PIL import Image
 
@@ -69,11 +71,20 @@ def _jpeg_is_complete(path: Path) -> bool:
         return _JPEG_END in stream.read()
 
 
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """The image, opened lazily; PIL's large-image warning is left out: the pixel budget is ours."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            yield image
+
+
 def image_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as an image (one line), or None when it can."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _opened(path) as image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 return (f"{width}x{height} = {width * height:,} pixels, above the budget of {MAX_IMAGE_PIXELS:,}; "

@@ -18,7 +18,7 @@ import enum
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from .. import storage
 from ..checkpoint import SupernetSpec
 from ..data import DataConfig
 from ..errors import GLoRARayError
+from ..identity import identity_changes, with_identity
 from ..space import TENSORS, Choice, Kind, SearchSpace
 from ..supernet import Supernet
 from ..train import TrainConfig, train_supernet
@@ -131,6 +132,8 @@ class BaselineOutcome:
     train_seconds: float = float("nan")
     # Every test list of the unit by name (the first is ``test_acc``); records before: {}.
     tests: dict[str, float] = field(default_factory=dict)
+    # What decided this record (glora_ray.identity): the subnet, lr, epochs and seed.
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 def record_uri(dataset_uri: str, name: str) -> str:
@@ -143,6 +146,11 @@ def run_name(name: str, epochs: int) -> str:
     return f"{RUN_NAME_PREFIX}{name}-{epochs}ep"
 
 
+def _inputs(key: str, train: TrainConfig) -> dict[str, Any]:
+    """What decides a baseline's results (its record's identity)."""
+    return {"key": key, "lr": train.lr, "epochs": train.epochs, "seed": train.seed}
+
+
 def _stored(uri: str, key: str, train: TrainConfig) -> BaselineOutcome | None:
     """The finished record of this exact baseline (same subnet, lr, epochs, seed), else None."""
     if not storage.exists(uri):
@@ -152,7 +160,7 @@ def _stored(uri: str, key: str, train: TrainConfig) -> BaselineOutcome | None:
     except (GLoRARayError, TypeError) as err:  # damaged: trained already, so only tested again
         log.warning("%s cannot be read (%s); the baseline is tested again", uri, err)
         return None
-    if (record.key, record.lr, record.epochs, record.seed) != (key, train.lr, train.epochs, train.seed):
+    if identity_changes(asdict(record), _inputs(key, train)):
         return None
     return record
 
@@ -200,7 +208,7 @@ def run_baselines(
             epochs=train.epochs, seed=train.seed, val_acc=val_acc, test_acc=test_acc,
             checkpoint_dir=trained.checkpoint_dir, **training_compute(trained.history), tests=scores,
         )
-        storage.write_json(uri, asdict(outcome))
+        storage.write_json(uri, with_identity(asdict(outcome), _inputs(key, train)))
         progress(f"baseline {name}: val {val_acc:.4f}, test {test_acc:.4f} (tested once)")
         outcomes.append(outcome)
     return outcomes

@@ -1,8 +1,6 @@
 """The pipeline's configuration: presets, per-dataset resolution, and the stored run identity."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Mapping
@@ -15,7 +13,8 @@ from ..data.verify import check_data_root
 from ..data.vtab import VTAB_INTERPOLATION, check_plain_name
 from ..errors import GLoRARayError
 from ..precision import Precision
-from ..identity import EXECUTION_ONLY, describe, differences, result_extent, result_identity
+from ..identity import (EXECUTION_ONLY, describe, differences, identity_changes, identity_digest, result_extent,
+                        result_identity, with_identity)
 from ..space import SearchSpace
 from ..supernet import resolve_layer_types
 from ..search import Fitness, SearchConfig
@@ -259,18 +258,18 @@ class PipelineConfig:
 
     def run_id(self) -> str:
         """A short digest of the identity: stable across reruns, so a resumed run writes the same rows."""
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+        return identity_digest(self.identity())[:12]
 
 
 def run_record(cfg: PipelineConfig) -> dict[str, Any]:
     """What ``config.json`` records of a run: its settings, identity and extent."""
-    return {"config": cfg.to_dict(), "identity": cfg.identity(), "extent": result_extent(cfg)}
+    return with_identity({"config": cfg.to_dict(), "extent": result_extent(cfg)}, cfg.identity())
 
 
 def check_same_run(cfg: PipelineConfig, stored: Mapping[str, Any], where: str) -> None:
     """Refuse to continue the run ``stored`` (a ``run_record``) unless ``cfg`` only changes how it
     executes or extends it (``glora_ray.identity``); the message names every differing field."""
-    diffs = differences(stored.get("identity", {}), cfg.identity())
+    diffs = identity_changes(stored, cfg.identity())
     if diffs:
         raise PipelineConfigError(
             f"{where} holds a different run's results ({describe(diffs)}); settings that change results "

@@ -29,8 +29,8 @@ from ..data.digits import write_digits_dataset
 from ..data.disjoint import RoleList, check_disjoint
 from ..data.verify import check_images, sample_refs
 from ..data.vtab import DataError
-from ..errors import DamagedFileError, one_line
-from ..identity import differences
+from ..errors import DamagedFileError, GLoRARayError, one_line
+from ..identity import IDENTITY, identity_changes
 from ..params import ParamCounter
 from ..search.results import POPULATION_DIR
 from ..space import TENSORS, Kind
@@ -95,14 +95,15 @@ def read_run_record(uri: str, config_type: type[PipelineConfig] = PipelineConfig
     remedy = ("restore the file, or choose another --out for a new run (the results beside it were made with "
               "the settings it recorded)")
     stored = storage.read_json(uri, dict, remedy)
-    if not all(isinstance(stored.get(part), dict) for part in ("config", "identity", "extent")):
+    if not all(isinstance(stored.get(part), dict) for part in ("config", IDENTITY, "extent")):
         raise DamagedFileError(f"{uri} is damaged (it lacks the config, identity or extent of a run); {remedy}")
     try:
         recorded = config_type.from_dict(stored["config"])
     except (GLoRARayError, KeyError, TypeError, ValueError):
         recorded = None  # e.g. its data has moved since: the identity is compared with this run's below
-    if recorded is not None and differences(stored["identity"], recorded.identity()):
-        name, have, want = differences(stored["identity"], recorded.identity())[0]
+    edits = [] if recorded is None else identity_changes(stored, recorded.identity())
+    if edits:
+        name, have, want = edits[0]
         raise DamagedFileError(f"{uri} was edited: its identity has {name}={have!r}, its settings give {want!r}; "
                                f"{remedy}")
     return stored

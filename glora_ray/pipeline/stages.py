@@ -21,6 +21,7 @@ from ..budget import Budget
 from ..checkpoint import SupernetSpec, load_supernet, numpy_state
 from ..data import DataConfig
 from ..errors import GLoRARayError, TrainingDiverged
+from ..identity import identity_changes, with_identity
 from ..runtime import quiet_ray_logs
 from ..search import SearchResult, run_search
 from ..supernet import Supernet
@@ -257,6 +258,11 @@ def retrain_run_name(key: str) -> str:
 
 
 
+def _winner_inputs(cfg: PipelineConfig, best) -> dict[str, Any]:
+    """What decides a winner's test and inference records: the subnet and which weights it has."""
+    return {"key": best.key, "retrain_epochs": cfg.retrain_epochs}
+
+
 def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, best, test_uri: str,
                say: _Progress) -> dict[str, float]:
     """Each test list's accuracy of the winner; a list already tested for this winner is never tested again."""
@@ -267,9 +273,9 @@ def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, bes
         except GLoRARayError as err:  # the same weights give the same score: testing again selects nothing
             say(f"stage 3: {err}; the winner is tested again")
     tests: dict[str, float] = {}
-    # This winner, with these weights (retrained or not), was tested already: keep what it scored.
-    if stored.get("key") == best.key and stored.get("retrain_epochs", 0) == cfg.retrain_epochs:
-        tests = dict(stored.get("tests") or {unit.tests[0].name: stored["test_acc"]})
+    inputs = _winner_inputs(cfg, best)
+    if not identity_changes(stored, inputs):  # this winner with these weights was tested: keep its scores
+        tests = dict(stored.get("tests", {}))
     for test in unit.tests:
         if test.name in tests:
             continue
@@ -278,10 +284,10 @@ def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, bes
             f"{restricted}")
         tests[test.name] = _remote_accuracies(cfg, checkpoint_dir, [best.genes], unit.data, test.split,
                                               test.classes)[0]
-        record: dict[str, Any] = {"key": best.key, "retrain_epochs": cfg.retrain_epochs, "tests": tests}
+        record: dict[str, Any] = {"key": best.key, "tests": tests}
         if unit.tests[0].name in tests:
             record["test_acc"] = tests[unit.tests[0].name]
-        storage.write_json(test_uri, record)
+        storage.write_json(test_uri, with_identity(record, inputs))
     return tests
 
 
@@ -295,12 +301,13 @@ def _inference(cfg: PipelineConfig, checkpoint_dir: str, best, export_uri: str) 
     if storage.exists(uri):
         try:
             stored = storage.read_json(uri, dict)
-            if stored.get("key") == best.key and stored.get("retrain_epochs") == cfg.retrain_epochs:
+            if not identity_changes(stored, _winner_inputs(cfg, best)):
                 return stored
         except GLoRARayError:
             pass  # damaged: measured again
     task = ray.remote(winner_inference).options(num_cpus=cfg.search.cpus_per_actor, num_gpus=cfg.search.gpus_per_actor)
-    record = {**ray.get(task.remote(checkpoint_dir, best.genes)), "key": best.key, "retrain_epochs": cfg.retrain_epochs}
+    record = with_identity({**ray.get(task.remote(checkpoint_dir, best.genes)), "key": best.key},
+                           _winner_inputs(cfg, best))
     storage.write_json(uri, record)
     return record
 

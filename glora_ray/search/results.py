@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..errors import GLoRARayError, one_line
+from ..identity import IDENTITY
 from ..space import TENSORS, SearchSpace
 from .evaluator import EvalResult
 from .evolution import Scored, StoredScore
@@ -269,7 +270,7 @@ def read_pareto(out_uri: str | os.PathLike) -> pd.DataFrame:
     store = ResultStore(out_uri)
     if store.exists(PARETO_FILE):
         return pq.read_table(store.path(PARETO_FILE), filesystem=store.fs).to_pandas()
-    fitness = Fitness(store.read_json(MANIFEST_FILE)["config"]["fitness"])
+    fitness = Fitness(store.read_json(MANIFEST_FILE)[IDENTITY]["config"]["fitness"])
     return pareto_front(read_population(out_uri)[list(FRONT_COLUMNS)], fitness)
 
 

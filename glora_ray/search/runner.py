@@ -30,7 +30,7 @@ from .. import storage
 from ..budget import Budget
 from ..checkpoint import SupernetSpec
 from ..errors import GLoRARayError, GLoRARayTypeError
-from ..identity import describe, differences
+from ..identity import describe, identity_changes, identity_digest, with_identity
 from ..progress import StageClock
 from ..runtime import init_ray
 from .config import Fitness, SearchConfig
@@ -101,8 +101,9 @@ def array_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def check_manifest(stored: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
-    """Refuse to continue a run whose results depended on something else; name the field."""
-    diffs = differences(stored, current)
+    """Refuse to continue a run (``stored``: its run.json) whose results depended on something
+    other than ``current``; name the field."""
+    diffs = identity_changes(stored, current)
     if diffs:
         name, have, want = diffs[0]
         raise ResumeMismatchError(
@@ -213,7 +214,7 @@ def _open_manifest(store: ResultStore, manifest: dict[str, Any], config: SearchC
         raise ResumeMismatchError(f"{store.population_uri} holds generation files but {store.uri} has no "
                                   f"{MANIFEST_FILE}; refusing to mix runs")
     else:
-        store.write_json(manifest, MANIFEST_FILE)
+        store.write_json(with_identity({"format": FORMAT_VERSION}, manifest), MANIFEST_FILE)
     store.remove_temporaries()  # leftovers of a run killed mid-write
     if stored_numbers != list(range(len(stored_numbers))):
         raise ResumeMismatchError(f"{store.population_uri}: generations {stored_numbers} are not 0..n-1 without gaps")
@@ -270,12 +271,12 @@ def open_store(spec: SupernetSpec, state: Mapping[str, np.ndarray], val_images: 
     seeds = _seed_genes(structure, initial)
     store = ResultStore(out_uri)
     manifest = {  # what the results depend on: a rerun with any of it changed is refused
-        "format": FORMAT_VERSION, "run_id": run_id, "dataset": dataset, "config": config.result_identity(),
+        "run_id": run_id, "dataset": dataset, "config": config.result_identity(),
         "budget": {"min_params": lo, "max_params": hi}, "spec": spec.to_dict(), "layers": list(layer_names),
         "initial": [space.genes_to_string(genes) for genes in seeds], "state_sha256": array_fingerprint(state),
         "val_sha256": array_fingerprint({"images": val_images, "labels": val_labels}),
     }
-    fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+    fingerprint = identity_digest(manifest)
     numbers = _open_manifest(store, manifest, config)
     planner = EvolutionPlanner(config, space, structure.counter, lo, hi, initial=seeds)
     nodes = _replay(store, planner, numbers, population_schema(layer_names), fingerprint)

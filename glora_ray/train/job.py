@@ -33,7 +33,7 @@ from ..checkpoint import (CheckpointMismatchError, SupernetSpec, adapters_readab
 from ..errors import DamagedFileError, GLoRARayError, NoSpaceError, TrainingDiverged
 from ..data.verify import check_decodable
 from ..data.vtab import DataConfig
-from ..identity import result_identity
+from ..identity import identity_changes, result_identity, with_identity
 from ..progress import StageClock
 from ..runtime import init_ray, is_verbose
 from .config import TrainConfig, TrainConfigError
@@ -240,7 +240,7 @@ def _install_result(result: Any, spec: SupernetSpec, train: TrainConfig, run_dir
         history = load_training_state(directory)["history"]
     read_spec(final_dir).check_matches(spec, final_dir)
     storage.write_json(storage.join(final_dir, HISTORY_FILE), history)
-    storage.write_json(storage.join(final_dir, TRAIN_CONFIG_FILE), result_identity(train))
+    storage.write_json(storage.join(final_dir, TRAIN_CONFIG_FILE), with_identity({}, result_identity(train)))
     return TrainResult(
         checkpoint_dir=final_dir,
         history=history,
@@ -280,7 +280,7 @@ def _finished(final_dir: str, spec: SupernetSpec, train: TrainConfig, run_dir: s
     except DamagedFileError as err:
         warn(f"{err}; the finished supernet is installed again from the last training checkpoint")
         return None
-    if settings != result_identity(train):
+    if identity_changes(settings, result_identity(train)):
         return None  # other settings (e.g. more epochs): let Ray Train resume from its checkpoint
     if not history or history[-1]["epoch"] != train.epochs - 1:
         return None
