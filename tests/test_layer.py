@@ -80,6 +80,14 @@ def test_bias_less_base_gets_bias_from_e_and_c_only():
     assert merged.bias is not None
     x = torch.randn(2, D_IN)
     torch.testing.assert_close(merged(x), layer(x).detach(), rtol=1e-5, atol=1e-6)
+    # E alone: the merged bias is E's value, in a tensor of its own (not a view of the support tensor).
+    with torch.no_grad():
+        layer.glora.E.copy_(torch.arange(D_OUT, dtype=torch.float32))
+    layer.set_choice({"A": "none", "B": "none", "C": "none", "D": "none", "E": "vector"})
+    merged = layer.merged()
+    with torch.no_grad():
+        layer.glora.E.add_(10.0)
+    assert torch.equal(merged.bias, torch.arange(D_OUT, dtype=torch.float32))
 
 
 def test_fresh_layer_equals_base_for_every_choice():

@@ -104,6 +104,22 @@ def test_fused_merge_keeps_the_bits_of_the_stepwise_merge(base):
         assert torch.equal(fused, w0) == (a_name == b_name == "none")  # non-zero adapters: the check can fail
 
 
+@pytest.mark.parametrize("base", [nn.Linear(48, 40), nn.Conv2d(8, 12, 3)], ids=["linear", "conv"])
+def test_a_mixed_precision_forward_builds_the_kernel_in_the_weights_precision(base):
+    # Under bf16 autocast the rebuilt kernel W0 + W0 * A + B is built in float32 and rounded once
+    # by the layer's own op: the same output with and without autograd, for every A and B.
+    layer = (GLoRALinear if isinstance(base, nn.Linear) else GLoRAConv2d)(base, SearchSpace((4, 2)))
+    randomize_adapters(layer, 0)
+    x = torch.randn(2, 48) if isinstance(base, nn.Linear) else torch.randn(2, 8, 6, 6)
+    for a_name, b_name in itertools.product(layer.space.choices("A"), layer.space.choices("B")):
+        layer.set_choice({"A": a_name, "B": b_name, "C": "none", "D": "none", "E": "none"})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                inference = layer(x)
+            training = layer(x)
+        assert torch.equal(inference, training.detach()), (a_name, b_name)
+
+
 def test_cpu_default_is_just_in_time_and_bf16_evaluation_stays_close(problem):
     fp32 = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=64, threads=1)
     bf16 = Evaluator(problem.spec, problem.state, problem.images, problem.labels, batch_size=64, threads=1,

@@ -80,7 +80,9 @@ def test_the_default_budget_is_its_fixed_lora_s_size():
 
 
 def test_options_are_generated_from_the_fields_they_set():
-    from dataclasses import dataclass, field
+    from dataclasses import dataclass, field, replace
+
+    from glora_ray.checkpoint import SupernetSpec
 
     from glora_ray.options import JOB, option
     from glora_ray.pipeline.cli import build_parser, config_from_args
@@ -103,6 +105,14 @@ def test_options_are_generated_from_the_fields_they_set():
     assert (cfg.train.use_gpu, cfg.train.gpus_per_worker) == (True, 0.5)
     changed = {k for k, v in cfg.to_dict()["search"].items() if v != default.to_dict()["search"][k]}
     assert changed == {"num_actors", "seed"}
+    reseeded = replace(cfg, search=replace(cfg.search, seed=9))  # --seed was applied once: a section's own stands
+    assert (reseeded.search.seed, reseeded.train.seed) == (9, 7)
+    # List options reach their fields as the configuration keeps them (a spec read back matches).
+    targeted = parse_config(["--preset", "tiny", "--targets", "qkv", "fc1"])
+    spec = spec_for(targeted, targeted.datasets[0])
+    SupernetSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).check_matches(spec, "a stored spec")
+    with pytest.raises(SystemExit):  # an option and its negation exclude each other
+        parser.parse_args(["--distill", "--no-distill"])
 
     # A field declared as an option on a config class is an option: no table to extend.
     @dataclass

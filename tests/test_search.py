@@ -17,7 +17,8 @@ from glora_ray.search import (
     without_timing,
 )
 from glora_ray.search.pool import ActorSettings, CandidateCrashError, EvaluatorPool
-from glora_ray.search.results import PARETO_FILE, POPULATION_DIR, RESULT_FILE, ResultStore
+from glora_ray.search.results import (FORMAT_VERSION, MANIFEST_FILE, PARETO_FILE, POPULATION_DIR, RESULT_FILE,
+                                      ResultStore)
 from glora_ray.search.runner import commit_generation, open_store, plan_generation
 from helpers import injected_faults
 
@@ -238,6 +239,12 @@ def test_a_finished_run_is_not_recomputed_and_other_settings_are_refused(baselin
     with pytest.raises(ResumeMismatchError, match="run_id='run-a'; this command has 'run-b'"):
         run_search(problem.spec, problem.state, problem.images, problem.labels, SearchConfig(**SEARCH), str(out),
                    "run-b", "synthetic", progress=None)
+    # A store of an older results format is refused as such, not as other settings.
+    manifest = ResultStore(out).read_json(MANIFEST_FILE)
+    ResultStore(out).write_json({**manifest, "format": FORMAT_VERSION - 1}, MANIFEST_FILE)
+    with pytest.raises(ResumeMismatchError, match=f"results format {FORMAT_VERSION - 1}; this version writes format "
+                                                  f"{FORMAT_VERSION}"):
+        search(problem, out)
 
 
 def test_more_generations_extend_a_finished_run(baseline, problem, tmp_path):

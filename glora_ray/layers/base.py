@@ -188,8 +188,8 @@ class GLoRALayer(nn.Module):
         terms = self.terms(choice)
         weight = self.merged_weight_2d(terms)
         bias = self.effective_bias(terms)
-        if bias is not None:
-            bias = bias.detach().clone() if bias is self.base.bias else bias.detach()
+        if bias is not None:  # a vector: copied, as it may be a view of b0 or of E
+            bias = bias.detach().clone()
         return weight.detach().view_as(self.base.weight), bias
 
     def merged(self, choice: LayerChoiceLike | None = None) -> nn.Module:

@@ -35,8 +35,15 @@ def adapted_weight(w0: torch.Tensor, a: Term | None, b: Term | None,
     The first op makes the result and fuses what it can; later terms accumulate into it, so no
     second weight-sized temporary is made (a candidate merges every layer, just in time once per
     batch: every pass over the weight counts).  Autograd records it (the forward's rebuilt
-    kernel) as long as ``out`` is not given: the in-place steps act on a tensor this made.
+    kernel) as long as ``out`` is not given: the in-place steps act on a tensor this made.  It is
+    computed in the weights' own precision, autocast or not: a mixed-precision forward rounds the
+    finished kernel once, in the layer's own op.
     """
+    with torch.autocast(w0.device.type, enabled=False):  # built in the weights' own precision
+        return _adapted_weight(w0, a, b, out)
+
+
+def _adapted_weight(w0: torch.Tensor, a: Term | None, b: Term | None, out: torch.Tensor | None) -> torch.Tensor:
     in_place = out is not None or not torch.is_grad_enabled()  # autograd cannot differentiate out=
     if isinstance(a, LowRank):
         product = _product(a, out)
@@ -57,8 +64,15 @@ def adapted_bias(w0: torch.Tensor, b0: torch.Tensor | None, c: Term | None, d: P
                  e: PerRow | None) -> torch.Tensor | None:
     """``b0 + b0 * D + E + W0 @ C``, or None when the layer has no bias and C, E are absent.
 
-    ``b0`` is returned as is when D, E and C are all absent: callers that keep the result copy it.
+    The result may share storage with ``b0`` (D, E, C absent) or with E (no bias, C absent):
+    callers that keep it copy it.  Computed in the weights' own precision, as ``adapted_weight``.
     """
+    with torch.autocast(w0.device.type, enabled=False):
+        return _adapted_bias(w0, b0, c, d, e)
+
+
+def _adapted_bias(w0: torch.Tensor, b0: torch.Tensor | None, c: Term | None, d: PerRow | None,
+                  e: PerRow | None) -> torch.Tensor | None:
     bias = b0
     if b0 is not None and d is not None:
         bias = torch.addcmul(b0, b0, d.value)

@@ -115,6 +115,8 @@ def build_parser(config_cls: type = PipelineConfig, preset_name: str = "default"
         group = groups.get(opt.group) or groups.setdefault(opt.group, parser.add_argument_group(opt.group))
         if opt.exclusive is not None:
             group = exclusive.get(opt.exclusive) or exclusive.setdefault(opt.exclusive, group.add_mutually_exclusive_group())
+        elif opt.negation is not None:  # an option and its negation exclude each other
+            group = group.add_mutually_exclusive_group()
         keys = opt.per_key or {None: opt.argparse}
         for key, settings in keys.items():
             key_path = path if key is None else (*path, key)
@@ -140,7 +142,7 @@ def config_from_args(args: argparse.Namespace, config_cls: type = PipelineConfig
         target = changes
         for part in outer:
             target = target.setdefault(part, {})
-        target[name] = tuple(value) if isinstance(value, list) else value
+        target[name] = value  # lists as argparse gives them: each config normalises its own fields
     _implied_changes(changes, values)
     settings = dict(values)
     for name, value in changes.items():

@@ -93,11 +93,12 @@ class PipelineConfig:
         WINNER, "train the winner alone for N epochs from its supernet weights, with the supernet's schedule, "
         "before its single test (0: test the supernet's weights as they are)", argparse={"type": int, "metavar": "N"}))
     # -- how the job runs: changing these continues a run (glora_ray.identity) -------------------
-    # One seed for backbone init, adapters, training and search: set, it replaces the sections' own
-    # (which the identity records).
+    # One seed for backbone init, adapters, training and search: given, it is written into the
+    # sections (which hold it from then on, and which the identity records) and this is None again,
+    # so that a later ``replace`` of a section's seed stands.
     seed: int | None = field(default=None, metadata={**EXECUTION_ONLY, **option(
         JOB, "seeds backbone init, adapters, training and search", argparse={"type": int},
-        unset="the sections' own seeds")})
+        unset="the backbone's, training's and search's own seeds")})
     test_pareto: bool = field(default=False, metadata={**EXECUTION_ONLY, **option(
         JOB, "also test every Pareto-front subnet", argparse={"action": "store_true"})})
     resume: bool = field(default=True, metadata={**EXECUTION_ONLY, **option(  # False: refuse an output with results
@@ -145,6 +146,7 @@ class PipelineConfig:
         if self.seed is not None:
             self.backbone = replace(self.backbone, init_seed=self.seed)
             self.train, self.search = replace(self.train, seed=self.seed), replace(self.search, seed=self.seed)
+            self.seed = None
         if self.num_classes is not None and self.num_classes < 2:
             raise PipelineConfigError(f"num_classes must be >= 2 (a classifier needs two classes), "
                                       f"got {self.num_classes}")
@@ -322,7 +324,6 @@ def _digits_preset(name: str, backbone: BackboneConfig, layer_types: tuple[str, 
         "ranks": (4, 2),
         "forms": forms or {},
         "lr": lr,
-        "seed": 0,
         "train": TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=1, checkpoint_every=5,
                              num_workers=1, cpus_per_worker=2),
         "search": SearchConfig(population=16, parents=4, mutants=6, crossovers=6, generations=generations,
@@ -371,7 +372,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ranks": (8, 4),
         "forms": {},
         "lr": None,
-        "seed": 0,
         "train": TrainConfig(),
         "search": SearchConfig(),
     },

@@ -42,7 +42,7 @@ from .row_kinds import SUPERNET_WEIGHTS, retrained_weights
 from .unit import TrainingUnit, spec_for
 
 log = logging.getLogger(__name__)
-TEST_FILE = "test.json"  # the winner's single test result; present means "tested once already"
+TEST_FILE = "test.json"  # the winner's single test result: this winner is never tested again
 PARETO_TEST_FILE = "pareto_test.parquet"
 LR_SWEEP_FILE = "lr_sweep.json"
 WALL_TIME_FILE = "wall_time.json"  # per unit: the seconds of every invocation that finished it

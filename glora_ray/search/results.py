@@ -56,10 +56,11 @@ from .evolution import Scored, StoredScore
 from .pareto import FRONT_COLUMNS
 
 # 2: keys carry their space ("r8r4:..."), population column "key"; 3: population column "val_loss",
-# run.json records the initial subnets and the fitness; 4: below
-FORMAT_VERSION = 4
+# run.json records the initial subnets and the fitness; 4: no inert forms, one front by the fitness
+# with val_loss, streams tagged by purpose; 5: below
+FORMAT_VERSION = 5
 FORMAT_CHANGES = ("no inert forms in the space (D on a layer without a bias), one front by the search's fitness "
-                  "with val_loss, streams tagged by purpose")
+                  "with val_loss, streams tagged by purpose; run.json keeps the run's inputs under 'identity'")
 MANIFEST_FILE = "run.json"
 POPULATION_DIR = "population"
 PARETO_FILE = "pareto.parquet"
