@@ -45,6 +45,22 @@ def _submit(dashboard: int, argv: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
 
 
+def _wait_for_registered_checkpoint(out: str, deadline_s: float = 120.0) -> None:
+    """Until Ray Train's controller has recorded the epoch-2 checkpoint (its snapshot names one):
+    the worker reports it before the hang, but on a loaded machine the controller may take longer
+    than the two steps to the hang to register it, and a node lost before that restarts from zero."""
+    from glora_ray import storage
+    from glora_ray.pipeline import layout
+    from glora_ray.train.resume import RAY_SNAPSHOT_FILE
+
+    snapshot = storage.join(layout.train_uri(out, "digits"), "supernet", RAY_SNAPSHOT_FILE)
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if storage.exists(snapshot) and "checkpoint_" in storage.read_bytes(snapshot).decode(errors="replace"):
+            return
+        time.sleep(0.5)
+
+
 def _wait_for_job_agent(dashboard: int, deadline_s: float = 180.0) -> None:
     """Until the head's job agent takes submissions: before it registers, a submission is refused
     ("No available agent to submit job"), which a loaded machine makes likely."""
@@ -118,6 +134,7 @@ def main(report_path: str, out: str, argv: list[str]) -> None:
             time.sleep(0.5)
         report["hang_reached"] = os.path.exists(faults.hang_marker())
         if report["hang_reached"]:  # a preempted node, and its replacement
+            _wait_for_registered_checkpoint(out)
             cluster.remove_node(workers[0], allow_graceful=False)
             fresh = cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES, dashboard_agent_listen_port=_free_port())
             report["nodes"][fresh.node_id] = "worker-3"
