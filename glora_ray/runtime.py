@@ -88,7 +88,8 @@ def init_ray(verbose: bool | None = None) -> None:
     except Exception as err:  # noqa: BLE001 - Ray's own errors; under `ulimit -v` they hide the cause
         if address_space_limit() is None:
             raise
-        raise RayUnreachableError(f"Ray did not start ({one_line(err)}); {limit_hint()}") from None
+        # Ray's own message first: a large limit set by a scheduler may not be the cause.
+        raise RayUnreachableError(f"Ray did not start ({one_line(err)}); perhaps the limit: {limit_hint()}") from err
     # Children of this driver (Train controller, Tune trials) find this instance and no other.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     log.info("Ray %s at %s", ray.__version__, os.environ["RAY_ADDRESS"])

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -144,6 +145,10 @@ def test_readers_count_only_the_generation_files_and_read_a_search_without_its_f
     assert len(after) == len(before) == 16
     front = read_pareto(search)
     assert len(front) >= 1 and front["params"].is_monotonic_increasing and set(front["key"]) <= set(after["key"])
+    # An older store (format 4 kept the settings at the top of run.json) reads the same front.
+    manifest = json.loads((search / "run.json").read_text())
+    (search / "run.json").write_text(json.dumps({**manifest.pop("identity"), **manifest}))
+    pd.testing.assert_frame_equal(read_pareto(search), front)
 
 
 # -- a full disk: one line, nothing half-written, the same command resumes -------------------------

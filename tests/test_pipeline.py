@@ -420,3 +420,12 @@ def test_rerun_with_execution_changes_and_more_generations_continues_the_run(fin
         assert names[0] == "glora" and names[-1] == "lora" and len(names) == 2 + len(
             pd.read_parquet(storage.join(layout.export_uri(cfg.out, dataset), "pareto_test.parquet")))
     assert storage.read_json(storage.join(cfg.out, layout.CONFIG_FILE))["extent"] == {"search": {"generations": 3}}
+    # The output moved elsewhere resumes there: every finished stage is found where it is now (a
+    # baseline's record keeps no folder of its own), nothing is recomputed.
+    moved = out.parent / f"{out.name}-moved"
+    shutil.move(out, moved)
+    again = run_pipeline(parse_config(tiny_args(cfg.data_root, moved, "--datasets", *DATASETS, "--generations", "3",
+                                                "--baselines", "lora")))
+    assert list(again["test_acc"]) == list(rerun["test_acc"])
+    placement = storage.read_json(str(moved / DATASETS[0] / "placement.json"))
+    assert set(placement["training"]) == {"supernet", "baseline lora"}

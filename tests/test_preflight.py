@@ -217,14 +217,21 @@ def test_lists_that_share_an_image_are_refused_naming_both_lists_and_the_image(t
     first = clean[val].splitlines()[0].rpartition(" ")[0]
     refuses(entry, argv, capsys, f"the training list {train} and the search list {val} share 200 image(s), "
                                  f"first {folder / first} (line 801 of the training list)")
-    # A copy of a test image under another name in the search list: the same bytes.
+    # A copy of a test image under another name in the search list: the same bytes, which a
+    # benchmark may hold itself (dSprites), so a warning naming both files, and the run goes on.
     train.write_text(clean[train])
     lines = clean[val].splitlines()
     image, label = clean[test].splitlines()[5].rsplit(" ", 1)
     shutil.copy(folder / image, folder / "images" / "copy.png")
     lines[3] = f"images/copy.png {label}"
     val.write_text("\n".join(lines) + "\n")
-    refuses(entry, argv, capsys, f"the search list {val} and the test list {test} hold the same image under two "
-                                 f"names: {folder / 'images' / 'copy.png'} (line 4) has the bytes of {folder / image}")
+    with logged("glora_ray.data") as records:
+        preflight(parse_config(argv))
+    messages = [r.getMessage() for r in records]
+    assert any(f"the search list {val} and the test list {test} hold 1 image(s)" in m
+               and f"first {folder / 'images' / 'copy.png'} (line 4) has the bytes of {folder / image}" in m
+               for m in messages), messages
     val.write_text(clean[val])
-    preflight(parse_config(argv))  # disjoint again: accepted
+    with logged("glora_ray.data") as records:
+        preflight(parse_config(argv))  # disjoint again: accepted, nothing to warn of
+    assert not [r for r in records if "bytes" in r.getMessage()]

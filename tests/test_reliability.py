@@ -267,7 +267,9 @@ def stop_driver(driver: subprocess.Popen, log_path: Path, signum: int, group: bo
 @pytest.mark.slow
 def test_one_driver_per_output_a_stale_lock_sigterm_ctrl_c_and_the_same_command_resumes(tmp_path):
     # One output through a driver's whole life: a second driver refused, a SIGKILLed driver's stale
-    # lock taken over, a SIGTERM (schedulers) and a Ctrl-C (the terminal) stop, each resumed.
+    # lock taken over, a SIGTERM (schedulers) stop resumed by the same command, and a Ctrl-C (the
+    # terminal) stop during that resumed run leaving whole generations (a resume to the end is
+    # test_pipeline's and test_cluster's).
     home, out = tmp_path / "home", tmp_path / "out"
     argv, env = driver_argv(home, out, generations=25), driver_env(home)
 
@@ -305,9 +307,4 @@ def test_one_driver_per_output_a_stale_lock_sigterm_ctrl_c_and_the_same_command_
     assert "KeyboardInterrupt" not in text and "Traceback" not in text, text[-3000:]
     assert_all_gone(ours)
     kept = assert_generations_whole(out)
-    assert 0 < len(kept) < 25
-
-    finish = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=DRIVER_PATIENCE_S)
-    assert finish.returncode == 0, (finish.stdout + finish.stderr)[-3000:]
-    assert len(assert_generations_whole(out)) == 25
-    assert json.loads((out / "digits" / "export" / "test.json").read_text())["test_acc"] >= 0
+    assert 0 < len(kept) < 25  # resumed after the SIGTERM (waited for above), stopped again whole

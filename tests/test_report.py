@@ -14,7 +14,7 @@ import torch
 from glora_ray.backbone import create_backbone
 from glora_ray.data import write_digits_dataset
 from glora_ray.pipeline.winner_loader import load_winner
-from glora_ray.pipeline.report import FIGURE3_FILE, FIGURE4_FILE, TABLE1_FILE, TABLE1_MARKDOWN, write_report
+from glora_ray.pipeline.report import FIGURE3_FILE, FIGURE4_FILE, TABLE1_FILE, TABLE1_MARKDOWN, ReportError, write_report
 from helpers import load_entry_point, tiny_args
 
 DATASETS = ("svhn", "eurosat")  # natural and specialized: two VTAB groups
@@ -55,6 +55,10 @@ def test_table1_and_the_figures_from_two_budgets(budgets, tmp_path):
     for figure in (FIGURE3_FILE, FIGURE4_FILE):
         data = (tmp_path / "report" / figure).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5_000
+    # The same run twice would be two columns of one label: refused before anything is written.
+    with pytest.raises(ReportError, match=r"more than one VTAB-1k run of this budget and rank set \(GLoRA "):
+        write_report([str(outputs["r2"]), str(outputs["r2"])], str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
 
 
 def test_a_lora_winner_exports_to_peft_and_peft_loads_it_as_the_merged_model(budgets):

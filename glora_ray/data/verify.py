@@ -72,19 +72,23 @@ def _jpeg_is_complete(path: Path) -> bool:
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
-    """The image, opened lazily; PIL's large-image warning is left out: the pixel budget is ours."""
+def _without_pil_size_warning() -> Iterator[None]:
+    """PIL's large-image warning left out: the pixel budget is ours.  Warning filters are one
+    global list, so this is entered by the calling thread only, around any worker threads."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            yield image
+        yield
 
 
 def image_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as an image (one line), or None when it can."""
-    path = Path(path)
+    with _without_pil_size_warning():
+        return _problem(Path(path))
+
+
+def _problem(path: Path) -> str | None:
     try:
-        with _opened(path) as image:
+        with Image.open(path) as image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 return (f"{width}x{height} = {width * height:,} pixels, above the budget of {MAX_IMAGE_PIXELS:,}; "
@@ -102,7 +106,7 @@ def image_problem(path: str | os.PathLike) -> str | None:
 
 
 def _check_chunk(refs: Sequence[ImageRef]) -> list[ImageProblem]:
-    return [ImageProblem(ref, problem) for ref in refs if (problem := image_problem(ref.path)) is not None]
+    return [ImageProblem(ref, problem) for ref in refs if (problem := _problem(ref.path)) is not None]
 
 
 def verify_images(
@@ -131,7 +135,7 @@ def verify_images(
     chunks = [ordered[i:i + _CHUNK] for i in range(0, len(ordered), _CHUNK)]
     problems: list[ImageProblem] = []
     done, last_report = 0, time.monotonic()
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify-images") as pool:
+    with _without_pil_size_warning(), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify-images") as pool:
         for chunk, found in zip(chunks, pool.map(_check_chunk, chunks)):
             problems.extend(found)
             done += len(chunk)

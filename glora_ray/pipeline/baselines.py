@@ -7,7 +7,8 @@ the search (docs/method.md §3) and is tested once, like the searched winner.
 
 Per dataset, ``<out>/<dataset>/baselines/<name>.json`` records a finished baseline (its subnet,
 count, val200 accuracy and the accuracy on every test list of the unit: a domain unit's target
-sets too): present means trained and tested, never again (a test list added later is tested once).  Training runs
+sets too): present means trained and tested, never again (a record lacking one of the unit's test
+lists is redone: its finished training is found and kept, and it is scored once).  Training runs
 are ``<out>/<dataset>/train/baseline-<name>-<epochs>ep`` (resumable Ray Train runs; one per length,
 so ``--baseline-epochs`` on a finished output trains a schedule of its own instead of extending
 the other one).
@@ -30,6 +31,7 @@ from ..identity import identity_changes, with_identity
 from ..space import TENSORS, Choice, Kind, SearchSpace
 from ..supernet import Supernet
 from ..train import TrainConfig, train_supernet
+from ..train.job import trained_supernet_dir
 from ..train.loop import training_compute
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,7 @@ class BaselineOutcome:
     # Training compute (train.loop.training_compute); NaN in records written before it was kept.
     train_images: float = float("nan")
     train_seconds: float = float("nan")
-    # Every test list of the unit by name (the first is ``test_acc``); records before: {}.
+    # Every test list of the unit by name (the first is ``test_acc``).
     tests: dict[str, float] = field(default_factory=dict)
     # What decided this record (glora_ray.identity): the subnet, lr, epochs and seed.
     identity: dict[str, Any] = field(default_factory=dict)
@@ -151,8 +153,9 @@ def _inputs(key: str, train: TrainConfig) -> dict[str, Any]:
     return {"key": key, "lr": train.lr, "epochs": train.epochs, "seed": train.seed}
 
 
-def _stored(uri: str, key: str, train: TrainConfig) -> BaselineOutcome | None:
-    """The finished record of this exact baseline (same subnet, lr, epochs, seed), else None."""
+def _stored(uri: str, key: str, train: TrainConfig, tests: Sequence[str]) -> BaselineOutcome | None:
+    """The finished record of this exact baseline (same subnet, lr, epochs, seed, each of ``tests``
+    scored), else None."""
     if not storage.exists(uri):
         return None
     try:
@@ -160,7 +163,7 @@ def _stored(uri: str, key: str, train: TrainConfig) -> BaselineOutcome | None:
     except (GLoRARayError, TypeError) as err:  # damaged: trained already, so only tested again
         log.warning("%s cannot be read (%s); the baseline is tested again", uri, err)
         return None
-    if identity_changes(asdict(record), _inputs(key, train)):
+    if identity_changes(asdict(record), _inputs(key, train)) or set(tests) - set(record.tests):
         return None
     return record
 
@@ -178,8 +181,8 @@ def run_baselines(
 ) -> list[BaselineOutcome]:
     """Train each named baseline like the supernet (``train``: its lr, epochs, seed), then score it
     once on val200 and on each of ``tests`` (names ``evaluate`` knows; the first is the record's
-    ``test_acc``).  A baseline with a record is neither retrained nor retested; a test list its
-    record lacks is tested once.  ``progress`` (picklable: training's rank-0 worker calls it too)
+    ``test_acc``).  A baseline with a record of the same inputs and tests is neither retrained nor
+    retested.  ``progress`` (picklable: training's rank-0 worker calls it too)
     takes the progress lines."""
     structure = spec.build_empty()  # meta device: layers and counter, no weights
     outcomes = []
@@ -187,15 +190,9 @@ def run_baselines(
         genes = baseline(name).genes(structure)
         key, params = structure.subnet_key(genes), structure.num_params(genes)
         uri = record_uri(dataset_uri, name)
-        stored = _stored(uri, key, train)
-        if stored is not None:
-            known = stored.tests or {tests[0]: stored.test_acc}  # a record from before ``tests``: its test_acc
-            missing = [t for t in tests if t not in known]
-            if missing:  # test lists this record predates: tested once now
-                scores = {t: evaluate(stored.checkpoint_dir, [genes], t)[0] for t in missing}
-                stored = replace(stored, tests={**known, **scores})
-                storage.write_json(uri, asdict(stored))
-            outcomes.append(stored)
+        stored = _stored(uri, key, train, tests)
+        if stored is not None:  # where the output is now, which may have moved since
+            outcomes.append(replace(stored, checkpoint_dir=trained_supernet_dir(train_uri, run_name(name, train.epochs))))
             continue
         progress(f"baseline {name}: training {params:,} adapter params, lr {train.lr:g}, {train.epochs} epochs")
         trained = train_supernet(spec, data, train.for_fixed_subnet(key), train_uri, run_name(name, train.epochs),

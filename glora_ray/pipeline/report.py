@@ -150,6 +150,8 @@ def figure3_png(run: FinishedRun) -> bytes:
     for dataset in run.summary["dataset"].unique():
         for winner in _winners(run, dataset):
             per_group.setdefault(_group(dataset), []).append(params_by_layer_type(winner["layer_params"]))
+    if not per_group:
+        raise ReportError(f"{run.uri}: no exported winner (export/subnet.json) to draw Figure 3 from")
     table = pd.DataFrame({group: pd.concat(series, axis=1).fillna(0).mean(axis=1) for group, series in per_group.items()})
     figure, axes = _figure((7, 4))
     table.plot.bar(ax=axes, rot=0)
@@ -198,12 +200,29 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def _check_one_of_each(runs: Sequence[FinishedRun]) -> None:
+    """Table 1 has one column per VTAB-1k run (by its label), Figure 2 and Table 2 one run each:
+    a second would overwrite the first's file or column."""
+    def has(name: str) -> list[FinishedRun]:
+        return [run for run in runs if storage.exists(storage.join(run.uri, name))]
+
+    kinds = {"VTAB-1k run of this budget and rank set": [run.label() for run in runs if run.summary is not None],
+             "few-shot run (Figure 2 draws one)": ["few-shot"] * len(has(FEWSHOT_RESULTS)),
+             "domain-generalisation run (Table 2 shows one)": ["domain"] * len(has(DOMAIN_RESULTS))}
+    for kind, names in kinds.items():
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ReportError(f"{', '.join(run.uri for run in runs)}: more than one {kind} ({', '.join(repeated)}); "
+                              f"give each once, and report the others separately")
+
+
 def write_report(run_uris: Sequence[str], out: str) -> list[str]:
     """Every table and figure the runs support, written under ``out``; returns the files written."""
     from .domain import format_table
     from .fewshot import figure_png
 
     runs = [read_run(uri) for uri in run_uris]
+    _check_one_of_each(runs)
     written: list[str] = []
 
     def put(name: str, data: bytes) -> None:

@@ -271,7 +271,10 @@ def read_pareto(out_uri: str | os.PathLike) -> pd.DataFrame:
     store = ResultStore(out_uri)
     if store.exists(PARETO_FILE):
         return pq.read_table(store.path(PARETO_FILE), filesystem=store.fs).to_pandas()
-    fitness = Fitness(store.read_json(MANIFEST_FILE)[IDENTITY]["config"]["fitness"])
+    manifest = store.read_json(MANIFEST_FILE)
+    # Format 5 keeps the settings under 'identity', 3-4 at the top; before 3 only accuracy ranked.
+    config = manifest.get(IDENTITY, manifest).get("config", {})
+    fitness = Fitness(config.get("fitness", Fitness.ACCURACY.value))
     return pareto_front(read_population(out_uri)[list(FRONT_COLUMNS)], fitness)
 
 

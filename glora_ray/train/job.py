@@ -88,6 +88,12 @@ def _absolute(location: str) -> str:
     return location if local is None else local
 
 
+def trained_supernet_dir(storage_path: str, run_name: str) -> str:
+    """Where the run ``run_name`` under ``storage_path`` keeps its finished supernet (what
+    ``TrainResult.checkpoint_dir`` names): derived, never stored, so a moved output still finds it."""
+    return storage.join(_absolute(storage_path), run_name, SUPERNET_DIR)
+
+
 def absolute_data(data: DataConfig) -> DataConfig:
     return replace(data, root=_absolute(data.root))
 
@@ -146,7 +152,7 @@ def train_supernet(
     _check_before_ray(spec, data, train)
     storage_path = _absolute(storage_path)
     run_dir = storage.join(storage_path, run_name)
-    final_dir = storage.join(run_dir, SUPERNET_DIR)
+    final_dir = trained_supernet_dir(storage_path, run_name)
     finished = _finished(final_dir, spec, train, run_dir, progress or log.warning)
     if finished is not None:
         return finished  # a rerun of a completed run: no worker group to start

@@ -206,9 +206,9 @@ class _Tally:
 
 def _train_step(model: nn.Module, supernet: Supernet, images: torch.Tensor, labels: torch.Tensor,
                 step_subnets: list[np.ndarray], tally: _Tally, precision: Precision, device: torch.device,
-                distill: bool, epoch: int, step: int, world_size: int) -> torch.Tensor:
+                distill: bool, epoch: int, step: int, world_size: int) -> None:
     """Forward and backward of every subnet of one step, gradients accumulated (a sandwich averages
-    its subnets' losses); stops before the update when a loss is not finite.  Returns the last loss."""
+    its subnets' losses) and tallied; stops before the update when a loss is not finite."""
     teacher = None
     finite = torch.ones((), dtype=torch.bool, device=device)
     for genes in step_subnets:  # gradients accumulate over a sandwich's subnets
@@ -226,7 +226,6 @@ def _train_step(model: nn.Module, supernet: Supernet, images: torch.Tensor, labe
         finite &= torch.isfinite(loss.detach())
     # Before the update, so a non-finite gradient never reaches the weights.
     check_finite_loss(finite, loss, epoch, step, world_size)
-    return loss
 
 
 def _epoch_stats(tally: _Tally, supernet: Supernet, epoch: int, step: int, lr: float, seconds: float,
