@@ -188,6 +188,15 @@ def write_json(uri: str, payload: Any) -> None:
     write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
+def read_parquet(uri: str) -> pd.DataFrame:
+    """The Parquet file at ``uri`` (a path or URI) as a pandas frame, as ``write_parquet`` wrote it."""
+    import io
+
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(read_bytes(uri)))
+
+
 def write_parquet(uri: str, frame: pd.DataFrame) -> None:
     """A pandas frame as Parquet (no index), written atomically like every file here."""
     import io

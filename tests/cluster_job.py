@@ -54,12 +54,13 @@ def _wait_for_registered_checkpoint(out: str, deadline_s: float = 120.0) -> None
     than the two steps to the hang to register it, and a node lost before that restarts from zero."""
     from glora_ray import storage
     from glora_ray.pipeline import layout
-    from glora_ray.train.resume import RAY_SNAPSHOT_FILE
+    from glora_ray.train.resume import RAY_CHECKPOINT_PREFIX, RAY_SNAPSHOT_FILE
 
     snapshot = storage.join(layout.train_uri(out, "digits"), "supernet", RAY_SNAPSHOT_FILE)
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        if storage.exists(snapshot) and "checkpoint_" in storage.read_bytes(snapshot).decode(errors="replace"):
+        # A substring, not the parsed record: the controller may be writing it as it is read.
+        if storage.exists(snapshot) and RAY_CHECKPOINT_PREFIX in storage.read_bytes(snapshot).decode(errors="replace"):
             return
         time.sleep(0.5)
 

@@ -56,10 +56,10 @@ def _dest(path: Path) -> str:
     return ".".join(path)
 
 
-def _option_paths(config_cls: type, values: Mapping[str, Any]) -> dict[str, Path]:
+def _option_paths(options: Sequence[tuple[Path, Option]]) -> dict[str, Path]:
     """Each option's argparse dest and the path of the field it sets (one per key of a mapping field)."""
     paths: dict[str, Path] = {}
-    for path, opt in declared_options(config_cls, values):
+    for path, opt in options:
         for key in opt.per_key or (None,):
             key_path = path if key is None else (*path, key)
             paths[_dest(key_path)] = key_path
@@ -133,9 +133,10 @@ def config_from_args(args: argparse.Namespace, config_cls: type = PipelineConfig
                      presets: Callable[[str], dict[str, Any]] = preset) -> Any:
     """The preset's values, replaced by every option the user gave (and what each implies)."""
     values = presets(args.preset)
-    paths = _option_paths(config_cls, values)
+    options = declared_options(config_cls, values)
+    paths = _option_paths(options)
     given = {dest: value for dest, value in vars(args).items() if value is not None and dest in paths}
-    _check_exclusions(given, config_cls, values)
+    _check_exclusions(given, options)
     changes: dict[str, Any] = {}
     for dest, value in given.items():
         *outer, name = paths[dest]
@@ -157,9 +158,9 @@ def config_from_args(args: argparse.Namespace, config_cls: type = PipelineConfig
     return config_cls(**{name: value for name, value in settings.items() if name in known})
 
 
-def _check_exclusions(given: Mapping[str, Any], config_cls: type, values: Mapping[str, Any]) -> None:
-    flags = {_dest(path): opt.flag_for(path[-1]) for path, opt in declared_options(config_cls, values)}
-    for path, opt in declared_options(config_cls, values):
+def _check_exclusions(given: Mapping[str, Any], options: Sequence[tuple[Path, Option]]) -> None:
+    flags = {_dest(path): opt.flag_for(path[-1]) for path, opt in options}
+    for path, opt in options:
         other = next((d for d, f in flags.items() if f == opt.excludes), None)
         if _dest(path) in given and other in given:
             raise PipelineConfigError(f"{opt.excludes} and {flags[_dest(path)]} exclude each other: give one of them")

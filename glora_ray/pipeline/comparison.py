@@ -13,7 +13,6 @@ epochs.  Over several seeds, ``aggregate`` gives mean and std per configuration
 """
 from __future__ import annotations
 
-import io
 import math
 from typing import Iterable, Mapping, Sequence
 
@@ -106,7 +105,7 @@ def write_comparison(dataset_uri: str, frame: pd.DataFrame) -> None:
 
 
 def read_comparison(dataset_uri: str) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(dataset_uri, COMPARISON_FILE))))
+    return storage.read_parquet(storage.join(dataset_uri, COMPARISON_FILE))
 
 
 def read_comparisons(uris: Sequence[str]) -> pd.DataFrame:

@@ -49,7 +49,7 @@ from .unit import TestList, TrainingUnit
 
 log = logging.getLogger(__name__)
 
-TABLE_FILE = "table2.parquet"
+TABLE_FILE = layout.DOMAIN_TABLE_FILE
 DOMAIN = "domain generalization"  # the help group of DomainConfig's own options
 CLASSES_FILE = "classes.json"
 TRAIN_SPLIT, SEARCH_SPLIT = "train", "search"

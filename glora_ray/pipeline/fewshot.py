@@ -45,8 +45,7 @@ from .unit import TestList, TrainingUnit
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "fewshot.parquet"
-FIGURE_FILE = "figure2.png"
+RESULTS_FILE, FIGURE_FILE = layout.FEWSHOT_RESULTS_FILE, layout.FEWSHOT_FIGURE_FILE
 TRAIN_SPLIT, SEARCH_SPLIT, TEST_SPLIT = "train", "val", "test"
 FEWSHOT = "few-shot"  # the help group of the options below
 # The seed is the K-shot list's (the training seed is the run's --seed); no VTAB group.

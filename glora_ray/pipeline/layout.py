@@ -5,6 +5,9 @@ from .. import storage
 
 CONFIG_FILE = "config.json"  # the resolved configuration of the whole run
 SUMMARY_FILE = "summary.parquet"
+# The protocol jobs' results at the top of their --out (written there, read by pipelines/report.py).
+FEWSHOT_RESULTS_FILE, FEWSHOT_FIGURE_FILE = "fewshot.parquet", "figure2.png"
+DOMAIN_TABLE_FILE = "table2.parquet"
 
 
 def dataset_uri(out: str, dataset: str) -> str:

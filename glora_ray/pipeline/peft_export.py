@@ -91,4 +91,4 @@ def export_peft(supernet: Supernet, genes: np.ndarray, out_uri: str) -> str:
 
 def _empty(supernet: Supernet) -> np.ndarray:
     """The subnet with every tensor none: the plain backbone and the trained head."""
-    return supernet.to_genes({name: {t: Kind.NONE.value for t in TENSORS} for name in supernet.layer_names})
+    return supernet.to_genes({name: supernet.space.empty_layer_choice() for name in supernet.layer_names})

@@ -35,8 +35,8 @@ from .summary import GROUP_ORDER
 
 log = logging.getLogger(__name__)
 TABLE1_FILE, TABLE1_MARKDOWN, FIGURE3_FILE, FIGURE4_FILE = "table1.parquet", "table1.md", "figure3.png", "figure4.png"
-FEWSHOT_RESULTS, FEWSHOT_FIGURE = "fewshot.parquet", "figure2.png"
-DOMAIN_RESULTS, DOMAIN_MARKDOWN = "table2.parquet", "table2.md"
+FEWSHOT_RESULTS, FEWSHOT_FIGURE = layout.FEWSHOT_RESULTS_FILE, layout.FEWSHOT_FIGURE_FILE
+DOMAIN_RESULTS, DOMAIN_MARKDOWN = layout.DOMAIN_TABLE_FILE, "table2.md"
 OTHER_GROUP = "other"  # a dataset outside VTAB-1k's three groups
 
 
@@ -51,6 +51,8 @@ class FinishedRun:
     uri: str
     config: dict[str, Any]  # config.json's "config"
     summary: pd.DataFrame | None  # summary.parquet (VTAB runs)
+    has_fewshot: bool = False  # fewshot.parquet present (a few-shot run)
+    has_domain: bool = False  # table2.parquet present (a domain-generalisation run)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -74,8 +76,9 @@ def read_run(uri: str) -> FinishedRun:
                           f"finished run")
     record = storage.read_json(config_uri, dict)
     summary_uri = storage.join(uri, layout.SUMMARY_FILE)
-    summary = pd.read_parquet(io.BytesIO(storage.read_bytes(summary_uri))) if storage.exists(summary_uri) else None
-    return FinishedRun(uri, record.get("config", {}), summary)
+    summary = storage.read_parquet(summary_uri) if storage.exists(summary_uri) else None
+    return FinishedRun(uri, record.get("config", {}), summary, storage.exists(storage.join(uri, FEWSHOT_RESULTS)),
+                       storage.exists(storage.join(uri, DOMAIN_RESULTS)))
 
 
 def _group(dataset: str) -> str:
@@ -203,12 +206,9 @@ def _png(figure) -> bytes:
 def _check_one_of_each(runs: Sequence[FinishedRun]) -> None:
     """Table 1 has one column per VTAB-1k run (by its label), Figure 2 and Table 2 one run each:
     a second would overwrite the first's file or column."""
-    def has(name: str) -> list[FinishedRun]:
-        return [run for run in runs if storage.exists(storage.join(run.uri, name))]
-
     kinds = {"VTAB-1k run of this budget and rank set": [run.label() for run in runs if run.summary is not None],
-             "few-shot run (Figure 2 draws one)": ["few-shot"] * len(has(FEWSHOT_RESULTS)),
-             "domain-generalisation run (Table 2 shows one)": ["domain"] * len(has(DOMAIN_RESULTS))}
+             "few-shot run (Figure 2 draws one)": ["few-shot" for run in runs if run.has_fewshot],
+             "domain-generalisation run (Table 2 shows one)": ["domain" for run in runs if run.has_domain]}
     for kind, names in kinds.items():
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
@@ -232,20 +232,19 @@ def write_report(run_uris: Sequence[str], out: str) -> list[str]:
     vtab = [run for run in runs if run.summary is not None]
     if vtab:
         frame = table1(vtab)
-        buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        put(TABLE1_FILE, buffer.getvalue())
+        storage.write_parquet(storage.join(out, TABLE1_FILE), frame)
+        written.append(TABLE1_FILE)
         put(TABLE1_MARKDOWN, table1_markdown(frame).encode())
         put(FIGURE3_FILE, figure3_png(vtab[0]))
         put(FIGURE4_FILE, figure4_png(vtab[0]))
     for run in runs:
-        fewshot_uri, domain_uri = storage.join(run.uri, FEWSHOT_RESULTS), storage.join(run.uri, DOMAIN_RESULTS)
-        if storage.exists(fewshot_uri):
-            put(FEWSHOT_FIGURE, figure_png(pd.read_parquet(io.BytesIO(storage.read_bytes(fewshot_uri)))))
-        if storage.exists(domain_uri):
-            table = pd.read_parquet(io.BytesIO(storage.read_bytes(domain_uri)))
+        if run.has_fewshot:
+            put(FEWSHOT_FIGURE, figure_png(storage.read_parquet(storage.join(run.uri, FEWSHOT_RESULTS))))
+        if run.has_domain:
+            data = storage.read_bytes(storage.join(run.uri, DOMAIN_RESULTS))
+            table = pd.read_parquet(io.BytesIO(data))
             targets = [c for c in table.columns if c not in ("method", "seed", "params", "val_acc", "key")]
-            put(DOMAIN_RESULTS, storage.read_bytes(domain_uri))
+            put(DOMAIN_RESULTS, data)
             put(DOMAIN_MARKDOWN, format_table(table, targets, {}).encode())
     if not written:
         raise ReportError(f"{', '.join(run_uris)}: no finished VTAB-1k, few-shot or domain run to report")

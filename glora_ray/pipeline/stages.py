@@ -8,7 +8,6 @@ test once -> export -> baselines -> comparison, placement and the unit's row.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -131,10 +130,9 @@ def train_stage(u: Unit, window: tuple[int, int]) -> Trained:
 def search_stage(u: Unit, trained: Trained) -> tuple[SearchResult, Supernet]:
     """Stage 2: the evolutionary search over the trained supernet; the supernet it loaded."""
     supernet, _ = load_supernet(trained.checkpoint_dir, expected=u.spec)
-    structure = u.spec.build_empty()
     val_images, val_labels = u.data.arrays(u.unit.search_split)
     u.say("stage 2: evolutionary search")
-    initial = [baseline(name).genes(structure) for name in u.cfg.seed_population]
+    initial = [baseline(name).genes(supernet) for name in u.cfg.seed_population]
     search = run_search(u.spec, numpy_state(supernet), val_images, val_labels, u.cfg.search,
                         layout.search_uri(u.cfg.out, u.unit.path), u.cfg.run_id(), u.unit.name,
                         progress=_stage(u.say, "stage 2"), initial=initial)
@@ -215,7 +213,7 @@ def run_unit(cfg: PipelineConfig, unit: TrainingUnit, progress: Any = None) -> d
         window = Budget(cfg.search.min_params, cfg.search.max_params).resolve(u.spec.build_empty().counter)
         trained = train_stage(u, window)
         winner = retrain_stage(u, trained, *search_stage(u, trained))
-        tests = _test_once(cfg, unit, winner.checkpoint_dir, winner.best, storage.join(u.export_uri, TEST_FILE), u.say)
+        tests = _test_once(u, winner.checkpoint_dir, winner.best)
         front = export_stage(u, trained, winner, tests)
         record_stage(u, trained, winner, tests, front, baselines_stage(u, trained))
     except TrainingDiverged:
@@ -263,9 +261,9 @@ def _winner_inputs(cfg: PipelineConfig, best) -> dict[str, Any]:
     return {"key": best.key, "retrain_epochs": cfg.retrain_epochs}
 
 
-def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, best, test_uri: str,
-               say: _Progress) -> dict[str, float]:
+def _test_once(u: Unit, checkpoint_dir: str, best) -> dict[str, float]:
     """Each test list's accuracy of the winner; a list already tested for this winner is never tested again."""
+    say, test_uri = u.say, storage.join(u.export_uri, TEST_FILE)
     stored = {}
     if storage.exists(test_uri):
         try:
@@ -273,20 +271,19 @@ def _test_once(cfg: PipelineConfig, unit: TrainingUnit, checkpoint_dir: str, bes
         except GLoRARayError as err:  # the same weights give the same score: testing again selects nothing
             say(f"stage 3: {err}; the winner is tested again")
     tests: dict[str, float] = {}
-    inputs = _winner_inputs(cfg, best)
+    inputs = _winner_inputs(u.cfg, best)
     if not identity_changes(stored, inputs):  # this winner with these weights was tested: keep its scores
         tests = dict(stored.get("tests", {}))
-    for test in unit.tests:
+    for test in u.unit.tests:
         if test.name in tests:
             continue
         restricted = f" (restricted to its {len(test.classes)} classes)" if test.classes is not None else ""
         say(f"stage 3: testing the winner ({best.params:,} params, val {best.val_acc:.4f}) once on {test.name}"
             f"{restricted}")
-        tests[test.name] = _remote_accuracies(cfg, checkpoint_dir, [best.genes], unit.data, test.split,
-                                              test.classes)[0]
+        tests[test.name] = u.accuracies(checkpoint_dir, [best.genes], test.name)[0]
         record: dict[str, Any] = {"key": best.key, "tests": tests}
-        if unit.tests[0].name in tests:
-            record["test_acc"] = tests[unit.tests[0].name]
+        if u.unit.tests[0].name in tests:
+            record["test_acc"] = tests[u.unit.tests[0].name]
         storage.write_json(test_uri, with_identity(record, inputs))
     return tests
 
@@ -305,7 +302,7 @@ def _inference(cfg: PipelineConfig, checkpoint_dir: str, best, export_uri: str) 
                 return stored
         except GLoRARayError:
             pass  # damaged: measured again
-    task = ray.remote(winner_inference).options(num_cpus=cfg.search.cpus_per_actor, num_gpus=cfg.search.gpus_per_actor)
+    task = _on_evaluator_resources(cfg, winner_inference)
     record = with_identity({**ray.get(task.remote(checkpoint_dir, best.genes)), "key": best.key},
                            _winner_inputs(cfg, best))
     storage.write_json(uri, record)
@@ -313,13 +310,20 @@ def _inference(cfg: PipelineConfig, checkpoint_dir: str, best, export_uri: str) 
 
 
 
+def _on_evaluator_resources(cfg: PipelineConfig, function: Callable[..., Any]):
+    """``function`` as a Ray task with one evaluator actor's CPUs and GPUs (test and inference run
+    where the search's evaluations do)."""
+    import ray
+
+    return ray.remote(function).options(num_cpus=cfg.search.cpus_per_actor, num_gpus=cfg.search.gpus_per_actor)
+
+
 def _remote_accuracies(cfg: PipelineConfig, checkpoint_dir: str, genes_list, data: DataConfig, split: str = "test",
                        classes: tuple[int, ...] | None = None) -> list[float]:
     """Test evaluation on the resources of one evaluator actor (a GPU where actors get one)."""
     import ray
 
-    task = ray.remote(split_accuracies).options(num_cpus=cfg.search.cpus_per_actor,
-                                                num_gpus=cfg.search.gpus_per_actor)
+    task = _on_evaluator_resources(cfg, split_accuracies)
     return ray.get(task.remote(checkpoint_dir, genes_list, data, split, cfg.search.eval_batch_size, classes))
 
 
@@ -329,7 +333,7 @@ def _test_front(cfg, front: pd.DataFrame, checkpoint_dir: str, data: DataConfig,
     """The front with its test accuracies; a front tested before is read back, never retested."""
     uri = storage.join(export_uri, PARETO_TEST_FILE)
     if storage.exists(uri):
-        tested = pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
+        tested = storage.read_parquet(uri)
         if list(tested["key"]) == list(front["key"]):
             return tested
     genes = [supernet.to_genes(key) for key in front["key"]]

@@ -28,6 +28,7 @@ class MergeStrategy(str, enum.Enum):
 
 
 AUTO_MERGE = "auto"  # resolved per actor device: see merge.resolve_merge_strategy
+MERGE_CHOICES = [AUTO_MERGE, *(m.value for m in MergeStrategy)]  # what merge_strategy accepts
 
 
 def auto_merge_strategy(on_gpu: bool) -> MergeStrategy:
@@ -60,6 +61,9 @@ class Fitness(str, enum.Enum):
 
     ACCURACY = "accuracy"
     LOSS = "loss"
+
+
+FITNESS_CHOICES = [f.value for f in Fitness]
 
 
 class Placement(str, enum.Enum):
@@ -96,7 +100,7 @@ class SearchConfig:
     fitness: Fitness = field(default=Fitness.ACCURACY, metadata=option(
         SEARCH, "what ranks candidates (docs/method.md §3.1): 'accuracy' on the search list (the paper; ties to "
         "fewer parameters) or 'loss', its mean cross-entropy (ties to higher accuracy)",
-        argparse={"choices": [f.value for f in Fitness]}))
+        argparse={"choices": FITNESS_CHOICES}))
     # -- evaluation ---------------------------------------------------------------------
     eval_batch_size: int = field(default=64, metadata=option(SEARCH, argparse={"type": int}))
     eval_mode: EvalMode = EvalMode.MERGED
@@ -111,7 +115,7 @@ class SearchConfig:
     merge_strategy: str = field(default=AUTO_MERGE, metadata=option(
         SEARCH, "how an actor merges a candidate (docs/method.md §9): 'auto' is just_in_time on CPUs (small "
         "actors) and batched on CUDA; per_candidate merges once per candidate (faster on small inputs, a private "
-        "copy of the adapted weights per actor)", argparse={"choices": [AUTO_MERGE] + [m.value for m in MergeStrategy]}))
+        "copy of the adapted weights per actor)", argparse={"choices": MERGE_CHOICES}))
     # -- resources and fault handling: changing these continues a run (glora_ray.identity) --
     # None: as many as the cluster's CPUs / GPUs hold
     num_actors: int | None = field(default=None, metadata={**EXECUTION_ONLY, **option(
@@ -152,12 +156,11 @@ class SearchConfig:
             self.fitness = Fitness(self.fitness)
         except ValueError:
             raise SearchConfigError(
-                f"fitness={self.fitness!r} is not one of {[f.value for f in Fitness]}"
+                f"fitness={self.fitness!r} is not one of {FITNESS_CHOICES}"
             ) from None
         self.precision = parse_precision(self.precision, "precision", error=SearchConfigError)
-        valid_merges = [AUTO_MERGE] + [m.value for m in MergeStrategy]
-        if self.merge_strategy not in valid_merges:
-            raise SearchConfigError(f"merge_strategy={self.merge_strategy!r} is not one of {valid_merges}")
+        if self.merge_strategy not in MERGE_CHOICES:
+            raise SearchConfigError(f"merge_strategy={self.merge_strategy!r} is not one of {MERGE_CHOICES}")
         try:
             self.actor_placement = Placement(self.actor_placement)
         except ValueError:

@@ -36,7 +36,7 @@ from ..layers.formula import adapted_bias, adapted_weight
 from ..layers.support import FACTORED, VECTORS, LowRank, PerRow, Term, used_part
 from ..space import TENSORS
 from ..supernet import Supernet
-from .config import AUTO_MERGE as AUTO, MergeStrategy, auto_merge_strategy
+from .config import AUTO_MERGE as AUTO, MERGE_CHOICES, MergeStrategy, auto_merge_strategy
 
 
 def resolve_merge_strategy(value: MergeStrategy | str, device: torch.device) -> MergeStrategy:
@@ -46,8 +46,7 @@ def resolve_merge_strategy(value: MergeStrategy | str, device: torch.device) -> 
     try:
         return MergeStrategy(value)
     except ValueError:
-        raise GLoRARayError(f"merge strategy {value!r} is not one of "
-                            f"{[AUTO] + [s.value for s in MergeStrategy]}") from None
+        raise GLoRARayError(f"merge strategy {value!r} is not one of {MERGE_CHOICES}") from None
 
 
 class Merger(Protocol):
@@ -124,14 +123,15 @@ class JustInTimeMerge:
         if a is None and b is None:
             return layer.base.weight.detach()
         out = self.weight_buffer[:layer.d_out * layer.d_in].view(layer.d_out, layer.d_in)
-        return adapted_weight(layer.weight_2d(), a, b, out).view_as(layer.base.weight)
+        return layer.merged_weight_2d((a, b), out).view_as(layer.base.weight)
 
     def _hook_merge(self, i: int):
         def merge(module: nn.Module, args: tuple) -> None:
             device = args[0].device
-            if torch.is_autocast_enabled(device.type) or device.type == "cuda":
-                # The merge in full fp32 (no autocast, no TF32); only the layer's own op takes the precision.
-                with torch.autocast(device.type, enabled=False), matmul_precision(Precision.FP32, device):
+            if device.type == "cuda":
+                # The merge in full fp32, no TF32 (the formula leaves autocast out itself); only the
+                # layer's own op takes the precision.
+                with matmul_precision(Precision.FP32, device):
                     weight = self.weight(i)
             else:
                 weight = self.weight(i)

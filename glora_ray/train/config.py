@@ -20,6 +20,9 @@ class SubnetSampling(str, enum.Enum):
     BUDGET = "budget"  # uniformly, then repaired into the search's budget window
 
 
+SAMPLING_CHOICES = [s.value for s in SubnetSampling]
+
+
 class TrainConfigError(GLoRARayError):
     """A training setting that cannot work, named with the values that would."""
 
@@ -53,7 +56,7 @@ class TrainConfig:
     subnet_sampling: str = field(default=SubnetSampling.UNIFORM.value, metadata=option(
         TRAINING, "the subnets a step trains: 'uniform' (every form equally likely: the paper) or 'budget' (drawn "
         "within the search's --min-params/--max-params window, where the search reads)",
-        argparse={"choices": [s.value for s in SubnetSampling]}))
+        argparse={"choices": SAMPLING_CHOICES}))
     # The search's budget window [min_params, max_params], resolved (the pipeline sets it): where
     # ``subnet_sampling="budget"`` draws and where the sandwich's largest and smallest subnets lie.
     budget: tuple[int, int] | None = None
@@ -156,9 +159,8 @@ class TrainConfig:
         return value
 
     def _validate_sampling(self) -> None:
-        valid = [s.value for s in SubnetSampling]
-        if self.subnet_sampling not in valid:
-            raise TrainConfigError(f"subnet_sampling={self.subnet_sampling!r} is not one of {valid}")
+        if self.subnet_sampling not in SAMPLING_CHOICES:
+            raise TrainConfigError(f"subnet_sampling={self.subnet_sampling!r} is not one of {SAMPLING_CHOICES}")
         if isinstance(self.sandwich, bool) or not isinstance(self.sandwich, int) or self.sandwich < 0:
             raise TrainConfigError(f"sandwich must be an integer >= 0 (drawn subnets per step besides the "
                                    f"largest and the smallest; 0: off), got {self.sandwich!r}")

@@ -47,10 +47,8 @@ def newest_intact(folders: Sequence[str], spec: SupernetSpec, warn: Callable[[st
 
 def _snapshot_names(snapshot: Any) -> set[str]:
     """Every checkpoint folder name a Ray Train snapshot mentions, wherever its format keeps them."""
-    if isinstance(snapshot, dict):
-        return set().union(*(_snapshot_names(v) for v in snapshot.values())) if snapshot else set()
-    if isinstance(snapshot, list):
-        return set().union(*(_snapshot_names(v) for v in snapshot)) if snapshot else set()
+    if isinstance(snapshot, (dict, list)):
+        return set().union(*map(_snapshot_names, snapshot.values() if isinstance(snapshot, dict) else snapshot))
     return {snapshot} if isinstance(snapshot, str) and snapshot.startswith(RAY_CHECKPOINT_PREFIX) else set()
 
 
