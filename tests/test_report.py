@@ -13,6 +13,7 @@ import torch
 
 from glora_ray.backbone import create_backbone
 from glora_ray.data import write_digits_dataset
+from glora_ray.pipeline.inference import describe as describe_inference
 from glora_ray.pipeline.winner_loader import load_winner
 from glora_ray.pipeline.report import FIGURE3_FILE, FIGURE4_FILE, TABLE1_FILE, TABLE1_MARKDOWN, ReportError, write_report
 from helpers import load_entry_point, tiny_args
@@ -90,6 +91,9 @@ def test_each_winner_costs_what_its_backbone_costs(budgets):
         assert record["flops_equal"] and record["flops_per_image"]["merged"] > 0
         assert set(record["batches"]) == {"1", "4", "16"}
         assert all(v["merged_images_per_s"] > 0 and v["backbone_images_per_s"] > 0 for v in record["batches"].values())
+        # The line the pipeline prints from the record read back names the batches in order.
+        assert describe_inference(record).startswith("merged winner / plain backbone, images/s by batch 1: ")
+        assert describe_inference(record).index(" 4: ") < describe_inference(record).index(" 16: ")
 
 
 def test_swin_builds_with_every_linear_layer_adapted():

@@ -79,7 +79,9 @@ def winner_inference(checkpoint_dir: str, genes: Any) -> dict[str, Any]:
 
 def describe(record: dict[str, Any]) -> str:
     """One line: the speed ratio per batch size and whether the FLOPs are equal."""
-    ratios = ", ".join(f"{b}: {v['ratio']:.2f}x" for b, v in record["batches"].items())
+    # By batch size: a record read back from JSON has its keys as strings, sorted "1", "16", "4".
+    batches = sorted(record["batches"].items(), key=lambda item: int(item[0]))
+    ratios = ", ".join(f"{b}: {v['ratio']:.2f}x" for b, v in batches)
     flop = record["flops_per_image"]["merged"] / 1e9
     same = "equal" if record["flops_equal"] else f"NOT equal (backbone {record['flops_per_image']['backbone'] / 1e9:.3f})"
     return f"merged winner / plain backbone, images/s by batch {ratios}; FLOPs {same} ({flop:.3f} GFLOPs per image)"
